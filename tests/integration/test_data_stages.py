@@ -1,0 +1,158 @@
+"""collect -> clean -> tokenizer -> pack on real kk/ru/en fixtures with planted problems."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.data.documents import DocumentSet
+from pipeline.storage import Artifact, Storage
+from tests.conftest import CORPUS, write_configs
+
+PLANTED = {json.loads(line)["id"]: json.loads(line) for line in (CORPUS / "planted.jsonl").read_text().splitlines()}
+
+
+def _bad_files(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latin1.txt").write_bytes("Qazaqstan — caf\xe9 au lait, tr\xe8s bien.".encode("latin-1"))
+    (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (folder / "empty.txt").write_bytes(b"")
+    return folder
+
+
+def _ids(storage: Storage, name: str) -> list[str]:
+    docs = DocumentSet(Artifact(storage, name, storage.manifest(name)))
+    return [i for batch in docs.iter_batches(columns=["id"]) for i in batch["id"]]
+
+
+def _drops(root: Path) -> dict[str, dict]:
+    found = {}
+    for f in (root / "clean" / "drops").glob("*.jsonl"):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            found[rec["id"]] = rec
+    return found
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    cfg = write_configs(base / "jobs")
+    bad = _bad_files(base / "bad")
+    with open(cfg / "collect.yaml", "a", encoding="utf-8") as fh:
+        fh.write(f'  - name: bad\n    paths: ["{bad}/*.txt"]\n')
+    root = base / "run"
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--no-progress"]) == 0
+    return cfg, root
+
+
+def test_collect_counts_every_problem_file(pipeline_run):
+    _, root = pipeline_run
+    m = json.loads((root / "raw" / "manifest.json").read_text())
+    assert m["metrics"]["documents"] == 45 * 3 + len(PLANTED)
+    assert m["metrics"]["problems"] == {"invalid_utf8": 1, "binary": 1, "empty_file": 1}
+    problems = [json.loads(l) for l in (root / "raw" / "problems.jsonl").read_text().splitlines()]
+    assert sorted(Path(p["path"]).name for p in problems) == ["empty.txt", "image.txt", "latin1.txt"]
+
+
+def test_clean_keeps_and_drops_the_planted_documents_for_the_right_reason(pipeline_run):
+    _, root = pipeline_run
+    kept = set(_ids(Storage(str(root)), "clean"))
+    drops = _drops(root)
+    m = json.loads((root / "clean" / "manifest.json").read_text())["metrics"]
+    assert m["documents_in"] == m["kept"] + m["dropped"] == 45 * 3 + len(PLANTED)
+    for doc_id, row in PLANTED.items():
+        expect = row["expect"]
+        full = f"planted/{doc_id}"
+        if expect == "kept":
+            assert full in kept, doc_id
+            continue
+        assert full not in kept, doc_id
+        if expect == "dropped":
+            continue
+        assert full in drops, f"{doc_id} dropped but not sampled"
+        assert drops[full]["reason"].startswith(expect), (doc_id, drops[full]["reason"])
+    assert drops["planted/exact-en"]["duplicate_of"].startswith("en-fortunes/")
+    assert drops["planted/near-ru"]["duplicate_of"] == "planted/near-ru-orig"
+    assert drops["planted/exact-kk"]["duplicate_of"] == "kk-catalogs/kk-005"
+
+
+def test_clean_labels_languages_of_real_text(pipeline_run):
+    _, root = pipeline_run
+    storage = Storage(str(root))
+    docs = DocumentSet(Artifact(storage, "clean", storage.manifest("clean")))
+    agree = total = 0
+    for batch in docs.iter_batches(columns=["source", "lang", "lang_score"]):
+        for source, lang, score in zip(batch["source"], batch["lang"], batch["lang_score"]):
+            assert 0 < score <= 1.0001
+            if source == "planted":
+                continue
+            total += 1
+            agree += lang == source[:2]
+    assert total >= 120 and agree / total >= 0.95
+
+
+def test_tokenizer_loads_with_autotokenizer_and_reports_fertility(pipeline_run):
+    from transformers import AutoTokenizer
+
+    _, root = pipeline_run
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    for text in ["Қазақстан Республикасы", "Съешь же ещё этих мягких французских булок.", "The quick brown fox."]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    report = json.loads((root / "tokenizer" / "fertility.json").read_text())
+    assert report  # per-language figures on held-out text
+    m = json.loads((root / "tokenizer" / "manifest.json").read_text())["metrics"]
+    assert set(m["train_characters"]) == {"kk", "ru", "en"}
+
+
+def test_pack_shards_read_back_through_the_training_dataset(pipeline_run):
+    from pipeline.data.shards import PackedDataset, verify_shards
+
+    _, root = pipeline_run
+    m = json.loads((root / "shards" / "manifest.json").read_text())
+    storage = Storage(str(root))
+    verify_shards(storage.fs, storage.path("shards"))
+    ds = PackedDataset(str(root / "shards"), split="train")
+    assert len(ds) == m["metrics"]["blocks"]["train"] > 0
+    item = ds[0]
+    assert item["input_ids"].shape[0] == 64
+    assert m["metrics"]["tokens"]["train"] == len(ds) * 64
+    assert all(f["sha256"] for f in m["files"])
+
+
+def test_second_run_is_up_to_date(pipeline_run, capsys):
+    cfg, root = pipeline_run
+    before = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in ("raw", "clean", "tokenizer", "shards")}
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") >= 4
+    after = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in before}
+    assert before == after
+
+
+def test_lineage_links_each_manifest_to_its_inputs(pipeline_run):
+    _, root = pipeline_run
+    man = {p: json.loads((root / p / "manifest.json").read_text()) for p in ("raw", "clean", "tokenizer", "shards")}
+    assert man["clean"]["inputs"]["raw"]["fingerprint"] == man["raw"]["fingerprint"]
+    assert man["shards"]["inputs"]["clean"]["fingerprint"] == man["clean"]["fingerprint"]
+    assert man["shards"]["inputs"]["tokenizer"]["fingerprint"] == man["tokenizer"]["fingerprint"]
+    for m in man.values():
+        assert {"config", "config_hash", "files", "metrics", "versions", "started_at", "ended_at"} <= set(m)
+
+
+def test_clean_with_two_workers_keeps_the_same_documents(pipeline_run, tmp_path):
+    cfg, root = pipeline_run
+    storage = Storage(str(root))
+    one = _ids(storage, "clean")
+    m1 = json.loads((root / "clean" / "manifest.json").read_text())["metrics"]
+    assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root),
+                 "--set", "workers=2", "--force", "--no-progress"]) == 0
+    two = _ids(storage, "clean")
+    m2 = json.loads((root / "clean" / "manifest.json").read_text())["metrics"]
+    assert one == two
+    assert m1["dropped_by_reason"] == m2["dropped_by_reason"] and m2["workers"] == 2
+    assert not any(p.name.startswith("clean.parts") and any(p.iterdir()) for p in root.iterdir())
