@@ -224,6 +224,11 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts]}
     manifest = _execute(module, "merge", cfg, storage, module.OUTPUT, ctx, extra, parts)
     storage.remove(parts_dir(stage, world))
+    if storage.is_local:  # object stores have no empty folders to leave behind
+        try:
+            os.rmdir(storage.path(f"{module.OUTPUT}.parts"))
+        except OSError:
+            pass
     return Outcome(stage, "done", manifest)
 
 
