@@ -1,0 +1,631 @@
+"""Token shards: the on-storage format of packed training data, its writer and the training reader.
+
+Format (version 1)
+------------------
+A shard is a raw little-endian array of token ids of shape ``(blocks, seq_len)``; the dtype is
+``uint16`` when every id fits (``vocab_size <= 65535``), else ``uint32``. Shards are named
+``{split}-{rank:05d}-{n:05d}.bin`` and live flat in one folder next to ``index.json``::
+
+    {
+      "format": "llmpipe-token-shards", "version": 1,
+      "seq_len": 2048, "dtype": "uint16", "byteorder": "little",
+      "vocab_size": 32000, "bos_id": 1, "eos_id": 2,
+      "splits": {
+        "train": {"blocks": 123, "tokens": 251904, "documents": 40, "dropped_tail_tokens": 17,
+                  "shards": [{"file": "train-00000-00000.bin", "blocks": 100, "bytes": 409600,
+                              "sha256": "..."}, ...]},
+        "val": {...}
+      }
+    }
+
+The order of ``shards`` is the order of the split: block ``i`` of the split (its stable
+``sample_id``) is found by walking the shard list, so nothing per block is stored.
+
+Everything goes through an ``fsspec`` filesystem and a path inside it: a local folder (a PVC
+mount on a cluster) or an ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import posixpath
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.errors import CorruptShardError, InputError
+
+FORMAT = "llmpipe-token-shards"
+FORMAT_VERSION = 1
+INDEX = "index.json"
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_HASH_CHUNK = 8 << 20
+
+
+# ------------------------------------------------------------------------------------ basics
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The smallest id dtype (little-endian) holding ids ``0 .. vocab_size - 1``."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size <= 65535:
+        return DTYPES["uint16"]
+    if vocab_size <= 2**32 - 1:
+        return DTYPES["uint32"]
+    raise ValueError(f"vocab_size {vocab_size} does not fit uint32 token ids")
+
+
+def dtype_name(dtype: np.dtype | str) -> str:
+    dt = np.dtype(dtype)
+    for name, known in DTYPES.items():
+        if dt.newbyteorder("<") == known:
+            return name
+    raise ValueError(f"unsupported shard dtype {dt}; use uint16 or uint32")
+
+
+def shard_name(split: str, rank: int, n: int) -> str:
+    return f"{split}-{rank:05d}-{n:05d}.bin"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol
+    return "file" in (proto if isinstance(proto, (tuple, list)) else (proto,))
+
+
+def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as the user would write it (``s3://bucket/key`` rather than ``bucket/key``)."""
+    if _is_local(fs):
+        return path
+    try:
+        return fs.unstrip_protocol(path)
+    except Exception:  # noqa: BLE001 - only for messages
+        return path
+
+
+@dataclass
+class ShardInfo:
+    file: str  # name relative to the shard folder
+    blocks: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+class ShardWriter:
+    """Streams ``(k, seq_len)`` blocks into consecutive shard files of ``blocks_per_shard`` blocks.
+
+    The sha256 and size of each shard are computed from the bytes as they are written, so the
+    shards never need to be read back. Files are named ``{split}-{rank:05d}-{n:05d}.bin``
+    directly under ``dirpath``; atomicity of the folder as a whole is the caller's business
+    (stages write into a temporary output folder that is committed at the end).
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        dirpath: str,
+        split: str,
+        rank: int,
+        seq_len: int,
+        dtype: np.dtype,
+        blocks_per_shard: int,
+    ):
+        if seq_len < 1 or blocks_per_shard < 1:
+            raise ValueError("seq_len and blocks_per_shard must be >= 1")
+        self.fs, self.dirpath, self.split, self.rank = fs, dirpath.rstrip("/"), split, rank
+        self.seq_len, self.blocks_per_shard = seq_len, blocks_per_shard
+        self.dtype = DTYPES[dtype_name(dtype)]
+        self._max_id = int(np.iinfo(self.dtype).max)
+        self._infos: list[ShardInfo] = []
+        self._fh: Any = None
+        self._hash: Any = None
+        self._blocks = 0
+        self._bytes = 0
+        self._closed = False
+        if _is_local(fs):
+            fs.makedirs(self.dirpath, exist_ok=True)
+
+    @property
+    def blocks_written(self) -> int:
+        return sum(i.blocks for i in self._infos) + self._blocks
+
+    def write_blocks(self, blocks: np.ndarray) -> None:
+        if self._closed:
+            raise ValueError("write_blocks on a closed ShardWriter")
+        blocks = np.asarray(blocks)
+        if blocks.ndim != 2 or blocks.shape[1] != self.seq_len:
+            raise ValueError(f"expected blocks of shape (k, {self.seq_len}), got {blocks.shape}")
+        if blocks.shape[0] == 0:
+            return
+        if blocks.dtype != self.dtype:
+            if blocks.dtype.kind not in "iu":
+                raise ValueError(f"token blocks must be integers, got {blocks.dtype}")
+            if blocks.dtype.itemsize > self.dtype.itemsize or blocks.dtype.kind == "i":
+                lo, hi = int(blocks.min()), int(blocks.max())
+                if lo < 0 or hi > self._max_id:
+                    raise ValueError(f"token id {hi if hi > self._max_id else lo} does not fit shard dtype {self.dtype}")
+            blocks = blocks.astype(self.dtype)
+        blocks = np.ascontiguousarray(blocks)
+        start = 0
+        while start < blocks.shape[0]:
+            if self._fh is None:
+                self._open_next()
+            take = min(self.blocks_per_shard - self._blocks, blocks.shape[0] - start)
+            buf = memoryview(blocks[start : start + take]).cast("B")
+            self._hash.update(buf)
+            self._fh.write(buf)
+            self._blocks += take
+            self._bytes += buf.nbytes
+            start += take
+            if self._blocks == self.blocks_per_shard:
+                self._finish()
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard; returns every shard written, in order."""
+        if not self._closed:
+            if self._fh is not None:
+                self._finish()
+            self._closed = True
+        return list(self._infos)
+
+    def abort(self) -> None:
+        """Close the open file without recording it (its content is incomplete)."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            finally:
+                self._fh = None
+        self._closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _open_next(self) -> None:
+        name = shard_name(self.split, self.rank, len(self._infos))
+        self._name = name
+        self._fh = self.fs.open(posixpath.join(self.dirpath, name), "wb")
+        self._hash = hashlib.sha256()
+        self._blocks = 0
+        self._bytes = 0
+
+    def _finish(self) -> None:
+        self._fh.close()
+        self._fh = None
+        self._infos.append(ShardInfo(self._name, self._blocks, self._bytes, self._hash.hexdigest()))
+        self._blocks = 0
+        self._bytes = 0
+
+
+# ------------------------------------------------------------------------------------- index
+
+
+def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int | None,
+              splits: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An index with the global fields filled in and the given splits (totals recomputed)."""
+    index: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "seq_len": int(seq_len),
+        "dtype": dtype_name(dtype_for_vocab(vocab_size)),
+        "byteorder": "little",
+        "vocab_size": int(vocab_size),
+        "bos_id": bos_id,
+        "eos_id": eos_id,
+        "splits": {},
+    }
+    for name, split in (splits or {}).items():
+        shards = [dict(s) for s in split.get("shards", [])]
+        blocks = sum(int(s["blocks"]) for s in shards)
+        entry = {**{k: v for k, v in split.items() if k != "shards"}, "blocks": blocks, "tokens": blocks * int(seq_len),
+                 "shards": shards}
+        index["splits"][name] = entry
+    return index
+
+
+def write_index(fs: fsspec.AbstractFileSystem, dirpath: str, index: dict[str, Any]) -> None:
+    """Write ``index.json`` (validated first, so a bad index is never written)."""
+    _validate_index(index, _display(fs, posixpath.join(dirpath, INDEX)))
+    if _is_local(fs):
+        fs.makedirs(dirpath, exist_ok=True)
+    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    with fs.open(posixpath.join(dirpath.rstrip("/"), INDEX), "wb") as fh:
+        fh.write(data)
+
+
+def read_index(fs: fsspec.AbstractFileSystem, dirpath: str) -> dict[str, Any]:
+    """Read and validate ``index.json``; :class:`InputError` naming the path if missing or invalid."""
+    path = posixpath.join(dirpath.rstrip("/"), INDEX)
+    where = _display(fs, path)
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{where} does not exist: not a shard folder (run the pack stage)") from None
+    try:
+        index = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where} is not valid JSON: {exc}") from None
+    _validate_index(index, where)
+    return index
+
+
+def _validate_index(index: Any, where: str) -> None:
+    def bad(msg: str) -> InputError:
+        return InputError(f"{where}: {msg}")
+
+    if not isinstance(index, dict):
+        raise bad("expected a JSON object")
+    if index.get("format") != FORMAT:
+        raise bad(f"format is {index.get('format')!r}, expected {FORMAT!r}")
+    if index.get("version") != FORMAT_VERSION:
+        raise bad(f"format version {index.get('version')!r} is not supported (this code reads version {FORMAT_VERSION})")
+    for key in ("seq_len", "vocab_size"):
+        if not isinstance(index.get(key), int) or index[key] < 1:
+            raise bad(f"{key} must be a positive integer, got {index.get(key)!r}")
+    if index.get("dtype") not in DTYPES:
+        raise bad(f"dtype must be one of {sorted(DTYPES)}, got {index.get('dtype')!r}")
+    if np.iinfo(DTYPES[index["dtype"]]).max < index["vocab_size"] - 1:
+        raise bad(f"dtype {index['dtype']} cannot hold vocab_size {index['vocab_size']}")
+    for key in ("bos_id", "eos_id"):
+        if index.get(key) is not None and not isinstance(index.get(key), int):
+            raise bad(f"{key} must be an integer or null")
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("`splits` must be an object of split name -> shards")
+    itemsize = DTYPES[index["dtype"]].itemsize
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"split {name!r} has no `shards` list")
+        total = 0
+        for s in split["shards"]:
+            if not isinstance(s, dict) or not all(k in s for k in ("file", "blocks", "bytes", "sha256")):
+                raise bad(f"split {name!r}: shard entry {s!r} needs file, blocks, bytes, sha256")
+            if not isinstance(s["file"], str) or "/" in s["file"] or s["file"] in ("", ".", ".."):
+                raise bad(f"split {name!r}: shard file {s['file']!r} must be a plain file name")
+            if s["bytes"] != s["blocks"] * index["seq_len"] * itemsize:
+                raise bad(f"split {name!r}: {s['file']} lists {s['bytes']} bytes but {s['blocks']} blocks of "
+                          f"{index['seq_len']} x {index['dtype']} are {s['blocks'] * index['seq_len'] * itemsize} bytes")
+            total += s["blocks"]
+        if split.get("blocks", total) != total:
+            raise bad(f"split {name!r}: blocks {split.get('blocks')} != sum over its shards {total}")
+
+
+# ------------------------------------------------------------------------------------ verify
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sizes(fs: fsspec.AbstractFileSystem, dirpath: str) -> dict[str, int]:
+    """File name -> size for the folder, in one listing."""
+    try:
+        entries = fs.ls(dirpath, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+
+
+def _check_shards(fs: fsspec.AbstractFileSystem, dirpath: str, index: dict[str, Any], splits: list[str],
+                  *, checksums: bool) -> None:
+    dirpath = dirpath.rstrip("/")
+    sizes = _sizes(fs, dirpath)
+    shards = [s for name in splits for s in index["splits"][name]["shards"]]
+    for s in shards:
+        where = _display(fs, posixpath.join(dirpath, s["file"]))
+        actual = sizes.get(s["file"])
+        if actual is None:
+            raise CorruptShardError(f"shard {where} is missing (listed in {INDEX} with {s['bytes']} bytes)")
+        if actual != s["bytes"]:
+            kind = "truncated" if actual < s["bytes"] else "longer than listed"
+            raise CorruptShardError(f"shard {where} is {kind}: expected {s['bytes']} bytes, found {actual} bytes")
+    if not checksums or not shards:
+        return
+
+    def check(s: dict[str, Any]) -> None:
+        path = posixpath.join(dirpath, s["file"])
+        actual = _sha256(fs, path)
+        if actual != s["sha256"]:
+            raise CorruptShardError(f"shard {_display(fs, path)} is corrupt: expected sha256 {s['sha256']}, found {actual}")
+
+    workers = min(len(shards), 4 if _is_local(fs) else 8)
+    if workers <= 1:
+        for s in shards:
+            check(s)
+        return
+    with ThreadPoolExecutor(workers) as pool:  # hashlib and file reads release the GIL
+        for fut in [pool.submit(check, s) for s in shards]:
+            fut.result()
+
+
+def verify_shards(fs: fsspec.AbstractFileSystem, dirpath: str, *, split: str | None = None) -> None:
+    """Recompute size and sha256 of every shard (of ``split``, or all splits) against ``index.json``.
+
+    Raises :class:`CorruptShardError` naming the file, the expected and the actual value."""
+    index = read_index(fs, dirpath)
+    if split is not None and split not in index["splits"]:
+        raise InputError(f"{_display(fs, dirpath)} has no split {split!r} (splits: {', '.join(index['splits'])})")
+    _check_shards(fs, dirpath, index, [split] if split else list(index["splits"]), checksums=True)
+
+
+# ------------------------------------------------------------------------------------ reader
+
+
+class PackedDataset(Dataset):
+    """Fixed-length token blocks of one split, for training: ``{"input_ids", "sample_id"}``.
+
+    ``sample_id`` is the block's position in the split (stable: it follows from the shard order
+    of ``index.json``). Local folders are read through one ``np.memmap`` per shard; remote ones
+    (``s3://``) by byte-range reads of ``chunk_bytes`` through fsspec with a small per-process
+    LRU cache of chunks. On open, every shard's size is checked against the index, and with
+    ``verify=True`` its sha256 too (a truncated or modified shard is a clear
+    :class:`CorruptShardError`, not garbage tokens).
+
+    The dataset pickles without its open memmaps and cache, so DataLoader workers (fork or
+    spawn) reopen them lazily.
+    """
+
+    def __init__(
+        self,
+        uri_or_path: str,
+        split: str = "train",
+        *,
+        storage_options: dict | None = None,
+        verify: bool = True,
+        chunk_bytes: int = 1 << 20,
+        cache_chunks: int = 32,
+    ):
+        from pipeline.storage import storage_options_from_env
+
+        opts = {**storage_options_from_env(), **(storage_options or {})} if "://" in uri_or_path else dict(storage_options or {})
+        self.uri = uri_or_path
+        self.fs, path = fsspec.core.url_to_fs(uri_or_path, **opts)
+        self.local = _is_local(self.fs)
+        self.dirpath = os.path.abspath(path) if self.local else path.rstrip("/")
+        self.index = read_index(self.fs, self.dirpath)
+        if split not in self.index["splits"]:
+            raise InputError(f"{uri_or_path} has no split {split!r} (splits: {', '.join(self.index['splits']) or 'none'})")
+        self.split = split
+        self.seq_len: int = self.index["seq_len"]
+        self.dtype = DTYPES[self.index["dtype"]]
+        self.vocab_size: int = self.index["vocab_size"]
+        self.bos_id, self.eos_id = self.index.get("bos_id"), self.index.get("eos_id")
+        self.shards: list[dict[str, Any]] = self.index["splits"][split]["shards"]
+        self._starts = [0]
+        for s in self.shards:
+            self._starts.append(self._starts[-1] + int(s["blocks"]))
+        self._paths = [posixpath.join(self.dirpath, s["file"]) for s in self.shards]
+        self.block_bytes = self.seq_len * self.dtype.itemsize
+        self.chunk_blocks = max(1, int(chunk_bytes) // self.block_bytes)
+        self.cache_chunks = max(1, int(cache_chunks))
+        _check_shards(self.fs, self.dirpath, self.index, [split], checksums=verify)
+        self._reset_handles()
+
+    def _reset_handles(self) -> None:
+        self._maps: dict[int, np.memmap] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_maps", "_cache", "_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number, block within that shard) of global block ``i``."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"block {i} out of range for {self.split} split of {n} blocks")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return s, i - self._starts[s]
+
+    def block(self, i: int) -> np.ndarray:
+        """Block ``i`` as a read-only numpy array of the shard dtype."""
+        s, j = self.locate(i)
+        if self.local:
+            mm = self._maps.get(s)
+            if mm is None:
+                mm = np.memmap(self._paths[s], dtype=self.dtype, mode="r", shape=(self.shards[s]["blocks"], self.seq_len))
+                self._maps[s] = mm
+            return mm[j]
+        c, k = divmod(j, self.chunk_blocks)
+        return self._chunk(s, c)[k]
+
+    def _chunk(self, s: int, c: int) -> np.ndarray:
+        key = (s, c)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        first = c * self.chunk_blocks
+        last = min(first + self.chunk_blocks, int(self.shards[s]["blocks"]))
+        start, end = first * self.block_bytes, last * self.block_bytes
+        data = self.fs.cat_file(self._paths[s], start=start, end=end)
+        if len(data) != end - start:
+            raise CorruptShardError(f"shard {_display(self.fs, self._paths[s])}: read {len(data)} bytes at offset {start}, "
+                                    f"expected {end - start} (file changed since it was opened?)")
+        arr = np.frombuffer(data, dtype=self.dtype).reshape(last - first, self.seq_len)
+        with self._lock:
+            self._cache[key] = arr
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        return arr
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        ids = torch.from_numpy(self.block(i).astype(np.int64))
+        return {"input_ids": ids, "sample_id": i}
+
+
+# ----------------------------------------------------------------------------------- sampler
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Deterministic, resumable, data-parallel order over ``num_samples`` blocks.
+
+    The *global stream* is epoch after epoch; epoch ``e`` is a permutation of
+    ``range(num_samples)`` drawn with seed ``seed + e`` (identity when ``shuffle=False``),
+    cut to ``epoch_length`` samples: a multiple of ``world_size``, dropping the last
+    ``num_samples % world_size`` samples of the permutation (``drop_last=True``) or padding with
+    the permutation's first ones (``drop_last=False``), so every rank gets the same count.
+
+    Rank ``r`` takes global positions ``start + r, start + r + W, ...``: the ``W`` samples
+    of one "round" go to ranks ``0 .. W-1``. Hence with any local batch size ``B``, local batch
+    ``k`` of every rank together is exactly the global stream's ``[start + kBW, start + (k+1)BW)``,
+    a contiguous global batch. ``start_index`` is the number of global samples already
+    consumed (``steps * B * W`` summed over the run, gradient accumulation included); a run
+    resumed with it continues with exactly the next samples, none repeated or skipped. It
+    should be a multiple of ``world_size`` (it is, at any step boundary); otherwise ranks may
+    differ by one sample in the partial epoch.
+
+    ``__iter__`` yields this rank's share from ``start_index`` to the end of that epoch and then
+    moves ``start_index`` to the start of the next epoch, so ``for epoch ...: for batch in
+    loader`` continues naturally; ``set_epoch(e)`` jumps to the start of epoch ``e``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_index: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if num_samples < 0 or start_index < 0:
+            raise ValueError("num_samples and start_index must be >= 0")
+        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+        self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
+        if self.drop_last:
+            self.epoch_length = (self.num_samples // self.world_size) * self.world_size
+        else:
+            self.epoch_length = -(-self.num_samples // self.world_size) * self.world_size
+        if self.epoch_length == 0:
+            raise ValueError(f"{num_samples} samples are too few for world_size {world_size}"
+                             + (" with drop_last" if drop_last else ""))
+        self.start_index = int(start_index)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    # -- the global stream
+    @property
+    def epoch(self) -> int:
+        return self.start_index // self.epoch_length
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch`` (``epoch_length`` ids)."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
+        n = self.num_samples
+        if self.shuffle:
+            order = np.random.default_rng((self.seed + epoch) % 2**63).permutation(n)
+        else:
+            order = np.arange(n)
+        if self.epoch_length < n:
+            order = order[: self.epoch_length]
+        elif self.epoch_length > n:
+            order = np.concatenate([order, order[: self.epoch_length - n]])
+        self._perm = (epoch, order)
+        return order
+
+    def global_stream(self, start: int, stop: int) -> np.ndarray:
+        """Global positions ``[start, stop)`` of the stream (across epochs), as sample ids."""
+        out = []
+        pos = start
+        while pos < stop:
+            epoch, off = divmod(pos, self.epoch_length)
+            take = min(stop - pos, self.epoch_length - off)
+            out.append(self.permutation(epoch)[off : off + take])
+            pos += take
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    # -- torch Sampler
+    def _local(self) -> np.ndarray:
+        epoch, off = divmod(self.start_index, self.epoch_length)
+        return self.permutation(epoch)[off + self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        local = self._local()
+        epoch = self.epoch
+        yield from local.tolist()
+        self.start_index = (epoch + 1) * self.epoch_length
+
+    def __len__(self) -> int:
+        return len(self._local())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self.start_index = int(epoch) * self.epoch_length
+
+    def advance(self, global_samples: int) -> None:
+        """Record that ``global_samples`` more samples (all ranks together) were consumed."""
+        self.start_index += int(global_samples)
+
+    # -- checkpointing
+    def state_dict(self, consumed_samples: int | None = None) -> dict[str, Any]:
+        """What a checkpoint needs. ``consumed_samples`` (global, e.g. ``step * global_batch``)
+        overrides ``start_index``; pass it, since a DataLoader prefetches ahead of training."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "world_size": self.world_size,
+            "epoch_length": self.epoch_length,
+            "start_index": int(self.start_index if consumed_samples is None else consumed_samples),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(f"sampler state is for {state['num_samples']} samples, this dataset has {self.num_samples}")
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state.get("shuffle", self.shuffle))
+        self._perm = None
+        start = int(state["start_index"])
+        old_len = int(state.get("epoch_length", self.epoch_length))
+        if old_len != self.epoch_length:  # world size changed: keep (epoch, offset in the permutation)
+            epoch, off = divmod(start, old_len)
+            start = epoch * self.epoch_length + min(off, self.epoch_length)
+        self.start_index = start
