@@ -402,9 +402,12 @@ class PackedDataset(Dataset):
     ):
         from pipeline.storage import storage_options_from_env
 
-        opts = {**storage_options_from_env(), **(storage_options or {})} if "://" in uri_or_path else dict(storage_options or {})
+        protocol = uri_or_path.split("://", 1)[0] if "://" in uri_or_path else "file"
+        env = storage_options_from_env() if protocol not in ("file", "local") else {}
         self.uri = uri_or_path
-        self.fs, path = fsspec.core.url_to_fs(uri_or_path, **opts)
+        self.storage_options = {**env, **(storage_options or {})}
+        self.fs, path = fsspec.core.url_to_fs(uri_or_path, **self.storage_options)
+        self._pid = os.getpid()
         self.local = _is_local(self.fs)
         self.dirpath = os.path.abspath(path) if self.local else path.rstrip("/")
         self.index = read_index(self.fs, self.dirpath)
@@ -476,6 +479,10 @@ class PackedDataset(Dataset):
         first = c * self.chunk_blocks
         last = min(first + self.chunk_blocks, int(self.shards[s]["blocks"]))
         start, end = first * self.block_bytes, last * self.block_bytes
+        if self._pid != os.getpid():
+            # a forked DataLoader worker: async filesystems (s3fs) are not fork-safe, get this process its own
+            self.fs = fsspec.core.url_to_fs(self.uri, **self.storage_options)[0]
+            self._pid = os.getpid()
         data = self.fs.cat_file(self._paths[s], start=start, end=end)
         if len(data) != end - start:
             raise CorruptShardError(f"shard {_display(self.fs, self._paths[s])}: read {len(data)} bytes at offset {start}, "

@@ -201,6 +201,10 @@ def test_packed_dataset_over_s3(s3_env):
     assert len(ds._cache) <= 2
     clone = pickle.loads(pickle.dumps(ds))
     assert clone[3]["input_ids"].tolist() == data["train"][3].tolist()
+    # forked DataLoader workers (s3fs itself is not fork-safe) read the same blocks
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    got = torch.cat([b["input_ids"] for b in loader])
+    assert got.tolist() == data["train"].tolist()
 
     # options from $LLMPIPE_STORAGE_OPTIONS (set by the fixture) are enough
     assert len(PackedDataset(f"s3://{folder}", split="val")) == 2
