@@ -1,0 +1,369 @@
+"""Distributed launcher: PyTorchJob environment (or flags) -> torchrun -> the stage on every rank.
+
+One entry, two roles::
+
+    python -m pipeline.training.launcher pretrain -c jobs/demo/pretrain.yaml --root runs/demo \\
+        [--nnodes N --node-rank R --nproc-per-node P --master-addr A --master-port PORT]
+
+* **Not under torchrun** (no ``LOCAL_RANK``): work out the node topology -- CLI flags first, then
+  the Kubeflow PyTorchJob variables ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_NPROC_PER_NODE``,
+  ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, then defaults (one node, one process, localhost) --
+  and run ``python -m torch.distributed.run ... -m pipeline.training.launcher <same args>``.
+  The pod-level ``RANK`` / ``WORLD_SIZE`` that the operator also sets count *pods*, not
+  processes; they are used only as a fallback for the node rank / node count when no
+  ``PET_*`` variable is there (older operators), never as process ranks.
+  ``--simulate-nodes`` (implied by ``--nnodes N > 1`` with no ``--node-rank``, outside a pod)
+  starts all N node agents on this machine with the same static rendezvous, which is how a
+  multi-node launch is tested on a laptop.
+* **Under torchrun** (``LOCAL_RANK`` set): run the stage on this rank. Rank 0 goes through the
+  runner's manifest/commit path; the other ranks run the same stage function with ``out=None``.
+
+A rank that fails makes torchrun stop the others; the launcher exits non-zero and its last
+stderr line names the failing rank and its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from pipeline.errors import ConfigError, PipelineError
+
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+DEFAULT_MASTER_PORT = 29500
+ERROR_PREFIX = "llmpipe-rank-error:"  # a worker's one-line error, picked out of its output
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this launcher sits in the job: nodes, this node's rank, processes per node, master."""
+
+    nnodes: int
+    node_rank: int
+    nproc_per_node: str  # an int, or torchrun's "auto" / "gpu" / "cpu"
+    master_addr: str
+    master_port: int
+    source: str = "defaults"  # "flags", "PyTorchJob env", "pod env", "defaults" (for messages)
+
+    def world_size(self) -> int | None:
+        return self.nnodes * int(self.nproc_per_node) if self.nproc_per_node.isdigit() else None
+
+
+# ------------------------------------------------------------------------- env / flags -> topology
+
+
+def _int(value: Any, name: str) -> int:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _nnodes(value: Any, name: str) -> int:
+    """``N`` or torchrun's elastic ``MIN:MAX`` (only a fixed size ``N:N`` is supported)."""
+    text = str(value).strip()
+    if ":" in text:
+        lo, hi = text.split(":", 1)
+        if lo != hi:
+            raise ConfigError(f"{name}={text!r}: elastic node ranges are not supported, use a fixed count")
+        text = lo
+    return _int(text, name)
+
+
+def _nproc(value: Any, name: str) -> str:
+    text = str(value).strip()
+    if text in ("auto", "gpu", "cpu"):
+        return text
+    n = _int(text, name)
+    if n < 1:
+        raise ConfigError(f"{name} must be >= 1, got {n}")
+    return str(n)
+
+
+def topology_from(env: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Topology:
+    """The node topology from CLI flags (``None`` = not given), else the PyTorchJob env, else defaults.
+
+    Pure: reads only its arguments. ``RANK``/``WORLD_SIZE`` are pod counts in a PyTorchJob and
+    are only a fallback for node rank/count when no ``PET_NODE_RANK``/``PET_NNODES`` is set."""
+    flags = dict(flags or {})
+    sources: set[str] = set()
+
+    def pick(flag: str, pet: str, pod: str | None, default: Any) -> Any:
+        if flags.get(flag) is not None:
+            sources.add("flags")
+            return flags[flag], f"--{flag.replace('_', '-')}"
+        if env.get(pet, "").strip():
+            sources.add("PyTorchJob env")
+            return env[pet], pet
+        if pod and env.get(pod, "").strip():
+            sources.add("pod env")
+            return env[pod], pod
+        return default, flag
+
+    # Legacy pod variables only count when they describe pods (both present, no PET_ at all).
+    legacy = not any(k.startswith("PET_") for k in env) and "RANK" in env and "WORLD_SIZE" in env
+    raw_nnodes, n_name = pick("nnodes", "PET_NNODES", "WORLD_SIZE" if legacy else None, 1)
+    raw_rank, r_name = pick("node_rank", "PET_NODE_RANK", "RANK" if legacy else None, 0)
+    raw_nproc, p_name = pick("nproc_per_node", "PET_NPROC_PER_NODE", None, 1)
+    raw_addr, _ = pick("master_addr", "PET_MASTER_ADDR", "MASTER_ADDR" if legacy else None, DEFAULT_MASTER_ADDR)
+    raw_port, port_name = pick("master_port", "PET_MASTER_PORT", "MASTER_PORT" if legacy else None, DEFAULT_MASTER_PORT)
+
+    nnodes = _nnodes(raw_nnodes, n_name)
+    node_rank = _int(raw_rank, r_name)
+    if nnodes < 1:
+        raise ConfigError(f"{n_name} must be >= 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"{r_name}={node_rank} is outside 0..{nnodes - 1} for {nnodes} node(s)")
+    port = _int(raw_port, port_name)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{port_name}={port} is not a TCP port")
+    source = ", ".join(sorted(sources)) or "defaults"
+    return Topology(nnodes, node_rank, _nproc(raw_nproc, p_name), str(raw_addr).strip(), port, source)
+
+
+def torchrun_command(
+    topo: Topology,
+    worker_args: Sequence[str],
+    *,
+    python: str = sys.executable,
+    node_rank: int | None = None,
+    max_restarts: int = 0,
+) -> list[str]:
+    """The torchrun command line for one node agent (static rendezvous at master addr:port)."""
+    rank = topo.node_rank if node_rank is None else node_rank
+    return [
+        python, "-m", "torch.distributed.run",
+        "--nnodes", str(topo.nnodes),
+        "--node-rank", str(rank),
+        "--nproc-per-node", topo.nproc_per_node,
+        "--master-addr", topo.master_addr,
+        "--master-port", str(topo.master_port),
+        "--max-restarts", str(max_restarts),
+        "-m", "pipeline.training.launcher",
+        *worker_args,
+    ]
+
+
+def under_torchrun(env: Mapping[str, str]) -> bool:
+    """True inside a worker started by torchrun (LOCAL_RANK is set per process; RANK alone is not enough,
+    the PyTorchJob sets a pod-level RANK on the agent too)."""
+    return "LOCAL_RANK" in env
+
+
+def worker_rank(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(global rank, world size, local rank) of a torchrun worker."""
+    return _int(env.get("RANK", 0), "RANK"), _int(env.get("WORLD_SIZE", 1), "WORLD_SIZE"), _int(env.get("LOCAL_RANK", 0), "LOCAL_RANK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.training.launcher",
+        description="Run a distributed training stage through torchrun (PyTorchJob env or flags -> torchrun -> stage).",
+    )
+    p.add_argument("stage", help="stage to run on every rank, e.g. pretrain")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--root", metavar="URI")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    d = p.add_argument_group("topology (default: $PET_* from the PyTorchJob, else one local node)")
+    d.add_argument("--nnodes", help="number of nodes (pods)")
+    d.add_argument("--node-rank", type=int, help="this node's rank")
+    d.add_argument("--nproc-per-node", help="processes per node: N, or auto/gpu/cpu")
+    d.add_argument("--master-addr", help="address of node 0")
+    d.add_argument("--master-port", type=int, help="rendezvous port on node 0")
+    d.add_argument("--simulate-nodes", action="store_true",
+                   help="start every node's agent on this machine (local test of a multi-node launch)")
+    return p
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The arguments the workers get (topology flags are torchrun's business, not theirs)."""
+    out = [args.stage]
+    if args.config:
+        out += ["--config", args.config]
+    for o in args.overrides:
+        out += ["--set", o]
+    if args.root:
+        out += ["--root", args.root]
+    if args.force:
+        out.append("--force")
+    if args.no_progress:
+        out.append("--no-progress")
+    return out
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("nnodes", "node_rank", "nproc_per_node", "master_addr", "master_port")}
+
+
+def launch(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
+    """Start the node agent(s) and wait; non-zero if any rank failed."""
+    env = dict(os.environ if env is None else env)
+    flags = _flags(args)
+    in_pod = any(k.startswith("PET_") for k in env) or "RANK" in env
+    simulate = args.simulate_nodes or (
+        flags["nnodes"] is not None and _nnodes(flags["nnodes"], "--nnodes") > 1 and args.node_rank is None and not in_pod
+    )
+    if flags["master_port"] is None and not in_pod and (simulate or flags["nnodes"] is None or str(flags["nnodes"]) == "1"):
+        flags["master_port"] = free_port()  # local: never collide with another run on the default port
+    topo = topology_from(env, flags)
+    if simulate and flags["master_addr"] is None:
+        topo = Topology(topo.nnodes, 0, topo.nproc_per_node, DEFAULT_MASTER_ADDR, topo.master_port, topo.source)
+    wargs = worker_argv(args)
+    # the workers must not mistake the pod-level RANK/WORLD_SIZE for their own before torchrun sets them
+    child_env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    ranks = list(range(topo.nnodes)) if simulate else [topo.node_rank]
+    cmds = [torchrun_command(topo, wargs, node_rank=r) for r in ranks]
+    for cmd in cmds:
+        print(f"launcher: {shlex.join(cmd)}  [{topo.source}]", file=sys.stderr, flush=True)
+    return _run_agents(cmds, child_env)
+
+
+def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
+    """Run node agents, relay their output, stop all when one fails; return the exit status."""
+    import threading
+
+    procs: list[subprocess.Popen[bytes]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def relay(proc: subprocess.Popen[bytes], tag: str) -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            if ERROR_PREFIX in line:
+                with lock:
+                    errors.append(line.split(ERROR_PREFIX, 1)[1].strip())
+            sys.stderr.write(f"{tag}{line}" if tag else line)
+            sys.stderr.flush()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = []
+    try:
+        for i, cmd in enumerate(cmds):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            procs.append(proc)
+            t = threading.Thread(target=relay, args=(proc, f"[node {i}] " if len(cmds) > 1 else ""), daemon=True)
+            t.start()
+            threads.append(t)
+        status = 0
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                status = failed[0].returncode
+                time.sleep(5)  # let the others notice through the rendezvous, then stop them
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                deadline = time.time() + 30
+                while any(p.poll() is None for p in procs) and time.time() < deadline:
+                    time.sleep(0.2)
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            time.sleep(0.2)
+        for t in threads:
+            t.join(timeout=10)
+        codes = [p.wait() for p in procs]
+        status = status or next((c for c in codes if c != 0), 0)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if status != 0:
+        detail = errors[0] if errors else "see the output above"
+        if len(errors) > 1:
+            detail += f" (and {len(errors) - 1} more rank error(s) above)"
+        print(f"error: distributed launch failed (exit {status}): {detail}", file=sys.stderr, flush=True)
+        return status if 0 < status < 256 else 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------- worker
+
+
+def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
+    """Inside torchrun: run the stage on this rank. Rank 0 commits the output and its manifest."""
+    from pipeline import runner
+    from pipeline.cli import DEFAULT_ROOT
+    from pipeline.config import config_hash, load_config
+    from pipeline.storage import Storage
+
+    env = dict(os.environ if env is None else env)
+    rank, world, _ = worker_rank(env)
+    try:
+        cfg = load_config(args.stage, args.config, args.overrides)
+        storage = Storage(args.root or env.get("LLMPIPE_ROOT") or DEFAULT_ROOT)
+        module = runner.get_stage(args.stage)
+        names = module.inputs(cfg) if hasattr(module, "inputs") else list(module.INPUTS)
+        inputs = {}
+        for name in names:
+            manifest = storage.manifest(name)
+            if manifest is None:
+                from pipeline.stages import PRODUCER
+
+                raise PipelineError(
+                    f"stage {args.stage} needs '{name}/' under {storage.uri}, which has no committed output yet: "
+                    f"run `llmpipe run {PRODUCER.get(name, name)}` first"
+                )
+            inputs[name] = runner.Artifact(storage, name, manifest)
+        ctx = runner.StageContext(storage, inputs, progress=not args.no_progress and rank == 0, rank=rank, world=world)
+        existing = storage.manifest(module.OUTPUT)
+        if not args.force and runner._is_current(existing, config_hash(cfg), runner._input_refs(inputs)):
+            if rank == 0:
+                print(f"== {args.stage}: up to date")
+            return 0
+        if rank == 0:
+            manifest = runner._execute(module, "run", cfg, storage, module.OUTPUT, ctx, {"world_size": world})
+            print(runner.format_summary(runner.Outcome(args.stage, "done", manifest)), flush=True)
+        else:
+            module.run(cfg, ctx, None)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - one line that the launcher relays, then the traceback
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{ERROR_PREFIX} rank {rank}/{world}: {type(exc).__name__}: {msg}", file=sys.stderr, flush=True)
+        if isinstance(exc, PipelineError):
+            return exc.exit_code
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if under_torchrun(os.environ):
+            return run_worker(args)
+        return launch(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())
