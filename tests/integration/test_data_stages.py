@@ -18,7 +18,7 @@ PLANTED = {json.loads(line)["id"]: json.loads(line) for line in (CORPUS / "plant
 
 def _bad_files(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "latin1.txt").write_bytes("Qazaqstan — caf\xe9 au lait, tr\xe8s bien.".encode("latin-1"))
+    (folder / "latin1.txt").write_bytes("Qazaqstan - caf\xe9 au lait, tr\xe8s bien.".encode("latin-1"))
     (folder / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     (folder / "empty.txt").write_bytes(b"")
     return folder
