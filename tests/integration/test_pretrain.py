@@ -1,0 +1,375 @@
+"""Pretraining on CPU: a tiny Llama on a learnable synthetic corpus, in-process and through the launcher.
+
+The run root is built by hand in the real artifact layout: ``shards/`` (and ``shards-clean/``)
+written with the shards writer, ``models/init/`` a 2-layer Llama with hidden size 64 and its
+tokenizer, each committed with a manifest. Subprocess runs go through
+``python -m pipeline.training.launcher`` (torchrun, gloo). Until the pretrain stage is in
+``pipeline.stages.STAGES`` the subprocesses get it registered by a ``sitecustomize`` on their
+PYTHONPATH; in-process tests monkeypatch the registries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 48  # ids 0..2 special, 3..47 "words"
+SEQ = 32
+
+SITECUSTOMIZE = """\
+import importlib
+try:
+    import pipeline.stages as _s, pipeline.config as _c
+    if "pretrain" not in _s.STAGES:
+        _s.STAGES["pretrain"] = lambda: importlib.import_module("pipeline.stages.pretrain")
+        _s.ORDER.append("pretrain")
+    _s.PRODUCER.setdefault("models/init", "init")
+    if "pretrain" not in _c.STAGE_CONFIGS:
+        _c.STAGE_CONFIGS["pretrain"] = importlib.import_module("pipeline.stages.pretrain").PretrainConfig
+except Exception as exc:  # pragma: no cover
+    print("sitecustomize: could not register pretrain:", exc)
+
+import os
+if os.environ.get("TEST_FAIL_RANK") and os.environ.get("RANK") == os.environ["TEST_FAIL_RANK"]:
+    import pipeline.training.pretrain as _p
+
+    def _boom(cfg, ctx, out):
+        raise RuntimeError(f"injected failure on rank {ctx.rank}")
+
+    _p.train = _boom
+"""
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+def _patterns(n_blocks: int, seed: int) -> np.ndarray:
+    """Blocks of arithmetic progressions over the word ids: learnable from the context."""
+    rng = np.random.default_rng(seed)
+    words = VOCAB - 3
+    out = np.empty((n_blocks, SEQ), dtype=np.int64)
+    for b in range(n_blocks):
+        start, stride = rng.integers(0, words), rng.choice([1, 2, 3])
+        out[b] = 3 + (start + stride * np.arange(SEQ)) % words
+    return out
+
+
+def _write_shards(storage, name: str, seed: int, n_train: int = 192, n_val: int = 32) -> None:
+    from pipeline.data.shards import ShardWriter, dtype_for_vocab, new_index, write_index
+
+    out = storage.begin(name)
+    splits = {}
+    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1000)):
+        with ShardWriter(out.fs, out.path(), split, 0, SEQ, dtype_for_vocab(VOCAB), 64) as w:
+            w.write_blocks(_patterns(n, s))
+        infos = w.close()
+        for i in infos:
+            out.record(i.file, i.bytes, i.sha256)
+        splits[split] = {"documents": n, "dropped_tail_tokens": 0, "shards": [i.to_dict() for i in infos]}
+    write_index(out.fs, out.path(), new_index(seq_len=SEQ, vocab_size=VOCAB, bos_id=1, eos_id=2, splits=splits))
+    out.commit({"stage": "pack", "config_hash": f"test-{name}", "inputs": {}, "metrics": {}})
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _write_model(storage) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ * 2,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    tok = _tokenizer()
+    for name in ("models/init", "tokenizer"):
+        out = storage.begin(name)
+        if name == "models/init":
+            LlamaForCausalLM(cfg).save_pretrained(out.path())
+        tok.save_pretrained(out.path())
+        out.commit({"stage": name.split("/")[-1], "config_hash": "test", "inputs": {}, "metrics": {}})
+
+
+@pytest.fixture(scope="module")
+def template_root(tmp_path_factory) -> Path:
+    """A run root with shards, shards-clean, models/init and tokenizer, copied per test."""
+    from pipeline.storage import Storage
+
+    root = tmp_path_factory.mktemp("pretrain-template")
+    storage = Storage(str(root))
+    _write_shards(storage, "shards", seed=1)
+    _write_shards(storage, "shards-clean", seed=2)
+    _write_model(storage)
+    return root
+
+
+@pytest.fixture
+def run_root(template_root, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(template_root, root)
+    return root
+
+
+def _config(path: Path, **over) -> Path:
+    import yaml
+
+    cfg = {
+        "micro_batch_size": 4,
+        "global_batch_tokens": SEQ * 8,  # 8 sequences per step
+        "max_steps": 12,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "weight_decay": 0.0,
+        "zero_stage": 0,
+        "checkpoint_every": 4,
+        "keep_checkpoints": 2,
+        "eval_every": 6,
+        "eval_max_blocks": 16,
+        "log_every": 1,
+        "generation": {"every": 6, "prompts": ["w3 w4 w5", "w10 w12"], "max_new_tokens": 6},
+        "cpu_peak_flops": 1e11,
+        "verify_shards": True,
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _sitecustomize(tmp_path: Path) -> Path:
+    folder = tmp_path / "site"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return folder
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("PET_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(_sitecustomize(tmp_path)), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _launch(tmp_path: Path, root: Path, config: Path, *flags: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.training.launcher", "pretrain", "-c", str(config), "--root", str(root),
+           "--no-progress", *flags]
+    return subprocess.run(cmd, cwd=REPO, env={**_env(tmp_path), **env}, capture_output=True, text=True, timeout=timeout)
+
+
+def _records(root: Path, kind: str) -> list[dict]:
+    from pipeline.training.pretrain import read_metrics
+
+    return [r for r in read_metrics(root / "checkpoints" / "pretrain" / "metrics.jsonl") if r["kind"] == kind]
+
+
+def _last_per_step(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records}  # a rerun appends: the last record of a step wins
+
+
+def _assert_loads(model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert tok.convert_tokens_to_ids("w5") == 5
+    assert (model_dir / "manifest.json").is_file()
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    import importlib
+
+    import pipeline.config as c
+    import pipeline.stages as s
+
+    mod = importlib.import_module("pipeline.stages.pretrain")
+    monkeypatch.setitem(s.STAGES, "pretrain", lambda: mod)
+    monkeypatch.setitem(c.STAGE_CONFIGS, "pretrain", mod.PretrainConfig)
+    monkeypatch.setitem(s.PRODUCER, "models/init", "init")
+    return mod
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
+    """Two data phases, no DeepSpeed, one process: val loss falls far below its random-init value."""
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.storage import Storage
+
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=40, checkpoint_every=20, eval_every=20,
+                                          phases=[{"name": "dirty", "shards": "shards", "until_step": 24},
+                                                  {"name": "clean", "shards": "shards-clean"}]))
+    storage = Storage(str(run_root))
+    t0 = time.time()
+    outcome = runner.run_stage("pretrain", cfg, storage, progress=False)
+    print(f"in-process pretrain: {time.time() - t0:.1f}s")
+    m = outcome.manifest["metrics"]
+    assert m["steps"] == 40
+    evals = _records(run_root, "eval")
+    assert evals, "no validation records"
+    random_init = math.log(VOCAB)  # ~3.87 nats
+    assert m["val_loss"] < 0.5 * random_init, m
+    assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
+    train = _records(run_root, "train")
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "peak_mem_gb"):
+        assert train[-1][key] is not None, key
+    samples = _last_per_step(_records(run_root, "samples"))
+    assert sorted(samples) == list(range(1, 41))
+    assert all(len(r["sample_ids"]) == 8 for r in samples.values())
+    assert {r["phase"] for s, r in samples.items() if s <= 24} == {0}
+    assert {r["phase"] for s, r in samples.items() if s > 24} == {1}
+    gens = (run_root / "checkpoints" / "pretrain" / "generations.jsonl").read_text().splitlines()
+    assert gens and {"greedy", "sampled", "prompt", "step"} <= set(json.loads(gens[0]))
+    ckpts = sorted(p.name for p in (run_root / "checkpoints" / "pretrain").glob("step-*"))
+    assert ckpts == ["step-20", "step-40"]
+    assert all((run_root / "checkpoints" / "pretrain" / c / "COMPLETE").is_file() for c in ckpts)
+    _assert_loads(run_root / "models" / "pretrain")
+    # a second run with the same config is up to date
+    assert runner.run_stage("pretrain", cfg, storage, progress=False).status == "up to date"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
+    cfg = _config(tmp_path / "p.yaml", zero_stage=stage, max_steps=6, checkpoint_every=3, eval_every=3,
+                  generation={"every": 3, "prompts": ["w3 w4"], "max_new_tokens": 4})
+    t0 = time.time()
+    proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
+    print(f"ZeRO-{stage} x2 through the launcher: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["zero_stage"] == stage
+    assert manifest["metrics"]["grad_accum"] == 1  # 8 sequences = 2 ranks x micro 4
+    samples = _last_per_step(_records(run_root, "samples"))
+    assert sorted(samples) == list(range(1, 7)) and all(len(set(r["sample_ids"])) == 8 for r in samples.values())
+    _assert_loads(run_root / "models" / "pretrain")
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes(run_root, tmp_path):
+    cfg = _config(tmp_path / "p.yaml", zero_stage=2, max_steps=4, checkpoint_every=2, eval_every=2,
+                  generation={"every": 0, "prompts": []})
+    t0 = time.time()
+    proc = _launch(tmp_path, run_root, cfg, "--nnodes", "2", "--nproc-per-node", "1")
+    print(f"2 simulated nodes: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[node 1]" in proc.stderr
+    manifest = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2
+    _assert_loads(run_root / "models" / "pretrain")
+
+
+def test_failing_rank_fails_the_launch(run_root, tmp_path):
+    """Rank 1 raises while rank 0 waits for it: the launch exits non-zero, its last line is rank 1's error,
+    and nothing is committed."""
+    cfg = _config(tmp_path / "p.yaml", max_steps=4, zero_stage=2)
+    t0 = time.time()
+    proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2", timeout=300, TEST_FAIL_RANK="1")
+    print(f"failing rank: {time.time() - t0:.1f}s")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: distributed launch failed"), last
+    assert "rank 1/2: RuntimeError: injected failure on rank 1" in last, last
+    assert not (run_root / "models" / "pretrain").exists()
+
+
+def test_bad_batch_budget_is_one_clear_line(run_root, tmp_path):
+    cfg = _config(tmp_path / "p.yaml", max_steps=4, global_batch_tokens=SEQ * 12)  # 12 sequences, 8 per pass
+    proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2", timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "global_batch_tokens 384 is not a whole multiple" in last and "use e.g. 256 or 512" in last, last
+
+
+def _kill_one_rank(proc: subprocess.Popen, metrics: Path, after_step: int, timeout: float = 400) -> None:
+    """SIGKILL one worker process once the metrics file shows ``after_step``."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the run ended before it could be killed")
+        if metrics.exists():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+                     if '"kind": "samples"' in line]
+            if steps and max(steps) >= after_step:
+                break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the run never reached the step to kill at")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "LOCAL_RANK" in (p.environ() if p.is_running() else {})]
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    os.kill(victim.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_rank_resumes_exactly(template_root, tmp_path):
+    """Kill rank 1 with SIGKILL after the step-4 checkpoint; the rerun resumes from step 4 and matches an
+    uninterrupted run: same final step, same sample ids at every step, final loss within tolerance."""
+    import shutil
+
+    steps = 10
+    over = dict(zero_stage=2, max_steps=steps, checkpoint_every=4, eval_every=0, keep_checkpoints=3,
+                generation={"every": 0, "prompts": []})
+    ref_root, run_root = tmp_path / "ref", tmp_path / "killed"
+    shutil.copytree(template_root, ref_root)
+    shutil.copytree(template_root, run_root)
+    cfg = _config(tmp_path / "p.yaml", **over)
+
+    t0 = time.time()
+    ref = _launch(tmp_path, ref_root, cfg, "--nproc-per-node", "2")
+    assert ref.returncode == 0, ref.stderr[-4000:]
+
+    cmd = [sys.executable, "-m", "pipeline.training.launcher", "pretrain", "-c", str(cfg), "--root", str(run_root),
+           "--no-progress", "--nproc-per-node", "2"]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    _kill_one_rank(proc, run_root / "checkpoints" / "pretrain" / "metrics.jsonl", after_step=6)
+    assert proc.wait(timeout=300) != 0
+    log.close()
+    assert not (run_root / "models" / "pretrain").exists()
+    assert (run_root / "checkpoints" / "pretrain" / "step-4" / "COMPLETE").is_file()
+
+    again = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
+    print(f"kill + resume test: {time.time() - t0:.1f}s")
+    assert again.returncode == 0, again.stderr[-4000:]
+    manifest = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] == 4
+    assert manifest["metrics"]["steps"] == steps
+    starts = _records(run_root, "start")
+    assert [s["step"] for s in starts] == [0, 4]
+
+    ref_ids = {s: r["sample_ids"] for s, r in _last_per_step(_records(ref_root, "samples")).items()}
+    got_ids = {s: r["sample_ids"] for s, r in _last_per_step(_records(run_root, "samples")).items()}
+    assert sorted(ref_ids) == sorted(got_ids) == list(range(1, steps + 1))
+    assert got_ids == ref_ids
+    ref_loss = _last_per_step(_records(ref_root, "train"))[steps]["loss"]
+    got_loss = _last_per_step(_records(run_root, "train"))[steps]["loss"]
+    print(f"final loss: uninterrupted {ref_loss}, killed + resumed {got_loss}")
+    assert got_loss == pytest.approx(ref_loss, rel=1e-3, abs=1e-3)

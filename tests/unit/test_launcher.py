@@ -1,0 +1,202 @@
+"""The launcher's pure parts (env/flags -> topology -> torchrun command) and the training helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.training import deepspeed_config_path
+from pipeline.training.launcher import (
+    build_parser,
+    topology_from,
+    torchrun_command,
+    under_torchrun,
+    worker_argv,
+    worker_rank,
+)
+from pipeline.training.pretrain import (
+    cosine_lr,
+    flops_per_token,
+    grad_accum_steps,
+    latest_checkpoint,
+    list_checkpoints,
+    mfu,
+    phase_at,
+    plan_phases,
+    resolve_precision,
+    wsd_lr,
+)
+
+PYTORCHJOB = {
+    "PET_NNODES": "4",
+    "PET_NODE_RANK": "2",
+    "PET_NPROC_PER_NODE": "8",
+    "PET_MASTER_ADDR": "llm-pretrain-master-0",
+    "PET_MASTER_PORT": "23456",
+    # pod-level: 4 pods, this is pod 2 -- not process ranks
+    "RANK": "2",
+    "WORLD_SIZE": "4",
+    "MASTER_ADDR": "llm-pretrain-master-0",
+    "MASTER_PORT": "23456",
+}
+
+
+def test_pytorchjob_env_gives_node_topology_not_pod_ranks():
+    t = topology_from(PYTORCHJOB)
+    assert (t.nnodes, t.node_rank, t.nproc_per_node, t.master_addr, t.master_port) == (4, 2, "8", "llm-pretrain-master-0", 23456)
+    assert t.world_size() == 32  # 4 nodes x 8 processes, not WORLD_SIZE=4
+    assert t.source == "PyTorchJob env"
+
+
+def test_flags_override_env_and_defaults_are_one_local_node():
+    t = topology_from(PYTORCHJOB, {"nproc_per_node": "2", "master_port": 29999, "nnodes": None})
+    assert (t.nnodes, t.node_rank, t.nproc_per_node, t.master_port) == (4, 2, "2", 29999)
+    d = topology_from({})
+    assert (d.nnodes, d.node_rank, d.nproc_per_node, d.master_addr, d.master_port) == (1, 0, "1", "127.0.0.1", 29500)
+
+
+def test_legacy_pod_env_only_without_pet_vars():
+    legacy = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "m0", "MASTER_PORT": "1234"}
+    t = topology_from(legacy)
+    assert (t.nnodes, t.node_rank, t.master_addr, t.master_port, t.nproc_per_node) == (3, 1, "m0", 1234, "1")
+    # with any PET_ variable the pod-level ones are ignored
+    t = topology_from({**legacy, "PET_NPROC_PER_NODE": "4"})
+    assert (t.nnodes, t.node_rank, t.nproc_per_node) == (1, 0, "4")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PET_NNODES": "2", "PET_NODE_RANK": "2"}, "PET_NODE_RANK=2 is outside 0..1"),
+        ({"PET_NNODES": "1:4"}, "elastic"),
+        ({"PET_NPROC_PER_NODE": "zero"}, "PET_NPROC_PER_NODE must be an integer"),
+        ({"PET_MASTER_PORT": "70000"}, "not a TCP port"),
+    ],
+)
+def test_bad_topology_is_a_clear_error(env, message):
+    with pytest.raises(ConfigError, match=message):
+        topology_from(env)
+
+
+def test_nproc_keywords_and_fixed_elastic_range():
+    t = topology_from({"PET_NNODES": "2:2", "PET_NPROC_PER_NODE": "auto"})
+    assert t.nnodes == 2 and t.nproc_per_node == "auto" and t.world_size() is None
+
+
+def test_torchrun_command_and_worker_args():
+    args = build_parser().parse_args(
+        ["pretrain", "-c", "jobs/cluster/pretrain.yaml", "--root", "/data/run", "--set", "lr=1e-4", "--nproc-per-node", "8"]
+    )
+    wargs = worker_argv(args)
+    assert wargs == ["pretrain", "--config", "jobs/cluster/pretrain.yaml", "--set", "lr=1e-4", "--root", "/data/run"]
+    cmd = torchrun_command(topology_from(PYTORCHJOB), wargs, python="python")
+    assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+    opts = dict(zip(cmd[3:17:2], cmd[4:17:2]))
+    assert opts == {"--nnodes": "4", "--node-rank": "2", "--nproc-per-node": "8", "--master-addr": "llm-pretrain-master-0",
+                    "--master-port": "23456", "--max-restarts": "0", "-m": "pipeline.training.launcher"}
+    assert cmd[-len(wargs):] == wargs
+    assert torchrun_command(topology_from(PYTORCHJOB), wargs, node_rank=0)[6] == "0"
+
+
+def test_under_torchrun_needs_local_rank():
+    assert not under_torchrun(PYTORCHJOB)  # the pod itself: launch torchrun
+    assert under_torchrun({**PYTORCHJOB, "LOCAL_RANK": "3", "RANK": "19", "WORLD_SIZE": "32"})
+    assert worker_rank({"LOCAL_RANK": "3", "RANK": "19", "WORLD_SIZE": "32"}) == (19, 32, 3)
+
+
+def test_shipped_deepspeed_configs_parse():
+    for stage in (1, 2, 3):
+        for offload in (False, True):
+            cfg = json.loads(deepspeed_config_path(stage, offload).read_text())
+            zero = cfg["zero_optimization"]
+            assert zero["stage"] == stage
+            assert ("offload_optimizer" in zero) == offload
+            assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["gradient_accumulation_steps"] == "auto"
+            assert cfg["bf16"]["enabled"] == "auto"
+    assert json.loads(deepspeed_config_path(3).read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    with pytest.raises(ValueError):
+        deepspeed_config_path(4)
+
+
+# ------------------------------------------------------------------------------- training helpers
+
+
+def test_grad_accum_from_token_budget():
+    assert grad_accum_steps(524288, 2048, 4, 8) == 8
+    assert grad_accum_steps(4096 * 8 * 64, 4096, 1, 64) == 8
+    with pytest.raises(ConfigError, match="not a whole multiple.*use e.g. 491,520 or 540,672"):
+        grad_accum_steps(524288, 2048, 4, 6)
+    with pytest.raises(ConfigError):
+        grad_accum_steps(1024, 2048, 1, 1)
+
+
+def test_precision_auto():
+    assert resolve_precision("auto", cuda=False, bf16_ok=False) == "fp32"
+    assert resolve_precision("auto", cuda=True, bf16_ok=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16_ok=False) == "fp16"
+    assert resolve_precision("fp32", cuda=True, bf16_ok=True) == "fp32"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_precision("bf16", cuda=False, bf16_ok=False)
+
+
+def test_schedules():
+    kw = dict(total=100, warmup=10, min_ratio=0.1)
+    assert cosine_lr(0, **kw) == pytest.approx(0.1) and cosine_lr(9, **kw) == pytest.approx(1.0)
+    assert cosine_lr(10, **kw) == pytest.approx(1.0)
+    assert cosine_lr(55, **kw) == pytest.approx(0.55)
+    assert cosine_lr(100, **kw) == pytest.approx(0.1)
+    w = dict(kw, decay_fraction=0.2)
+    assert wsd_lr(50, **w) == 1.0 and wsd_lr(79, **w) == 1.0
+    assert wsd_lr(80, **w) == pytest.approx(1.0)
+    assert wsd_lr(100, **w) == pytest.approx(0.1)
+    assert wsd_lr(90, **w, shape="linear") == pytest.approx(0.55)
+    assert wsd_lr(90, **w, shape="sqrt") == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5)))
+    assert all(wsd_lr(s, **w) >= wsd_lr(s + 1, **w) for s in range(10, 100))
+
+
+def test_mfu_palm_formula():
+    fpt = flops_per_token(7_000_000_000, 32, 32, 128, 4096)
+    assert fpt == pytest.approx(6 * 7e9 + 12 * 32 * 32 * 128 * 4096)
+    assert mfu(3000.0, fpt, 989e12) == pytest.approx(3000 * fpt / 989e12)
+    assert mfu(3000.0, fpt, None) is None
+
+
+def test_phase_plan():
+    from pipeline.stages.pretrain import DataPhase
+
+    plan = plan_phases([DataPhase(name="a", shards="shards", until_step=30), DataPhase(name="b", shards="shards-clean")], 100)
+    assert [(p.start, p.end) for p in plan] == [(0, 30), (30, 100)]
+    assert [phase_at(plan, s) for s in (0, 29, 30, 99, 100)] == [0, 0, 1, 1, 1]
+
+
+def test_pretrain_config_validation():
+    from pydantic import ValidationError
+
+    from pipeline.stages.pretrain import PretrainConfig, inputs
+
+    cfg = PretrainConfig(max_steps=10, phases=[{"shards": "shards", "until_step": 4, "name": "p1"},
+                                               {"shards": "shards-clean", "name": "p2"}])
+    assert inputs(cfg) == ["shards", "shards-clean", "models/init", "tokenizer"]
+    assert PretrainConfig(train_tokens=8 * 524288).total_steps == 8
+    for bad, msg in [
+        ({}, "exactly one of max_steps and train_tokens"),
+        ({"max_steps": 10, "phases": [{"until_step": 12}]}, "must end at max_steps"),
+        ({"max_steps": 10, "phases": [{"name": "a"}, {"name": "b"}]}, "only the last phase"),
+        ({"max_steps": 10, "zero_stage": 0, "offload": True}, "offload needs DeepSpeed"),
+        ({"train_tokens": 1000}, "not a multiple of global_batch_tokens"),
+    ]:
+        with pytest.raises(ValidationError, match=msg):
+            PretrainConfig(**bad)
+
+
+def test_checkpoint_discovery_ignores_incomplete(tmp_path):
+    for name, complete in [("step-4", True), ("step-8", True), ("step-12", False), (".tmp-step-16", True), ("other", True)]:
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "COMPLETE").write_text("{}")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8]
+    assert latest_checkpoint(tmp_path)[0] == 8
+    assert latest_checkpoint(tmp_path / "missing") is None
