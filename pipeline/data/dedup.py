@@ -371,7 +371,10 @@ def _as_key_matrix(keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
         if arr.ndim != 2 or arr.shape[1] != KEY_BYTES:
             raise ValueError(f"exact keys must have shape (n, {KEY_BYTES}), got {arr.shape}")
         return arr.view(np.uint64).reshape(-1, 2)
-    raw = b"".join(bytes(k) for k in keys)
+    try:
+        raw = b"".join(keys)
+    except TypeError:
+        raw = b"".join(bytes(k) for k in keys)
     if len(raw) != KEY_BYTES * len(keys):
         raise ValueError(f"every exact key must be {KEY_BYTES} bytes (use exact_key)")
     return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
@@ -393,10 +396,13 @@ def _exact_first(keys: np.ndarray) -> np.ndarray:
 def _candidate_pairs(sig: np.ndarray, cand: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Unique candidate pairs as uint64 ``later << 32 | earlier`` (sorted), from every band."""
     per_band: list[np.ndarray] = []
-    sub = sig[cand]
+    everyone = len(cand) == len(sig)
     for band in range(bands):
-        h = _band_hash(sub, band * rows, (band + 1) * rows, band)
-        order = np.argsort(h, kind="stable")
+        # hash the band of every document (one contiguous copy of the band, not of all of sig)
+        h = _band_hash(np.ascontiguousarray(sig[:, band * rows : (band + 1) * rows]), 0, rows, band)
+        if not everyone:
+            h = h[cand]
+        order = np.argsort(h)  # unstable (3x faster); ties are put in index order below
         hs = h[order]
         docs = cand[order]
         new = np.ones(len(hs), dtype=bool)
@@ -404,8 +410,12 @@ def _candidate_pairs(sig: np.ndarray, cand: np.ndarray, bands: int, rows: int) -
         member = np.flatnonzero(~new)
         if not len(member):
             continue
+        group = np.cumsum(new) - 1
         heads = np.flatnonzero(new)
-        head_of = heads[np.cumsum(new) - 1]
+        size = np.diff(np.append(heads, len(hs)))
+        multi = np.flatnonzero(size[group] > 1)  # only buckets with 2+ documents
+        docs[multi] = docs[multi][np.lexsort((docs[multi], group[multi]))]
+        head_of = heads[group]
         later = docs[member].astype(np.uint64) << _U32
         pairs = np.concatenate((later | docs[head_of[member]].astype(np.uint64), later | docs[member - 1].astype(np.uint64)))
         per_band.append(np.unique(pairs))
