@@ -575,9 +575,20 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                     start_index = int(state["phase_start_index"]) if state["phase"] == phase_at(plan, step) else 0
         barrier()
         if start_step >= total:
-            ctx.log(f"checkpoint at step {start_step} already reaches max_steps {total}: exporting it")
+            if not any((Path(resume_from) / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+                raise PipelineError(f"checkpoint {resume_from} reaches max_steps {total} but holds no HF weights to export; "
+                                    "delete it to redo the last steps")
+            if main:
+                ctx.log(f"checkpoint at step {start_step} already reaches max_steps {total}: exporting its weights")
+            model_dir = str(resume_from)
 
         ds_cfg = deepspeed_dict(cfg)
+        if ds_cfg is not None and "LOCAL_RANK" not in os.environ and world == 1:
+            # DeepSpeed in this very process (``llmpipe run pretrain``): a one-process group
+            from pipeline.training.launcher import free_port
+
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         if ds_cfg is not None and "LOCAL_RANK" in os.environ:
             import deepspeed
 
@@ -691,13 +702,12 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                     f"{precision}" + (f", resuming from step {start_step}" if resume_from else ""))
         if start_step < total:
             trainer.train(resume_from_checkpoint=resume_from)
-        elif resume_from:
-            trainer.train(resume_from_checkpoint=resume_from)  # loads the weights; no step is left to run
+        else:  # the last checkpoint is the end of training (killed before the export): export its weights
+            trainer.state.global_step = start_step
 
         # -- final evaluation and generations
         final_eval: dict[str, Any] = {}
-        evaluated_last = bool(cfg.eval_every) and total % cfg.eval_every == 0 and start_step < total
-        if eval_ds is not None and evaluated_last and "val_loss" in mcb.last:
+        if eval_ds is not None and "val_loss" in mcb.last and trainer.state.global_step % (cfg.eval_every or total) == 0:
             final_eval = {"val_loss": mcb.last["val_loss"], "val_perplexity": mcb.last["val_perplexity"]}
         elif eval_ds is not None:
             ev = trainer.evaluate()

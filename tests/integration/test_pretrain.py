@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,12 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
     _assert_loads(run_root / "models" / "pretrain")
     # a second run with the same config is up to date
     assert runner.run_stage("pretrain", cfg, storage, progress=False).status == "up to date"
+    # killed after the last checkpoint but before the export: the rerun exports that checkpoint, trains nothing
+    shutil.rmtree(run_root / "models" / "pretrain")
+    again = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+    assert again["resumed_from_step"] == 40 and again["steps"] == 40
+    assert again["val_loss"] == pytest.approx(m["val_loss"], rel=1e-5)
+    _assert_loads(run_root / "models" / "pretrain")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -270,7 +277,6 @@ def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     _assert_loads(run_root / "models" / "pretrain")
 
 
-@pytest.mark.slow
 def test_two_simulated_nodes(run_root, tmp_path):
     cfg = _config(tmp_path / "p.yaml", zero_stage=2, max_steps=4, checkpoint_every=2, eval_every=2,
                   generation={"every": 0, "prompts": []})
