@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError, PipelineError
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 ERROR_PREFIX = "llmpipe-rank-error:"  # a worker's one-line error, picked out of its output
+_SUMMARY_RE = __import__("re").compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -245,13 +246,27 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
     errors: list[str] = []
     lock = threading.Lock()
 
+    root_causes: list[str] = []
+
     def relay(proc: subprocess.Popen[bytes], tag: str) -> None:
         assert proc.stdout is not None
+        cause: dict[str, str] = {}
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace")
             if ERROR_PREFIX in line:
                 with lock:
                     errors.append(line.split(ERROR_PREFIX, 1)[1].strip())
+            if "Root Cause" in line:
+                cause = {"root": "1"}
+            m = _SUMMARY_RE.match(line)
+            if m and "root" in cause:  # torchrun's summary of the first failed worker: rank / exitcode / traceback
+                cause[m.group(1)] = m.group(2).strip()
+                if m.group(1) == "traceback" and "rank" in cause:
+                    tb = cause["traceback"]
+                    detail = tb if tb.startswith("Signal") else f"exitcode {cause.get('exitcode', '?').split()[0]}"
+                    with lock:
+                        root_causes.append((cause["rank"].split()[0], detail))
+                    cause = {}
             sys.stderr.write(f"{tag}{line}" if tag else line)
             sys.stderr.flush()
 
@@ -294,12 +309,26 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if status != 0:
-        detail = errors[0] if errors else "see the output above"
-        if len(errors) > 1:
-            detail += f" (and {len(errors) - 1} more rank error(s) above)"
+        detail = _failure_detail(errors, root_causes)
         print(f"error: distributed launch failed (exit {status}): {detail}", file=sys.stderr, flush=True)
         return status if 0 < status < 256 else 1
     return 0
+
+
+def _failure_detail(errors: list[str], root_causes: list[tuple[str, str]]) -> str:
+    """One line on the rank that failed first (torchrun's root cause), with its own error line if it wrote one.
+
+    Other ranks' errors (e.g. 'connection closed by peer' after the first one died) are only counted."""
+    if root_causes:
+        rank, detail = root_causes[0]
+        own = [e for e in errors if e.startswith(f"rank {rank}/")]
+        line = own[0] if own else f"rank {rank}: {detail}"
+    elif errors:
+        line = errors[0]
+    else:
+        return "see the output above"
+    others = len([e for e in errors if e != line])
+    return line + (f" ({others} other rank error(s) above)" if others else "")
 
 
 # ------------------------------------------------------------------------------------- worker

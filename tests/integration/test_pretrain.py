@@ -359,6 +359,8 @@ def test_killed_rank_resumes_exactly(template_root, tmp_path):
     _kill_one_rank(proc, run_root / "checkpoints" / "pretrain" / "metrics.jsonl", after_step=6)
     assert proc.wait(timeout=300) != 0
     log.close()
+    last = (tmp_path / "killed.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("error: distributed launch failed") and "rank 1" in last and "Signal 9" in last, last
     assert not (run_root / "models" / "pretrain").exists()
     assert (run_root / "checkpoints" / "pretrain" / "step-4" / "COMPLETE").is_file()
 

@@ -200,3 +200,14 @@ def test_checkpoint_discovery_ignores_incomplete(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8]
     assert latest_checkpoint(tmp_path)[0] == 8
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_failure_line_names_the_first_failed_rank():
+    from pipeline.training.launcher import _failure_detail
+
+    errors = ["rank 0/2: RuntimeError: Connection closed by peer", "rank 1/2: ValueError: bad shard"]
+    assert _failure_detail(errors, [("1", "exitcode 1")]) == "rank 1/2: ValueError: bad shard (1 other rank error(s) above)"
+    assert _failure_detail(errors[:1], [("1", "Signal 9 (SIGKILL) received by PID 7")]) == (
+        "rank 1: Signal 9 (SIGKILL) received by PID 7 (1 other rank error(s) above)")
+    assert _failure_detail(errors[1:], []) == "rank 1/2: ValueError: bad shard"
+    assert _failure_detail([], []) == "see the output above"
