@@ -436,13 +436,16 @@ def _callbacks() -> tuple[type, type]:
     class GenerationCallback(TrainerCallback):
         def __init__(self, gen_cfg: Any, tokenizer: Any, log: JsonlLog, synced: bool):
             self.cfg, self.tok, self.log, self.synced = gen_cfg, tokenizer, log, synced
+            self.last: tuple[int, list[dict[str, Any]]] = (-1, [])
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if self.cfg.every and state.global_step % self.cfg.every == 0:
                 self.generate(model, state.global_step)
 
         def generate(self, model: Any, step: int) -> list[dict[str, Any]]:
-            records = []
+            if self.last[0] == step:  # already decoded at this step
+                return self.last[1]
+            records: list[dict[str, Any]] = []
             was_training = model.training
             model.eval()
             device = next(model.parameters()).device
@@ -466,6 +469,7 @@ def _callbacks() -> tuple[type, type]:
                     self.log.write(rec)
             finally:
                 model.train(was_training)
+            self.last = (step, records)
             return records
 
     return MetricsCallback, GenerationCallback

@@ -264,7 +264,9 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     cfg = _config(tmp_path / "p.yaml", zero_stage=stage, max_steps=6, checkpoint_every=3, eval_every=3,
-                  generation={"every": 3, "prompts": ["w3 w4"], "max_new_tokens": 4})
+                  generation={"every": 3, "prompts": ["w3 w4"], "max_new_tokens": 4},
+                  # cover the options too: WSD with ZeRO-2, gradient checkpointing with ZeRO-3
+                  schedule="wsd" if stage == 2 else "cosine", decay_fraction=0.5, gradient_checkpointing=stage == 3)
     t0 = time.time()
     proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
     print(f"ZeRO-{stage} x2 through the launcher: {time.time() - t0:.1f}s")
@@ -274,6 +276,11 @@ def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     assert manifest["metrics"]["grad_accum"] == 1  # 8 sequences = 2 ranks x micro 4
     samples = _last_per_step(_records(run_root, "samples"))
     assert sorted(samples) == list(range(1, 7)) and all(len(set(r["sample_ids"])) == 8 for r in samples.values())
+    lrs = [r["lr"] for r in _last_per_step(_records(run_root, "train")).values()]
+    if stage == 2:  # WSD: warmup (2 steps), stable at the peak, decay over the last 3
+        assert lrs[1] == lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
+    gens = [json.loads(line) for line in (run_root / "checkpoints" / "pretrain" / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gens] == [3, 6] and all(g["greedy"] for g in gens)
     _assert_loads(run_root / "models" / "pretrain")
 
 
