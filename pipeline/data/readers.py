@@ -1,0 +1,759 @@
+"""Input readers of the collect stage: one :class:`Source` -> a stream of documents and problems.
+
+``kind: files`` takes local files, folders (recursive), globs (``**`` recurses) and ``s3://``
+prefixes or globs, all through fsspec. Formats are chosen by extension, after an optional
+compression suffix (``.gz``, ``.bz2``, ``.xz`` through fsspec, ``.zst``/``.zstd`` through
+``zstandard``):
+
+* ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object per line, text in ``source.text_field``
+  (a ``.json`` file whose first character is ``[`` is read as one JSON array, whole);
+* ``.parquet``: read by row batches, column ``source.text_field``;
+* anything else (``.txt``, no extension, ...) is text, split by ``source.split_mode``:
+  ``file`` (whole file), ``paragraph`` (runs of blank lines separate), ``line``, ``regex``
+  (lines that ``source.separator`` matches *in full* separate, e.g. ``^%$`` for fortune files).
+  A binary file that sneaks in (a fortune ``.dat`` index) is caught by the binary check.
+
+``kind: hf`` reads a dataset from the hub by name, or a local folder: one written by
+``save_to_disk`` (``load_from_disk``), or a folder of json/jsonl/parquet/csv/txt files
+(``load_dataset("<format>", data_dir=...)``, splits inferred from file names as the hub does).
+
+Everything is streamed: text and jsonl line by line, parquet by row batch, hf datasets by
+batch. Only ``split_mode: file`` holds a whole (decompressed) file in memory.
+
+Nothing is dropped silently. :func:`iter_source` yields :class:`Document` items and, for every
+skipped thing, a :class:`Problem`; the stage counts problems by ``reason``:
+
+``invalid_utf8``
+    one per file; ``detail`` gives the byte offset (in the decompressed stream). Reading of the
+    file stops there; documents before that offset were already yielded and are kept (the
+    detail says how many), which is what a streaming reader can promise. Invalid UTF-8 inside
+    the first 8 KB means no document of that file is yielded.
+``binary``
+    NUL bytes or mostly control bytes in the first 8 KB; the file is skipped.
+``empty_file``
+    a file with no bytes (after decompression).
+``unreadable``
+    I/O errors, corrupt compression, a parquet file that pyarrow cannot read or that lacks
+    the text column; documents yielded before the error are kept (the detail says how many).
+``bad_record``
+    per record: a jsonl line that is not valid JSON or not an object, a row without the text
+    field or whose text is not a string (``detail`` names the line or row).
+``empty_document``
+    per record whose text is empty after ``strip()`` inside a good file (not yielded). In
+    ``split_mode: line`` every blank line is one; in ``regex`` mode two adjacent separators
+    make one, while the zero-line chunk before the first / after the last separator is just
+    framing and is not counted; ``paragraph`` mode never produces one; in ``file`` mode a
+    whitespace-only file is one.
+
+Ids are stable and unique: ``{source_name}/{relative_path}#{n}``, where ``relative_path`` is the
+file's path relative to the folder of the path/glob that matched it (the file name for a
+single file; the full path when two patterns would give the same relative path) and ``n`` is
+the 0-based position of the record in its file (txt: chunk index, jsonl: line index, parquet /
+hf: row index), so an id does not move when another record is dropped. With
+``source.id_field`` the id is ``{source_name}/{value}`` (values are trusted to be unique; a row
+without the field falls back to the derived id). hf rows without ``id_field`` get
+``{source_name}/{split}#{n}``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import gzip
+import io
+import json
+import lzma
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import IO, Any, Iterator
+
+import fsspec
+
+from pipeline.config import Source
+from pipeline.errors import InputError
+
+HEAD_BYTES = 8192
+_READ_BUFFER = 1 << 20
+_PARQUET_BATCH = 4096
+_HF_BATCH = 1000
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# bytes that do not occur in text: C0 controls except \t \n \v \f \r \x1b (and \b, seen in man pages)
+_NON_TEXT = bytes(b for b in range(32) if b not in b"\t\n\x0b\x0c\r\x1b\x08") + b"\x7f"
+_BINARY_SHARE = 0.10
+
+JSON_EXT = {".jsonl", ".json", ".ndjson"}
+PARQUET_EXT = {".parquet"}
+COMPRESSION_EXT = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+
+REASONS = ("invalid_utf8", "binary", "empty_file", "unreadable", "bad_record", "empty_document")
+
+
+@dataclass(slots=True)
+class Document:
+    id: str
+    text: str
+    source: str
+    lang_hint: str | None
+
+
+@dataclass(slots=True)
+class Problem:
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class _File:
+    url: str  # what the user would recognise: an absolute local path or proto://bucket/key
+    path: str  # the path inside ``fs``
+    rel: str  # path relative to the pattern's folder, used in ids
+    fs: Any
+
+
+# ------------------------------------------------------------------------------ naming
+
+
+def source_name(source: Source) -> str:
+    """``source.name``, else a short name from the paths (``data/en/*.txt`` -> ``en``) or dataset."""
+    if source.name:
+        return source.name
+    if source.kind == "hf":
+        ds = (source.dataset or "hf").rstrip("/\\")
+        short = os.path.basename(ds) or ds
+        return f"{short}-{source.dataset_config}" if source.dataset_config else short
+    names: list[str] = []
+    for p in source.paths:
+        _, _, rest = p.rpartition("://")
+        parts = [x for x in rest.replace("\\", "/").split("/") if x]
+        # the last component without glob characters; a plain file gives its stem
+        while parts and _GLOB_CHARS.search(parts[-1]):
+            parts.pop()
+        if not parts:
+            continue
+        last = parts[-1]
+        if len(parts) == len([x for x in rest.split("/") if x]):  # no glob part: a file or folder
+            last = _strip_extensions(last)
+        if last not in names:
+            names.append(last)
+    return "+".join(names) or "files"
+
+
+def _strip_extensions(name: str) -> str:
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in COMPRESSION_EXT:
+        stem, ext = os.path.splitext(stem)
+    return stem if ext else name
+
+
+# ------------------------------------------------------------------------------ expansion
+
+
+def _url(fs: Any, path: str) -> str:
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protos or "local" in protos:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _expand(source: Source, storage_options: dict[str, Any] | None) -> list[_File]:
+    if source.kind != "files":
+        raise InputError(f"expand_paths: source {source_name(source)!r} is kind {source.kind!r}, not 'files'")
+    opts = dict(storage_options or {})
+    out: list[_File] = []
+    seen_paths: set[str] = set()
+    seen_rel: set[str] = set()
+    for pattern in source.paths:
+        raw = os.path.expanduser(pattern) if "://" not in pattern else pattern
+        try:
+            fs, root = fsspec.core.url_to_fs(raw, **opts)
+        except Exception as exc:  # unknown protocol, missing optional dependency, bad options
+            raise InputError(f"cannot open {pattern!r}: {type(exc).__name__}: {exc}") from None
+        root = root.rstrip("/") or root
+        found: list[tuple[str, str]] = []  # (path, rel)
+        try:
+            if _GLOB_CHARS.search(root):
+                parts = root.split("/")
+                first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+                base = "/".join(parts[:first])
+                # like the shell, wildcards do not match hidden names unless the pattern spells a dot
+                dots = any(part.startswith(".") for part in parts[first:])
+                hits = fs.glob(root, detail=True)
+                for path, info in hits.items():
+                    rel = _rel(path, base)
+                    if info.get("type") == "file" and (dots or not _is_hidden(rel)):
+                        found.append((path, rel))
+            elif fs.isdir(root):
+                for path in fs.find(root):
+                    rel = _rel(path, root)
+                    if not _is_hidden(rel):  # .git, .DS_Store, editor swap files
+                        found.append((path, rel))
+            elif fs.isfile(root):
+                found.append((root, posixpath.basename(root)))
+        except (FileNotFoundError, PermissionError, OSError) as exc:
+            raise InputError(f"cannot list {pattern!r}: {type(exc).__name__}: {exc}") from None
+        if not found:
+            raise InputError(
+                f"path {pattern!r} matched no files (source {source_name(source)!r}); "
+                "check the path, the glob (use ** to recurse) or the s3 prefix and credentials"
+            )
+        for path, rel in sorted(found):
+            if path in seen_paths:
+                continue
+            seen_paths.add(path)
+            if rel in seen_rel:
+                rel = path.lstrip("/")
+            seen_rel.add(rel)
+            out.append(_File(url=_url(fs, path), path=path, rel=rel, fs=fs))
+    return out
+
+
+def _rel(path: str, base: str) -> str:
+    base = base.rstrip("/")
+    if base and path.startswith(base + "/"):
+        return path[len(base) + 1 :]
+    if not base and not path.startswith("/"):
+        return path
+    return path.lstrip("/")
+
+
+def expand_paths(source: Source, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The files a ``kind: files`` source reads, in reading order.
+
+    Each entry of ``source.paths`` is expanded on its own (a folder recursively; a glob with
+    fsspec's ``**``; both skip hidden names such as ``.git/`` unless the glob part of the pattern
+    starts a name with a dot) and sorted; entries keep the user's order and a
+    file matched twice is read once. An entry that matches nothing raises :class:`InputError`.
+    """
+    return [f.url for f in _expand(source, storage_options)]
+
+
+# ------------------------------------------------------------------------------ byte streams
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` followed by the rest of ``stream``: lets us sniff 8 KB and still stream."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:  # type: ignore[override]
+        if self._head.nbytes:
+            n = min(len(b), self._head.nbytes)
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._stream.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+def _split_ext(path: str) -> tuple[str, str | None]:
+    """(format extension, compression) of a file name, both lower case."""
+    name = posixpath.basename(path).lower()
+    stem, ext = posixpath.splitext(name)
+    compression = COMPRESSION_EXT.get(ext)
+    if compression:
+        stem, ext = posixpath.splitext(stem)
+    return ext, compression
+
+
+def _decompress(raw: IO[bytes], compression: str | None) -> IO[bytes]:
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(raw, mode="rb")
+    import zstandard
+
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+def _read_head(stream: IO[bytes]) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < HEAD_BYTES:
+        chunk = stream.read(HEAD_BYTES - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _binary_reason(head: bytes) -> str | None:
+    if b"\x00" in head:
+        return f"NUL byte at offset {head.index(0)} in the first {len(head)} bytes"
+    if head:
+        non_text = len(head) - len(head.translate(None, _NON_TEXT))
+        if non_text / len(head) > _BINARY_SHARE:
+            return f"{non_text} of the first {len(head)} bytes are control bytes"
+    return None
+
+
+class _Skip(Exception):
+    """A whole-file problem found while opening (empty, binary)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# ------------------------------------------------------------------------------ readers
+
+
+class _Reader:
+    def __init__(self, source: Source, name: str):
+        self.source = source
+        self.name = name
+        self.lang = source.language
+        self.text_field = source.text_field
+        self.id_field = source.id_field
+        self.sep = re.compile(source.separator) if source.split_mode == "regex" and source.separator else None
+
+    # -- helpers
+    def _doc(self, f: _File, n: int, text: str, rid: Any = None) -> Document:
+        if rid is not None and rid != "":
+            return Document(f"{self.name}/{rid}", text, self.name, self.lang)
+        return Document(f"{self.name}/{f.rel}#{n}", text, self.name, self.lang)
+
+    def _empty(self, f: _File, what: str) -> Problem:
+        return Problem(f.url, "empty_document", f"{what}: empty after strip()")
+
+    # -- entry point per file
+    def read_file(self, f: _File) -> Iterator[Document | Problem]:
+        ext, compression = _split_ext(f.path)
+        state = {"docs": 0}
+        try:
+            if ext in PARQUET_EXT:
+                gen = self._parquet(f, compression, state)
+            else:
+                gen = self._text_like(f, ext, compression, state)
+            yield from gen
+        except _Skip as skip:
+            yield Problem(f.url, skip.reason, skip.detail)
+        except _Invalid as bad:
+            yield Problem(f.url, "invalid_utf8", f"{bad.detail}{_kept(state['docs'])}")
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:  # gzip/zstd/arrow/io errors
+            yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
+        except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError, pyarrow errors, fs backends
+            yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
+
+    def _open_stream(self, f: _File, compression: str | None) -> tuple[IO[bytes], list[Any]]:
+        raw = f.fs.open(f.path, "rb")
+        closers: list[Any] = [raw]
+        stream = _decompress(raw, compression)
+        if stream is not raw:
+            closers.append(stream)
+        head = _read_head(stream)
+        if not head:
+            for c in reversed(closers):
+                c.close()
+            what = "no bytes after decompression" if compression else "file has no bytes"
+            raise _Skip("empty_file", what)
+        why = _binary_reason(head)
+        if why:
+            for c in reversed(closers):
+                c.close()
+            raise _Skip("binary", f"looks binary: {why}")
+        buffered = io.BufferedReader(_Prefixed(head, stream), buffer_size=_READ_BUFFER)
+        closers.append(buffered)
+        return buffered, closers
+
+    def _text_like(self, f: _File, ext: str, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
+        stream, closers = self._open_stream(f, compression)
+        try:
+            if ext in JSON_EXT:
+                yield from self._jsonl(f, stream, state, ext)
+            else:
+                yield from self._txt(f, stream, state)
+        finally:
+            for c in reversed(closers):
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    # -- text
+    def _lines(self, stream: IO[bytes]) -> Iterator[tuple[int, str]]:
+        """(byte offset, decoded line without its newline); strict UTF-8, BOM dropped."""
+        offset = 0
+        first = True
+        for raw in stream:
+            line = raw
+            if first:
+                first = False
+                if line.startswith(codecs.BOM_UTF8):
+                    line = line[3:]
+                    offset += 3
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _Invalid(offset + exc.start, exc.reason) from None
+            offset += len(line)
+            if text.endswith("\n"):
+                text = text[:-2] if text.endswith("\r\n") else text[:-1]
+            yield offset, text
+
+    def _txt(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
+        mode = self.source.split_mode
+        if mode == "file":
+            data = stream.read()
+            start = 3 if data.startswith(codecs.BOM_UTF8) else 0
+            try:
+                text = data[start:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _Invalid(start + exc.start, exc.reason) from None
+            text = text.strip()
+            if text:
+                state["docs"] += 1
+                yield self._doc(f, 0, text)
+            else:
+                yield self._empty(f, "whole file (#0)")
+            return
+        if mode == "line":
+            for n, (_, line) in enumerate(self._lines(stream)):
+                text = line.strip()
+                if text:
+                    state["docs"] += 1
+                    yield self._doc(f, n, text)
+                else:
+                    yield self._empty(f, f"line {n + 1} (#{n})")
+            return
+        if mode == "paragraph":
+            buf: list[str] = []
+            n = 0
+            for _, line in self._lines(stream):
+                if line.strip():
+                    buf.append(line)
+                elif buf:
+                    state["docs"] += 1
+                    yield self._doc(f, n, "\n".join(buf).strip())
+                    n += 1
+                    buf = []
+            if buf:
+                state["docs"] += 1
+                yield self._doc(f, n, "\n".join(buf).strip())
+            return
+        # regex: lines the separator matches in full separate documents; the zero-line chunk
+        # before the first or after the last separator is framing, not an empty document
+        sep = self.sep
+        assert sep is not None
+        buf = []
+        n = 0
+        seen_sep = False
+        lineno = 0
+        for _, line in self._lines(stream):
+            lineno += 1
+            if sep.fullmatch(line) is None:
+                buf.append(line)
+                continue
+            if buf or seen_sep:
+                text = "\n".join(buf).strip()
+                if text:
+                    state["docs"] += 1
+                    yield self._doc(f, n, text)
+                else:
+                    yield self._empty(f, f"chunk #{n} ending at line {lineno}")
+                n += 1
+            seen_sep = True
+            buf = []
+        if buf:
+            text = "\n".join(buf).strip()
+            if text:
+                state["docs"] += 1
+                yield self._doc(f, n, text)
+            else:
+                yield self._empty(f, f"chunk #{n} at end of file")
+
+    # -- json lines
+    def _record(self, f: _File, n: int, obj: Any, where: str) -> Document | Problem:
+        if not isinstance(obj, dict):
+            return Problem(f.url, "bad_record", f"{where}: not a JSON object ({type(obj).__name__})")
+        text = obj.get(self.text_field)
+        if text is None:
+            if self.text_field in obj:
+                return Problem(f.url, "bad_record", f"{where}: field {self.text_field!r} is null")
+            keys = ", ".join(list(obj)[:10])
+            return Problem(f.url, "bad_record", f"{where}: no field {self.text_field!r} (fields: {keys})")
+        if not isinstance(text, str):
+            return Problem(f.url, "bad_record", f"{where}: field {self.text_field!r} is {type(text).__name__}, not a string")
+        text = text.strip()
+        if not text:
+            return self._empty(f, where)
+        rid = obj.get(self.id_field) if self.id_field else None
+        return self._doc(f, n, text, rid)
+
+    def _jsonl(self, f: _File, stream: IO[bytes], state: dict[str, int], ext: str) -> Iterator[Document | Problem]:
+        if ext == ".json":
+            first = stream.peek(64)[:64].lstrip(codecs.BOM_UTF8).lstrip()  # type: ignore[attr-defined]
+            if first.startswith(b"["):
+                yield from self._json_array(f, stream, state)
+                return
+        loads = json.loads
+        for n, (_, line) in enumerate(self._lines(stream)):
+            if not line.strip():
+                continue  # blank lines are not records
+            where = f"line {n + 1}"
+            try:
+                obj = loads(line)
+            except ValueError as exc:
+                yield Problem(f.url, "bad_record", f"{where}: invalid JSON: {exc}")
+                continue
+            item = self._record(f, n, obj, where)
+            if isinstance(item, Document):
+                state["docs"] += 1
+            yield item
+
+    def _json_array(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
+        data = stream.read()
+        start = 3 if data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = data[start:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Invalid(start + exc.start, exc.reason) from None
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            yield Problem(f.url, "bad_record", f"whole file: invalid JSON array: {exc}")
+            return
+        for n, obj in enumerate(rows):
+            item = self._record(f, n, obj, f"element {n}")
+            if isinstance(item, Document):
+                state["docs"] += 1
+            yield item
+
+    # -- parquet
+    def _parquet(self, f: _File, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        size = f.fs.size(f.path)
+        if not size:
+            raise _Skip("empty_file", "file has no bytes")
+        with f.fs.open(f.path, "rb") as raw:
+            if compression:  # parquet needs seeks: spool the decompressed bytes to a temp file
+                with tempfile.TemporaryFile() as tmp, _decompress(raw, compression) as dec:
+                    while chunk := dec.read(_READ_BUFFER):
+                        tmp.write(chunk)
+                    if not tmp.tell():
+                        raise _Skip("empty_file", "no bytes after decompression")
+                    tmp.seek(0)
+                    yield from self._parquet_rows(f, pq.ParquetFile(tmp), state)
+            else:
+                yield from self._parquet_rows(f, pq.ParquetFile(raw), state)
+
+    def _parquet_rows(self, f: _File, pf: Any, state: dict[str, int]) -> Iterator[Document | Problem]:
+        names = pf.schema_arrow.names
+        if self.text_field not in names:
+            rows = pf.metadata.num_rows
+            raise _Skip(
+                "unreadable",
+                f"no column {self.text_field!r} (columns: {', '.join(names[:20])}); {rows} rows skipped; set text_field",
+            )
+        cols = [self.text_field] + ([self.id_field] if self.id_field and self.id_field in names else [])
+        n = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=cols):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(cols) > 1 else None
+            for i, text in enumerate(texts):
+                where = f"row {n}"
+                if text is None:
+                    yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is null")
+                elif not isinstance(text, str):
+                    if isinstance(text, bytes):
+                        yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is binary, not a string")
+                    else:
+                        yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is {type(text).__name__}, not a string")
+                else:
+                    text = text.strip()
+                    if text:
+                        state["docs"] += 1
+                        yield self._doc(f, n, text, ids[i] if ids is not None else None)
+                    else:
+                        yield self._empty(f, where)
+                n += 1
+
+
+class _Invalid(Exception):
+    def __init__(self, offset: int, reason: str):
+        super().__init__(reason)
+        self.detail = f"invalid UTF-8 at byte offset {offset} ({reason})"
+
+
+def _kept(docs: int) -> str:
+    return f"; the rest of the file was skipped (the {docs} documents before it were kept)" if docs else ""
+
+
+# ------------------------------------------------------------------------------ hf datasets
+
+
+_HF_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+def _hf_local_format(folder: str) -> str | None:
+    """The packaged builder for a folder of data files (json, parquet, ...), or None."""
+    found: set[str] = set()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            ext, _ = _split_ext(name)
+            if ext in _HF_FORMATS:
+                found.add(_HF_FORMATS[ext])
+    if len(found) > 1:
+        raise InputError(
+            f"hf dataset folder {folder!r} mixes data formats ({', '.join(sorted(found))}); "
+            "keep one format per folder or use kind: files"
+        )
+    return found.pop() if found else None
+
+
+def _hf_load(source: Source) -> Any:
+    import datasets
+
+    name = source.dataset or ""
+    local = os.path.expanduser(name)
+    kwargs: dict[str, Any] = {"split": source.split, "streaming": source.streaming}
+    if os.path.isdir(local):
+        if any(os.path.exists(os.path.join(local, m)) for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(local)
+            if isinstance(ds, datasets.DatasetDict):
+                if source.split not in ds:
+                    raise InputError(
+                        f"hf dataset {name!r} has no split {source.split!r} (splits: {', '.join(ds)}); set `split`"
+                    )
+                ds = ds[source.split]
+            return ds
+        fmt = _hf_local_format(local)
+        if fmt is not None and not os.path.exists(os.path.join(local, "README.md")):
+            return datasets.load_dataset(fmt, data_dir=local, **kwargs)
+        return datasets.load_dataset(local, source.dataset_config, **kwargs)
+    if os.path.isfile(local):
+        ext, _ = _split_ext(local)
+        fmt = _HF_FORMATS.get(ext)
+        if fmt is None:
+            raise InputError(f"hf dataset {name!r} is a file of unknown format; use kind: files")
+        return datasets.load_dataset(fmt, data_files={source.split: local}, **kwargs)
+    return datasets.load_dataset(name, source.dataset_config, **kwargs)
+
+
+def _hf_error(source: Source, exc: BaseException) -> InputError:
+    name = source.dataset
+    what = f"hf dataset {name!r}" + (f" (config {source.dataset_config!r})" if source.dataset_config else "")
+    offline = os.environ.get("HF_HUB_OFFLINE") in {"1", "true", "True"} or os.environ.get("HF_DATASETS_OFFLINE") in {"1", "true", "True"}
+    hint = (
+        "check the dataset name, `dataset_config` and `split`"
+        + ("; HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so only cached or local datasets load" if offline else "")
+        + "; a local folder must exist (save_to_disk output or a folder of json/parquet files)"
+    )
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return InputError(f"{what}, split {source.split!r}, could not be read: {type(exc).__name__}: {msg[:500]} ({hint})")
+
+
+def _iter_hf(source: Source, name: str) -> Iterator[Document | Problem]:
+    try:
+        ds = _hf_load(source)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DatasetNotFoundError, FileNotFoundError, ValueError, offline errors
+        raise _hf_error(source, exc) from exc
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and source.text_field not in columns:
+        raise InputError(
+            f"hf dataset {source.dataset!r} has no column {source.text_field!r} (columns: {', '.join(columns)}); set `text_field`"
+        )
+    wanted = [source.text_field] + ([source.id_field] if source.id_field and (columns is None or source.id_field in columns) else [])
+    if columns is not None and hasattr(ds, "select_columns"):
+        ds = ds.select_columns(wanted)
+    where_base = f"{source.dataset}[{source.split}]"
+    lang = source.language
+    n = 0
+    it = ds.iter(batch_size=_HF_BATCH) if hasattr(ds, "iter") else None
+    try:
+        if it is None:  # pragma: no cover - very old datasets
+            it = ({k: [row.get(k)] for k in wanted} for row in ds)
+        for batch in it:
+            texts = batch.get(source.text_field)
+            if texts is None:
+                size = len(next(iter(batch.values()), []))
+                for _ in range(size):
+                    yield Problem(where_base, "bad_record", f"row {n}: no field {source.text_field!r}")
+                    n += 1
+                continue
+            ids = batch.get(source.id_field) if source.id_field else None
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    kind = "null" if text is None else type(text).__name__ + ", not a string"
+                    yield Problem(where_base, "bad_record", f"row {n}: {source.text_field!r} is {kind}")
+                else:
+                    text = text.strip()
+                    if not text:
+                        yield Problem(where_base, "empty_document", f"row {n}: empty after strip()")
+                    else:
+                        rid = ids[i] if ids is not None else None
+                        if rid is not None and rid != "":
+                            yield Document(f"{name}/{rid}", text, name, lang)
+                        else:
+                            yield Document(f"{name}/{source.split}#{n}", text, name, lang)
+                n += 1
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - streaming/network/parse errors while iterating
+        raise _hf_error(source, exc) from exc
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def iter_source(source: Source, *, storage_options: dict[str, Any] | None = None) -> Iterator[Document | Problem]:
+    """Documents of one source in a deterministic order, with a :class:`Problem` for every skip.
+
+    At most ``source.max_documents`` documents are yielded (problems do not count); reading
+    stops as soon as the cap is reached. ``storage_options`` go to fsspec (e.g. an S3 endpoint).
+    """
+    name = source_name(source)
+    cap = source.max_documents
+    if cap is not None and cap <= 0:
+        return
+    if source.kind == "hf":
+        items: Iterator[Document | Problem] = _iter_hf(source, name)
+    else:
+        files = _expand(source, storage_options)
+        reader = _Reader(source, name)
+        items = (item for f in files for item in reader.read_file(f))
+    emitted = 0
+    for item in items:
+        yield item
+        if cap is not None and isinstance(item, Document):
+            emitted += 1
+            if emitted >= cap:
+                close = getattr(items, "close", None)
+                if close:
+                    close()
+                return
