@@ -73,6 +73,7 @@ import fsspec
 
 from pipeline.config import Source
 from pipeline.errors import InputError
+from pipeline.storage import storage_options_from_env
 
 HEAD_BYTES = 8192
 _READ_BUFFER = 1 << 20
@@ -165,7 +166,7 @@ def _is_hidden(rel: str) -> bool:
 def _expand(source: Source, storage_options: dict[str, Any] | None) -> list[_File]:
     if source.kind != "files":
         raise InputError(f"expand_paths: source {source_name(source)!r} is kind {source.kind!r}, not 'files'")
-    opts = dict(storage_options or {})
+    opts = storage_options_from_env() if storage_options is None else dict(storage_options)
     out: list[_File] = []
     seen_paths: set[str] = set()
     seen_rel: set[str] = set()
@@ -305,6 +306,14 @@ def _binary_reason(head: bytes) -> str | None:
     return None
 
 
+def _close_all(closers: list[Any]) -> None:
+    for c in reversed(closers):
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001 - closing after an error must not hide it
+            pass
+
+
 class _Skip(Exception):
     """A whole-file problem found while opening (empty, binary)."""
 
@@ -348,28 +357,26 @@ class _Reader:
             yield Problem(f.url, skip.reason, skip.detail)
         except _Invalid as bad:
             yield Problem(f.url, "invalid_utf8", f"{bad.detail}{_kept(state['docs'])}")
-        except (OSError, EOFError, ValueError, RuntimeError) as exc:  # gzip/zstd/arrow/io errors
-            yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
-        except Exception as exc:  # noqa: BLE001 - zstandard.ZstdError, pyarrow errors, fs backends
+        except Exception as exc:  # noqa: BLE001 - OSError/EOFError (gzip), ZstdError, ArrowInvalid, fs backends
             yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
 
     def _open_stream(self, f: _File, compression: str | None) -> tuple[IO[bytes], list[Any]]:
         raw = f.fs.open(f.path, "rb")
         closers: list[Any] = [raw]
-        stream = _decompress(raw, compression)
-        if stream is not raw:
-            closers.append(stream)
-        head = _read_head(stream)
-        if not head:
-            for c in reversed(closers):
-                c.close()
-            what = "no bytes after decompression" if compression else "file has no bytes"
-            raise _Skip("empty_file", what)
-        why = _binary_reason(head)
-        if why:
-            for c in reversed(closers):
-                c.close()
-            raise _Skip("binary", f"looks binary: {why}")
+        try:
+            stream = _decompress(raw, compression)
+            if stream is not raw:
+                closers.append(stream)
+            head = _read_head(stream)
+            if not head:
+                what = "no bytes after decompression" if compression else "file has no bytes"
+                raise _Skip("empty_file", what)
+            why = _binary_reason(head)
+            if why:
+                raise _Skip("binary", f"looks binary: {why}")
+        except BaseException:
+            _close_all(closers)
+            raise
         buffered = io.BufferedReader(_Prefixed(head, stream), buffer_size=_READ_BUFFER)
         closers.append(buffered)
         return buffered, closers
@@ -382,15 +389,11 @@ class _Reader:
             else:
                 yield from self._txt(f, stream, state)
         finally:
-            for c in reversed(closers):
-                try:
-                    c.close()
-                except Exception:  # noqa: BLE001
-                    pass
+            _close_all(closers)
 
     # -- text
     def _lines(self, stream: IO[bytes]) -> Iterator[tuple[int, str]]:
-        """(byte offset, decoded line without its newline); strict UTF-8, BOM dropped."""
+        """(byte offset after the line, decoded line without its newline); strict UTF-8, BOM dropped."""
         offset = 0
         first = True
         for raw in stream:
@@ -504,20 +507,40 @@ class _Reader:
             if first.startswith(b"["):
                 yield from self._json_array(f, stream, state)
                 return
-        loads = json.loads
-        for n, (_, line) in enumerate(self._lines(stream)):
-            if not line.strip():
-                continue  # blank lines are not records
-            where = f"line {n + 1}"
+        # the hot loop of the stage: lines decoded strictly, parsed with raw_decode, the common
+        # case (an object with a string text) handled inline
+        raw_decode = json.JSONDecoder().raw_decode
+        text_field, id_field, name, lang, url = self.text_field, self.id_field, self.name, self.lang, f.url
+        prefix = f"{name}/{f.rel}#"
+        offset = 0
+        for n, raw in enumerate(stream):
             try:
-                obj = loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _Invalid(offset + exc.start, exc.reason) from None
+            offset += len(raw)
+            line = line.strip()
+            if n == 0 and line.startswith("\ufeff"):
+                line = line[1:].lstrip()
+            if not line:
+                continue  # blank lines are not records
+            try:
+                obj, end = raw_decode(line)
+                if end != len(line):
+                    raise ValueError(f"extra data after the value at column {end + 1}")
             except ValueError as exc:
-                yield Problem(f.url, "bad_record", f"{where}: invalid JSON: {exc}")
+                yield Problem(url, "bad_record", f"line {n + 1}: invalid JSON: {exc}")
                 continue
-            item = self._record(f, n, obj, where)
-            if isinstance(item, Document):
+            text = obj.get(text_field) if type(obj) is dict else None
+            if type(text) is str and (text := text.strip()):
+                rid = obj.get(id_field) if id_field else None
                 state["docs"] += 1
-            yield item
+                if rid is None or rid == "":
+                    yield Document(f"{prefix}{n}", text, name, lang)
+                else:
+                    yield Document(f"{name}/{rid}", text, name, lang)
+            else:
+                yield self._record(f, n, obj, f"line {n + 1}")
 
     def _json_array(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
         data = stream.read()
@@ -676,7 +699,8 @@ def _hf_error(source: Source, exc: BaseException) -> InputError:
     return InputError(f"{what}, split {source.split!r}, could not be read: {type(exc).__name__}: {msg[:500]} ({hint})")
 
 
-def _iter_hf(source: Source, name: str) -> Iterator[Document | Problem]:
+def _open_hf(source: Source) -> Any:
+    """Load the dataset and check its columns: errors surface here, as InputError."""
     try:
         ds = _hf_load(source)
     except InputError:
@@ -688,6 +712,11 @@ def _iter_hf(source: Source, name: str) -> Iterator[Document | Problem]:
         raise InputError(
             f"hf dataset {source.dataset!r} has no column {source.text_field!r} (columns: {', '.join(columns)}); set `text_field`"
         )
+    return ds
+
+
+def _iter_hf(source: Source, name: str, ds: Any) -> Iterator[Document | Problem]:
+    columns = getattr(ds, "column_names", None)
     wanted = [source.text_field] + ([source.id_field] if source.id_field and (columns is None or source.id_field in columns) else [])
     if columns is not None and hasattr(ds, "select_columns"):
         ds = ds.select_columns(wanted)
@@ -734,26 +763,34 @@ def _iter_hf(source: Source, name: str) -> Iterator[Document | Problem]:
 def iter_source(source: Source, *, storage_options: dict[str, Any] | None = None) -> Iterator[Document | Problem]:
     """Documents of one source in a deterministic order, with a :class:`Problem` for every skip.
 
-    At most ``source.max_documents`` documents are yielded (problems do not count); reading
-    stops as soon as the cap is reached. ``storage_options`` go to fsspec (e.g. an S3 endpoint).
+    Paths are expanded (and an hf dataset loaded) when this is called, so :class:`InputError`
+    for a path that matches nothing or a dataset that cannot load is raised here, not at the
+    first ``next()``. At most ``source.max_documents`` documents are yielded (problems do not
+    count); reading stops as soon as the cap is reached. ``storage_options`` go to fsspec (e.g. an S3 endpoint);
+    ``None`` means those in ``LLMPIPE_STORAGE_OPTIONS``.
     """
     name = source_name(source)
-    cap = source.max_documents
-    if cap is not None and cap <= 0:
-        return
+    # expansion and dataset loading happen now, so a bad path or dataset raises at the call,
+    # before the caller has opened progress bars or output files
     if source.kind == "hf":
-        items: Iterator[Document | Problem] = _iter_hf(source, name)
+        items: Iterator[Document | Problem] = _iter_hf(source, name, _open_hf(source))
     else:
         files = _expand(source, storage_options)
         reader = _Reader(source, name)
         items = (item for f in files for item in reader.read_file(f))
+    return items if source.max_documents is None else _capped(items, source.max_documents)
+
+
+def _capped(items: Iterator[Document | Problem], cap: int) -> Iterator[Document | Problem]:
     emitted = 0
-    for item in items:
-        yield item
-        if cap is not None and isinstance(item, Document):
-            emitted += 1
-            if emitted >= cap:
-                close = getattr(items, "close", None)
-                if close:
-                    close()
-                return
+    try:
+        for item in items:
+            yield item
+            if isinstance(item, Document):
+                emitted += 1
+                if emitted >= cap:
+                    return
+    finally:
+        close = getattr(items, "close", None)
+        if close:
+            close()

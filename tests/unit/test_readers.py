@@ -36,7 +36,7 @@ def reasons(items):
     return Counter(p.reason for p in problems(items))
 
 
-def read(tmp_path: Path | None = None, **kw):
+def read(**kw):
     return list(iter_source(Source(**kw)))
 
 
@@ -361,3 +361,10 @@ def test_s3_prefix_and_glob(s3_env, s3_server):
     assert [d.text for d in docs(iter_source(src))] == ["s3 three", "not read"]
     with pytest.raises(InputError, match="nope"):
         expand_paths(Source(paths=[f"s3://{bucket}/nope/"]), storage_options=opts)
+
+
+def test_errors_raise_at_call_not_at_first_next(tmp_path):
+    with pytest.raises(InputError, match="matched no files"):
+        iter_source(Source(paths=[f"{tmp_path}/nothing/*.txt"]))
+    with pytest.raises(InputError, match="could not be read"):
+        iter_source(Source(kind="hf", dataset="no-such-org/no-such-dataset"))
