@@ -591,25 +591,25 @@ class _Reader:
             )
         cols = [self.text_field] + ([self.id_field] if self.id_field and self.id_field in names else [])
         n = 0
+        name, lang, url, field = self.name, self.lang, f.url, self.text_field
+        prefix = f"{name}/{f.rel}#"
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=cols):
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if len(cols) > 1 else None
             for i, text in enumerate(texts):
-                where = f"row {n}"
-                if text is None:
-                    yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is null")
-                elif not isinstance(text, str):
-                    if isinstance(text, bytes):
-                        yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is binary, not a string")
+                if type(text) is str and (text := text.strip()):
+                    state["docs"] += 1
+                    rid = ids[i] if ids is not None else None
+                    if rid is None or rid == "":
+                        yield Document(f"{prefix}{n}", text, name, lang)
                     else:
-                        yield Problem(f.url, "bad_record", f"{where}: {self.text_field!r} is {type(text).__name__}, not a string")
+                        yield Document(f"{name}/{rid}", text, name, lang)
+                elif text is None:
+                    yield Problem(url, "bad_record", f"row {n}: {field!r} is null")
+                elif isinstance(text, str):
+                    yield self._empty(f, f"row {n}")
                 else:
-                    text = text.strip()
-                    if text:
-                        state["docs"] += 1
-                        yield self._doc(f, n, text, ids[i] if ids is not None else None)
-                    else:
-                        yield self._empty(f, where)
+                    yield Problem(url, "bad_record", f"row {n}: {field!r} is {type(text).__name__}, not a string")
                 n += 1
 
 
