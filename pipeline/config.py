@@ -258,6 +258,9 @@ class TokenizerConfig(StrictModel):
     pretokenizer: Literal["cyrillic-aware", "gpt2", "llama3"] = Field(
         "cyrillic-aware", description="regex that splits text into words before BPE"
     )
+    split_digits: bool = Field(False, description="cyrillic-aware only: one digit per pre-token (default: runs of up to 3)")
+    max_token_length: int | None = Field(None, ge=1, description="longest token the trainer may create, in characters (None: no limit)")
+    model_max_length: int = Field(2048, ge=1, description="model_max_length written to tokenizer_config.json")
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
     references: dict[str, str] = Field(
         default_factory=dict, description="name -> local tokenizer.json to compare fertility against"

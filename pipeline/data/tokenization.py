@@ -1,0 +1,457 @@
+"""Byte-level BPE tokenizers for Kazakh, Russian and English, and how to measure them.
+
+* :func:`train_bpe` trains a byte-level BPE with Hugging Face ``tokenizers`` on text sampled to
+  the configured language mix (languages short of their share are repeated, deterministically).
+* :func:`extend_tokenizer` continues the BPE of an existing tokenizer (Llama 3, Qwen, ...) on
+  our corpus: the new tokens are *merges* appended after the base's own, so every text the
+  base handled is tokenized the same up to the new merges, and round trips stay exact.
+* :func:`save_hf` writes the ``save_pretrained`` layout (``AutoTokenizer`` loads it offline)
+  with BOS/EOS/PAD, the chat tokens and a ChatML chat template.
+* :func:`fertility_report` compares tokenizers on held-out text: tokens per word (fertility),
+  bytes per token and the share of words cut into more than one token, per language, with the
+  ratio of every tokenizer to every other. A *word* is one definition for all of them:
+  :data:`WORD_PATTERN` (runs of Unicode letters/digits, apostrophe contractions kept whole).
+
+The default pre-tokenizer ("cyrillic-aware") is the Llama 3 split with changes that matter for
+Kazakh and Russian: letters keep their combining marks (``\\p{M}``); a word may carry an inner
+apostrophe or hyphen (``don't``, ``кто-то``, ``әр-түрлі``) instead of the English-only
+``'s|'t|...`` rules; and a word may start with up to two non-letters, a newline included
+(``"\\nФайл"``, ``", және"``, ``' «Ашу'``), where Llama 3 allows one and never a newline. On
+newline-separated UI text and punctuated prose that removes a separate token in front of many
+words (measured in ``benchmarks/bench_fertility.py``). Digits come in runs of up to three, or
+one by one with ``split_digits``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from pipeline.config import TokenizerConfig
+from pipeline.errors import ConfigError, InputError
+
+# ------------------------------------------------------------------------------ pre-tokenizers
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# A word: letters with their combining marks, an inner apostrophe (' ’ ʼ) or hyphen joining two
+# letter runs, and up to two leading non-letters (a space, a newline, an opening quote or bracket,
+# a comma and a space...).
+_LETTERS = r"[\p{L}\p{M}]+"
+_JOINER = r"['’ʼ\-]"
+CYRILLIC_AWARE_PATTERN = (
+    rf"""[^\p{{L}}\p{{M}}\p{{N}}]{{0,2}}{_LETTERS}(?:{_JOINER}{_LETTERS})*"""
+    r"""|{digits}"""
+    r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+PRETOKENIZERS = ("cyrillic-aware", "gpt2", "llama3")
+
+# One definition of "word" for every tokenizer in a report.
+WORD_PATTERN = r"[^\W_]+(?:['’ʼ][^\W_]+)*"
+_WORD_RE = re.compile(WORD_PATTERN)
+
+
+def pretokenizer_pattern(kind: str, split_digits: bool = False) -> str:
+    if kind == "gpt2":
+        return GPT2_PATTERN
+    if kind == "llama3":
+        return LLAMA3_PATTERN
+    if kind == "cyrillic-aware":
+        return CYRILLIC_AWARE_PATTERN.replace("{digits}", r"\p{N}" if split_digits else r"\p{N}{1,3}")
+    raise ConfigError(f"unknown pretokenizer {kind!r}; choose one of {', '.join(PRETOKENIZERS)}")
+
+
+def build_pretokenizer(kind: str, *, split_digits: bool = False) -> pre_tokenizers.PreTokenizer:
+    """The regex split (``kind``) followed by the byte-level mapping.
+
+    ``gpt2`` is the GPT-2 pattern, ``llama3`` the Llama 3 / tiktoken cl100k pattern,
+    ``cyrillic-aware`` ours (see the module docstring); ``split_digits`` only affects ours.
+    """
+    pattern = pretokenizer_pattern(kind, split_digits)
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def build_normalizer(form: str) -> normalizers.Normalizer | None:
+    if form == "NFC":
+        return normalizers.NFC()
+    if form == "NFKC":
+        return normalizers.NFKC()
+    if form == "none":
+        return None
+    raise ConfigError(f"unknown unicode_form {form!r}; choose NFC, NFKC or none")
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def sample_mix(texts_by_lang: dict[str, Iterable[str]], cfg: TokenizerConfig) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Documents per language, sampled to ``cfg.mix`` shares of ``cfg.train_chars``.
+
+    Each language's documents are shuffled (seeded by ``cfg.seed`` and the language); a language
+    with more text than its share is cut, one with less is repeated in fresh shuffles until it
+    reaches it. Languages outside the mix are ignored; mix languages with no text are left out
+    and the others' shares renormalised. Returns the sample and, per language, what was used.
+    """
+    docs = {lang: [t for t in texts if t and not t.isspace()] for lang, texts in texts_by_lang.items() if cfg.mix.get(lang, 0) > 0}
+    docs = {lang: d for lang, d in docs.items() if d}
+    if not docs:
+        raise InputError(
+            f"no training text for any language of the mix ({', '.join(k for k, v in cfg.mix.items() if v > 0)}); "
+            f"got languages: {', '.join(sorted(texts_by_lang)) or 'none'}"
+        )
+    total_share = sum(cfg.mix[lang] for lang in docs)
+    sample: dict[str, list[str]] = {}
+    stats: dict[str, Any] = {}
+    for lang in sorted(docs):
+        items = docs[lang]
+        target = cfg.mix[lang] / total_share * cfg.train_chars
+        available = sum(map(len, items))
+        rng = random.Random(f"{cfg.seed}:{lang}")
+        picked: list[str] = []
+        used = 0
+        epoch = 0
+        while used < target:
+            order = list(range(len(items)))
+            rng.shuffle(order)
+            for i in order:
+                if used >= target:
+                    break
+                picked.append(items[i])
+                used += len(items[i])
+            epoch += 1
+        sample[lang] = picked
+        stats[lang] = {"documents": len(picked), "chars": used, "available_chars": available, "repeat": round(used / available, 3)}
+    return sample, stats
+
+
+def _new_bpe(cfg: TokenizerConfig) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    norm = build_normalizer(cfg.unicode_form)
+    if norm is not None:
+        tokenizer.normalizer = norm
+    tokenizer.pre_tokenizer = build_pretokenizer(cfg.pretokenizer, split_digits=cfg.split_digits)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_bpe(texts_by_lang: dict[str, Iterable[str]], cfg: TokenizerConfig) -> Tokenizer:
+    """A byte-level BPE of ``cfg.vocab_size`` tokens (special tokens at ids 0..n-1, then the
+    256 byte symbols, then the merges), trained on text sampled to ``cfg.mix``."""
+    sample, _stats = sample_mix(texts_by_lang, cfg)
+    specials = cfg.special_tokens.all()
+    if cfg.vocab_size < 256 + len(specials):
+        raise ConfigError(f"vocab_size {cfg.vocab_size} is below the 256 byte symbols + {len(specials)} special tokens")
+    tokenizer = _new_bpe(cfg)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_token_length=cfg.max_token_length,
+        show_progress=False,
+    )
+
+    def batches() -> Iterator[list[str]]:
+        for lang in sorted(sample):
+            items = sample[lang]
+            for i in range(0, len(items), 1000):
+                yield items[i : i + 1000]
+
+    tokenizer.train_from_iterator(batches(), trainer=trainer, length=sum(map(len, sample.values())))
+    for i, tok in enumerate(specials):  # the contract: special tokens at the lowest ids, in order
+        if tokenizer.token_to_id(tok) != i:
+            raise RuntimeError(f"special token {tok!r} got id {tokenizer.token_to_id(tok)}, expected {i}")
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------ HF save / load
+
+
+def chat_template(start: str, end: str) -> str:
+    """ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn, then the assistant prompt."""
+    return (
+        "{% for message in messages %}"
+        f"{{{{ '{start}' + message['role'] + '\\n' + message['content'] + '{end}' + '\\n' }}}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{% endif %}}"
+    )
+
+
+def save_hf(tokenizer: Tokenizer, cfg: TokenizerConfig, local_dir: str) -> None:
+    """``save_pretrained`` layout (tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    from transformers import PreTrainedTokenizerFast
+
+    st = cfg.special_tokens
+    missing = [t for t in st.all() if tokenizer.token_to_id(t) is None]
+    if missing:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    extra = [t for t in [*st.chat, *st.extra] if t not in (st.bos, st.eos, st.pad)]
+    kwargs: dict[str, Any] = {}
+    if len(st.chat) >= 2:
+        kwargs["chat_template"] = chat_template(st.chat[0], st.chat[1])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=st.bos,
+        eos_token=st.eos,
+        pad_token=st.pad,
+        additional_special_tokens=extra,
+        model_max_length=cfg.model_max_length,
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+        **kwargs,
+    )
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(local_dir)
+
+
+def load_reference(path: str) -> Tokenizer:
+    """A ``tokenizer.json`` file, or a folder holding one."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.exists():
+        where = f"{p} has no tokenizer.json" if p.is_dir() else f"{p} does not exist"
+        raise InputError(f"reference tokenizer: {where} (fetch the references with `make corpus`)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON / schema
+        raise InputError(f"reference tokenizer {file} is not a valid tokenizer.json: {str(exc).splitlines()[0][:200]}") from None
+
+
+# ------------------------------------------------------------------------------------ fertility
+
+
+def count_words(text: str) -> int:
+    return sum(1 for _ in _WORD_RE.finditer(text))
+
+
+def _measure(tokenizer: Tokenizer, texts: list[str], batch: int = 256) -> dict[str, float]:
+    tokens = words = split = nbytes = 0
+    for i in range(0, len(texts), batch):
+        chunk = texts[i : i + batch]
+        for text, enc in zip(chunk, tokenizer.encode_batch(chunk, add_special_tokens=False)):
+            tokens += len(enc.ids)
+            nbytes += len(text.encode("utf-8"))
+            starts = [s for s, e in enc.offsets if e > s]
+            ends = [e for s, e in enc.offsets if e > s]
+            # tokens overlapping a word: offsets are sorted, so a window over them is enough
+            j = 0
+            for m in _WORD_RE.finditer(text):
+                ws, we = m.span()
+                words += 1
+                while j < len(ends) and ends[j] <= ws:
+                    j += 1
+                k = j
+                n = 0
+                while k < len(starts) and starts[k] < we:
+                    n += 1
+                    k += 1
+                if n > 1:
+                    split += 1
+    return {
+        "tokens": tokens,
+        "words": words,
+        "bytes": nbytes,
+        "fertility": tokens / words if words else 0.0,
+        "bytes_per_token": nbytes / tokens if tokens else 0.0,
+        "split_word_share": split / words if words else 0.0,
+    }
+
+
+def fertility_report(tokenizers: dict[str, Tokenizer], texts_by_lang: dict[str, list[str]]) -> dict:
+    """Per language and tokenizer: tokens per word, bytes per token, share of words split into
+    more than one token; words and documents per language; and each tokenizer's fertility as a
+    ratio of every other's (``ratios[other]``: below 1 means fewer tokens than ``other``).
+
+    Texts are encoded without special tokens. Words are :data:`WORD_PATTERN` matches.
+    """
+    languages: dict[str, Any] = {}
+    for lang in sorted(texts_by_lang):
+        texts = [t for t in texts_by_lang[lang] if t]
+        if not texts:
+            continue
+        per_tok = {name: _measure(tok, texts) for name, tok in tokenizers.items()}
+        for name, stats in per_tok.items():
+            stats["ratios"] = {
+                other: (stats["fertility"] / o["fertility"] if o["fertility"] else None)
+                for other, o in per_tok.items()
+                if other != name
+            }
+        first = next(iter(per_tok.values()))
+        languages[lang] = {
+            "docs": len(texts),
+            "words": first["words"],
+            "bytes": first["bytes"],
+            "chars": sum(map(len, texts)),
+            "tokenizers": per_tok,
+        }
+    return {"word_pattern": WORD_PATTERN, "tokenizers": list(tokenizers), "languages": languages}
+
+
+def format_report_markdown(report: dict, goals: dict[str, float] | None = None, baseline: str | None = None) -> str:
+    """The report as Markdown tables: one row per language and tokenizer, with the ratio to
+    each other tokenizer; with ``goals`` (language -> max ratio of the first tokenizer to
+    ``baseline``) a PASS/FAIL column."""
+    names = report.get("tokenizers", [])
+    lines = [f"Words are matches of `{report.get('word_pattern', WORD_PATTERN)}`; texts encoded without special tokens.", ""]
+    ratio_cols = [(a, b) for a in names[:1] for b in names[1:]]
+    head = ["language", "docs", "words", "tokenizer", "tokens/word", "bytes/token", "split words"]
+    head += [f"{a}/{b}" for a, b in ratio_cols]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * (len(head) - 4)) + "|")
+    for lang, entry in report.get("languages", {}).items():
+        for i, (name, s) in enumerate(entry["tokenizers"].items()):
+            row = [lang if i == 0 else "", f"{entry['docs']:,}" if i == 0 else "", f"{entry['words']:,}" if i == 0 else "", name]
+            row += [f"{s['fertility']:.3f}", f"{s['bytes_per_token']:.2f}", f"{s['split_word_share']:.1%}"]
+            for a, b in ratio_cols:
+                r = entry["tokenizers"][a]["ratios"].get(b) if name == a else None
+                row.append(f"{r:.3f}x" if r is not None else "")
+            lines.append("| " + " | ".join(row) + " |")
+    if goals and names and baseline:
+        ours = names[0]
+        lines += ["", f"| language | {ours}/{baseline} | goal | result |", "|---|---:|---:|---|"]
+        for lang, goal in goals.items():
+            entry = report.get("languages", {}).get(lang)
+            r = entry["tokenizers"][ours]["ratios"].get(baseline) if entry else None
+            verdict = "n/a" if r is None else ("PASS" if r <= goal else "FAIL")
+            lines.append(f"| {lang} | {'' if r is None else f'{r:.3f}x'} | <= {goal:.2f}x | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ extension
+
+
+def _pieces(base: Tokenizer, texts: Iterable[str]) -> Counter[str]:
+    """Pre-tokenized pieces (in the base's byte-level alphabet) with their counts."""
+    counts: Counter[str] = Counter()
+    norm = base.normalizer
+    pre = base.pre_tokenizer
+    if pre is None:
+        raise InputError("the base tokenizer has no pre-tokenizer; extension supports byte-level BPE tokenizers")
+    for text in texts:
+        if norm is not None:
+            text = norm.normalize_str(text)
+        counts.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    return counts
+
+
+def _continue_bpe(words: list[list[str]], freqs: list[int], vocab: set[str], n_new: int, min_frequency: int) -> list[tuple[str, str]]:
+    """Continue BPE on words already segmented by the base: ``n_new`` merges whose result is
+    not in ``vocab``, most frequent pair first (ties broken by the pair itself)."""
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for a, b in zip(w, w[1:]):
+            pair_counts[(a, b)] += f
+            where[(a, b)].add(wi)
+    heap = [(-c, p) for p, c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    known = set(vocab)
+    while heap and len(merges) < n_new:
+        neg, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count <= 0:
+            continue
+        if -neg != count:  # stale entry: push the current count back
+            heapq.heappush(heap, (-count, pair))
+            continue
+        if count < min_frequency:
+            break
+        merged = pair[0] + pair[1]
+        if merged in known:  # the base already has this token: not a new one, skip the pair
+            pair_counts[pair] = 0
+            continue
+        known.add(merged)
+        merges.append(pair)
+        a, b = pair
+        for wi in list(where.pop(pair, ())):
+            w, f = words[wi], freqs[wi]
+            for x, y in zip(w, w[1:]):  # remove the word's old pairs
+                pair_counts[(x, y)] -= f
+            out: list[str] = []
+            i = 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for x, y in zip(out, out[1:]):
+                pair_counts[(x, y)] += f
+                where[(x, y)].add(wi)
+                heapq.heappush(heap, (-pair_counts[(x, y)], (x, y)))
+        pair_counts[pair] = 0
+    return merges
+
+
+def extend_tokenizer(base: Tokenizer, texts_by_lang: dict[str, Iterable[str]], cfg: TokenizerConfig) -> tuple[Tokenizer, list[str]]:
+    """Add ``cfg.extend.new_tokens`` tokens learned from our corpus to a byte-level BPE ``base``.
+
+    The corpus is sampled to ``cfg.mix`` as for training, pre-tokenized and segmented by the
+    base; BPE then continues on those segmentations, and each new merge is appended after the
+    base's merges with a fresh id (after every existing id, added tokens included). The base's
+    own tokens, ids and merges are untouched, so the new tokenizer encodes like the base except
+    where a new merge applies. ``cfg.special_tokens`` missing from the base are added as special
+    tokens. Returns the tokenizer and the new tokens as text.
+    """
+    if cfg.extend is None:
+        raise ConfigError("extend_tokenizer needs `extend` in the tokenizer config (base, new_tokens)")
+    data = json.loads(base.to_str())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise InputError(f"extension supports BPE tokenizers; the base is {model.get('type')!r}")
+    vocab: dict[str, int] = model["vocab"]
+    sample, _ = sample_mix(texts_by_lang, cfg)
+    counts = _pieces(base, (t for lang in sorted(sample) for t in sample[lang]))
+    pieces = sorted(counts)
+    words: list[list[str]] = []
+    for piece in pieces:
+        words.append([tok.value for tok in base.model.tokenize(piece)])
+    freqs = [counts[p] for p in pieces]
+    merges = _continue_bpe(words, freqs, set(vocab), cfg.extend.new_tokens, cfg.min_frequency)
+    next_id = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))]) + 1
+    merge_list = model.get("merges", [])
+    as_strings = bool(merge_list) and isinstance(merge_list[0], str)
+    for a, b in merges:
+        vocab[a + b] = next_id
+        next_id += 1
+        merge_list.append(f"{a} {b}" if as_strings else [a, b])
+    model["merges"] = merge_list
+    extended = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+    missing = [t for t in cfg.special_tokens.all() if extended.token_to_id(t) is None]
+    if missing:
+        extended.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    decoder = decoders.ByteLevel()
+    added = [decoder.decode([a + b]) for a, b in merges]
+    return extended, added
+
+
+__all__ = [
+    "WORD_PATTERN",
+    "build_pretokenizer",
+    "count_words",
+    "extend_tokenizer",
+    "fertility_report",
+    "format_report_markdown",
+    "load_reference",
+    "sample_mix",
+    "save_hf",
+    "train_bpe",
+]
