@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import CollectConfig
 from pipeline.data.documents import RAW_SCHEMA, DocumentWriter
-from pipeline.data.readers import Problem, iter_source
+from pipeline.data.readers import Problem, iter_source, source_name
 from pipeline.errors import InputError
 from pipeline.runner import StageContext
 from pipeline.storage import OutputDir
@@ -30,10 +30,11 @@ def run(cfg: CollectConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]
     chars = 0
     with out.open("problems.jsonl", "wb") as log:
         for source in cfg.sources:
-            label = source.name or (source.dataset or ", ".join(source.paths))
+            label = source_name(source)
             kept = 0
+            items = iter_source(source, storage_options=ctx.storage.storage_options)  # bad paths fail here
             with ctx.bar(desc=f"collect {label}"[:40], unit=" doc") as bar:
-                for item in iter_source(source, storage_options=ctx.storage.storage_options):
+                for item in items:
                     if isinstance(item, Problem):
                         problems[item.reason] += 1
                         record = {"source": label, "path": item.path, "reason": item.reason, "detail": item.detail}
