@@ -249,8 +249,8 @@ class TokenizerConfig(StrictModel):
     vocab_size: int = Field(32000, ge=256, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
     mix: dict[str, float] = Field(
-        default_factory=lambda: {"kk": 0.5, "ru": 0.25, "en": 0.25},
-        description="language -> share of the training text, reached by sampling",
+        default_factory=lambda: {"kk": 0.45, "ru": 0.25, "en": 0.30},
+        description="language -> share of the training text, reached by sampling (short languages are repeated)",
     )
     train_chars: int = Field(30_000_000, ge=1000, description="characters of text sampled for training")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of documents held out for the fertility report")

@@ -15,7 +15,7 @@
 The default pre-tokenizer ("cyrillic-aware") is the Llama 3 split with changes that matter for
 Kazakh and Russian: letters keep their combining marks (``\\p{M}``); a word may carry an inner
 apostrophe or hyphen (``don't``, ``кто-то``, ``әр-түрлі``) instead of the English-only
-``'s|'t|...`` rules; and a word may start with up to two non-letters, a newline included
+``'s|'t|...`` rules; and a word may start with up to three non-letters, a newline included
 (``"\\nФайл"``, ``", және"``, ``' «Ашу'``), where Llama 3 allows one and never a newline. On
 newline-separated UI text and punctuated prose that removes a separate token in front of many
 words (measured in ``benchmarks/bench_fertility.py``). Digits come in runs of up to three, or
@@ -45,12 +45,12 @@ LLAMA3_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 # A word: letters with their combining marks, an inner apostrophe (' ’ ʼ) or hyphen joining two
-# letter runs, and up to two leading non-letters (a space, a newline, an opening quote or bracket,
-# a comma and a space...).
+# letter runs, and up to three leading non-letters (a space, a newline, an opening quote or
+# bracket, a comma and a space...).
 _LETTERS = r"[\p{L}\p{M}]+"
 _JOINER = r"['’ʼ\-]"
 CYRILLIC_AWARE_PATTERN = (
-    rf"""[^\p{{L}}\p{{M}}\p{{N}}]{{0,2}}{_LETTERS}(?:{_JOINER}{_LETTERS})*"""
+    rf"""[^\p{{L}}\p{{M}}\p{{N}}]{{0,3}}{_LETTERS}(?:{_JOINER}{_LETTERS})*"""
     r"""|{digits}"""
     r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
