@@ -343,11 +343,12 @@ def _kill_one_rank(proc: subprocess.Popen, metrics: Path, after_step: int, timeo
 
 @pytest.mark.slow
 def test_killed_rank_resumes_exactly(template_root, tmp_path):
-    """Kill rank 1 with SIGKILL after the step-4 checkpoint; the rerun resumes from step 4 and matches an
-    uninterrupted run: same final step, same sample ids at every step, final loss within tolerance."""
+    """Kill rank 1 with SIGKILL mid-run (after step 6, so at least the step-4 checkpoint is complete); the rerun
+    resumes from the newest complete checkpoint and matches an uninterrupted run: same final step, same sample
+    ids at every step, final loss within tolerance."""
     import shutil
 
-    steps = 10
+    steps = 16
     over = dict(zero_stage=2, max_steps=steps, checkpoint_every=4, eval_every=0, keep_checkpoints=3,
                 generation={"every": 0, "prompts": []})
     ref_root, run_root = tmp_path / "ref", tmp_path / "killed"
@@ -369,16 +370,19 @@ def test_killed_rank_resumes_exactly(template_root, tmp_path):
     last = (tmp_path / "killed.log").read_text().strip().splitlines()[-1]
     assert last.startswith("error: distributed launch failed") and "rank 1" in last and "Signal 9" in last, last
     assert not (run_root / "models" / "pretrain").exists()
-    assert (run_root / "checkpoints" / "pretrain" / "step-4" / "COMPLETE").is_file()
+    from pipeline.training.pretrain import latest_checkpoint
+
+    resume_step = latest_checkpoint(run_root / "checkpoints" / "pretrain")[0]
+    assert resume_step in (4, 8, 12)
 
     again = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
     print(f"kill + resume test: {time.time() - t0:.1f}s")
     assert again.returncode == 0, again.stderr[-4000:]
     manifest = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())
-    assert manifest["metrics"]["resumed_from_step"] == 4
+    assert manifest["metrics"]["resumed_from_step"] == resume_step
     assert manifest["metrics"]["steps"] == steps
     starts = _records(run_root, "start")
-    assert [s["step"] for s in starts] == [0, 4]
+    assert [s["step"] for s in starts] == [0, resume_step]
 
     ref_ids = {s: r["sample_ids"] for s, r in _last_per_step(_records(ref_root, "samples")).items()}
     got_ids = {s: r["sample_ids"] for s, r in _last_per_step(_records(run_root, "samples")).items()}
