@@ -19,6 +19,7 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.15,<1'  # its sdist imports torch at build time
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
 
