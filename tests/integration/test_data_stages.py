@@ -129,7 +129,7 @@ def test_second_run_is_up_to_date(pipeline_run, capsys):
     before = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in ("raw", "clean", "tokenizer", "shards")}
     assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") >= 4
+    assert out.count(": up to date ==") == 4
     after = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in before}
     assert before == after
 

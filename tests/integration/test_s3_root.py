@@ -32,4 +32,4 @@ def test_pipeline_on_s3_root(tmp_path, s3_env, capsys):
 
     capsys.readouterr()
     assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("up to date") == 4
+    assert capsys.readouterr().out.count(": up to date ==") == 4
