@@ -131,7 +131,10 @@ class RepetitionConfig(StrictModel):
     )
     max_dup_ngram_frac: dict[int, float] = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        description="n -> max share of characters in n-grams that occur more than once",
+        description="n -> max share of word characters in repeated copies of n-grams (first occurrences not counted)",
+    )
+    ngram_min_words: int | None = Field(
+        50, ge=0, description="documents with fewer words skip the n-gram checks (their shares are noise)"
     )
 
 
@@ -155,6 +158,15 @@ class LangIdConfig(StrictModel):
         description="language -> minimum fastText probability",
     )
     default_min_score: float = Field(0.5, ge=0, le=1)
+    max_chars: int | None = Field(
+        10_000, ge=1, description="characters of a document's start that fastText reads (None: all of it)"
+    )
+    kazakh_letters: bool = Field(
+        True, description="relabel as kk a text fastText calls something else when its letters are clearly Kazakh"
+    )
+    kazakh_letters_min_share: float = Field(
+        0.05, ge=0, le=1, description="min share of Kazakh letters (ә ғ қ ң ө ұ ү һ і) among Cyrillic ones for that rule"
+    )
 
 
 class LanguageOverrides(StrictModel):
