@@ -67,6 +67,7 @@ class Outcome:
     stage: str
     status: str  # "done" | "up to date"
     manifest: dict[str, Any]
+    seconds: float | None = None  # wall time of the whole stage (all ranks and the merge)
 
 
 def get_stage(name: str) -> ModuleType:
@@ -241,6 +242,13 @@ def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str,
 
 def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = False, progress: bool = True) -> Outcome:
     """The whole stage locally: for sharded stages, ``cfg.workers`` processes then the merge."""
+    t0 = time.perf_counter()
+    outcome = _run_stage(stage, cfg, storage, force=force, progress=progress)
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, progress: bool) -> Outcome:
     module = get_stage(stage)
     inputs_art = _inputs(module, storage)
     inputs = _input_refs(inputs_art)
@@ -272,7 +280,7 @@ def format_summary(outcome: Outcome) -> str:
     metrics = m.get("metrics", {})
     head = f"== {outcome.stage}: {outcome.status}"
     if outcome.status == "done":
-        head += f" in {m.get('duration_s', 0):.1f}s"
+        head += f" in {outcome.seconds if outcome.seconds is not None else m.get('duration_s', 0):.1f}s"
     lines = [head + " " + "=" * max(0, 60 - len(head))]
     rows = module.summary(metrics) if hasattr(module, "summary") else [
         (k, v) for k, v in metrics.items() if isinstance(v, (int, float, str))
