@@ -1,0 +1,391 @@
+"""Document filters of the clean stage: normalise, identify the language, drop bad documents.
+
+:class:`DocumentFilter` runs, per document and in this order, stopping at the first reason:
+
+1. normalisation (:mod:`pipeline.data.normalize`); nothing left -> ``"empty"``;
+2. language ID (if ``langid.enabled``): fastText's top label, plus the Kazakh-letter rule of
+   :mod:`pipeline.data.langid`; a label outside ``langid.languages`` -> ``"langid.not_kept"``,
+   a probability below that language's ``min_score`` (else ``default_min_score``) ->
+   ``"langid.low_score"``. With language ID off, the document's language hint is its language;
+3. script: the share of letters in the script the language is written in (``"script"``);
+4. length: :func:`length_reason` with ``cfg.length_for(lang)``;
+5. repetition: :func:`repetition_reason` with ``cfg.repetition_for(lang)``.
+
+Every check is also a pure function of a text and a config, tested on its own.
+
+Definitions (Gopher, Rae et al. 2021, appendix A, with the details below made explicit):
+
+- *words* are runs of Unicode word characters (letters of every script, Kazakh ә ғ қ ң ө ұ ү
+  һ і included, digits, ``_``), joined across inner apostrophes and hyphens (``don't``,
+  ``Алма-Ата``), so punctuation never becomes part of an n-gram;
+- *lines* are the non-blank lines, *paragraphs* the non-blank blocks between blank lines,
+  both stripped; a *duplicate* is every copy of a line/paragraph after its first;
+- line/paragraph character shares are over ``len(text)``; n-gram shares are over the
+  characters of all words (the same unit as the numerator);
+- ``top_ngram_<n>``: characters of the most frequent word n-gram times its count, only when
+  it occurs more than once (a short document whose n-grams are all unique is not repetitive);
+- ``dup_ngram_<n>``: characters of the words covered by a copy of an earlier n-gram (the
+  first occurrence is not a duplicate, as for lines), each word counted once however many
+  duplicated n-grams overlap it;
+- the n-gram checks skip documents of fewer than ``ngram_min_words`` words: in a 20-word
+  quote one repeated phrase is already 20% of it (on real fortunes the Gopher thresholds drop
+  3-6% of short quotes for a refrain or a parallel construction).
+
+A value exactly at a threshold passes; only one beyond it is a reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter
+from typing import Any, Callable
+
+from pipeline.config import CleanConfig, LengthConfig, RepetitionConfig, ScriptConfig
+from pipeline.data.langid import LanguageIdentifier
+from pipeline.data.normalize import make_normalizer
+
+_WORD = re.compile(r"\w+(?:['’\-]\w+)*")
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a blank line may hold spaces in unnormalised text
+_LETTERS = re.compile(r"[^\W\d_]+")
+_SCRIPT_RUNS = {
+    "cyrillic": re.compile(r"[\u0400-\u0482\u048a-\u052f\u1c80-\u1c8f\ua640-\ua66e\ua680-\ua69d]+"),
+    "latin": re.compile(r"[A-Za-z\u00aa\u00ba\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff\uff21-\uff3a\uff41-\uff5a]+"),
+}
+SCRIPTS = tuple(_SCRIPT_RUNS)
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+LENGTH_REASONS = tuple(f"length.{name}" for name in LengthConfig.model_fields)
+REPETITION_REASONS = (
+    "repetition.dup_line_frac",
+    "repetition.dup_para_frac",
+    "repetition.dup_line_char_frac",
+    "repetition.dup_para_char_frac",
+)
+ALL_REASONS: tuple[str, ...] = (
+    "empty",
+    "langid.not_kept",
+    "langid.low_score",
+    "script",
+    *LENGTH_REASONS,
+    *REPETITION_REASONS,
+)
+"""Every reason name except the n-gram ones, whose names depend on the config (see :func:`reason_names`)."""
+
+
+def reason_names(cfg: CleanConfig) -> list[str]:
+    """All reasons ``DocumentFilter(cfg)`` can give, n-gram ones included (per-language overrides too)."""
+    tops: set[int] = set()
+    dups: set[int] = set()
+    for lang in [None, *cfg.per_language]:
+        rep = cfg.repetition_for(lang)
+        tops.update(rep.max_top_ngram_frac)
+        dups.update(rep.max_dup_ngram_frac)
+    return [*ALL_REASONS, *(f"repetition.top_ngram_{n}" for n in sorted(tops)),
+            *(f"repetition.dup_ngram_{n}" for n in sorted(dups))]
+
+
+def words(text: str) -> list[str]:
+    """The words the checks count (see the module docstring)."""
+    return _WORD.findall(text)
+
+
+@dataclass(slots=True)
+class FilterResult:
+    text: str  # the normalised text (what is kept)
+    lang: str | None
+    lang_score: float | None
+    reason: str | None  # None: keep
+
+
+# ------------------------------------------------------------------------ per-document data
+
+
+class _Doc:
+    """A text and its words, lines and paragraphs, each split at most once."""
+
+    __slots__ = ("text", "_words", "_word_lens", "_lines", "_paras")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._words: list[str] | None = None
+        self._word_lens: list[int] | None = None
+        self._lines: list[str] | None = None
+        self._paras: list[str] | None = None
+
+    @property
+    def words(self) -> list[str]:
+        if self._words is None:
+            self._words = _WORD.findall(self.text)
+        return self._words
+
+    @property
+    def word_lens(self) -> list[int]:
+        if self._word_lens is None:
+            self._word_lens = list(map(len, self.words))
+        return self._word_lens
+
+    @property
+    def lines(self) -> list[str]:
+        if self._lines is None:
+            self._lines = [s for s in map(str.strip, self.text.split("\n")) if s]
+        return self._lines
+
+    @property
+    def paragraphs(self) -> list[str]:
+        if self._paras is None:
+            text = self.text
+            if "\n" not in text:
+                stripped = text.strip()
+                self._paras = [stripped] if stripped else []
+            else:
+                self._paras = [s for s in map(str.strip, _BLANK_LINES.split(text)) if s]
+        return self._paras
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of copies after the first, their characters)."""
+    if len(set(items)) == len(items):
+        return 0, 0
+    seen: set[str] = set()
+    n = chars = 0
+    for item in items:
+        if item in seen:
+            n += 1
+            chars += len(item)
+        else:
+            seen.add(item)
+    return n, chars
+
+
+# ------------------------------------------------------------------------------ length
+
+
+class _LengthCheck:
+    """LengthConfig as plain attributes, checked in field order."""
+
+    def __init__(self, cfg: LengthConfig):
+        self.c = cfg.model_dump()
+        c = self.c
+        self.needs_words = any(c[k] is not None for k in ("min_words", "max_words", "min_mean_word_length", "max_mean_word_length"))
+        self.needs_lines = c["min_lines"] is not None or c["max_lines"] is not None
+
+    def __call__(self, doc: _Doc) -> str | None:
+        c = self.c
+        n = len(doc.text)
+        if c["min_chars"] is not None and n < c["min_chars"]:
+            return "length.min_chars"
+        if c["max_chars"] is not None and n > c["max_chars"]:
+            return "length.max_chars"
+        if self.needs_words:
+            nw = len(doc.words)
+            if c["min_words"] is not None and nw < c["min_words"]:
+                return "length.min_words"
+            if c["max_words"] is not None and nw > c["max_words"]:
+                return "length.max_words"
+            mean = sum(doc.word_lens) / nw if nw else 0.0
+            if c["min_mean_word_length"] is not None and mean < c["min_mean_word_length"]:
+                return "length.min_mean_word_length"
+            if c["max_mean_word_length"] is not None and mean > c["max_mean_word_length"]:
+                return "length.max_mean_word_length"
+        if self.needs_lines:
+            nl = len(doc.lines)
+            if c["min_lines"] is not None and nl < c["min_lines"]:
+                return "length.min_lines"
+            if c["max_lines"] is not None and nl > c["max_lines"]:
+                return "length.max_lines"
+        limit = c["max_paragraph_chars"]
+        if limit is not None and n > limit and max(map(len, doc.paragraphs)) > limit:
+            return "length.max_paragraph_chars"
+        return None
+
+
+def length_reason(text: str, cfg: LengthConfig) -> str | None:
+    """The first length limit ``text`` breaks (``"length.<field>"``), or None."""
+    return _LengthCheck(cfg)(_Doc(text))
+
+
+# -------------------------------------------------------------------------- repetition
+
+
+class _RepetitionCheck:
+    """RepetitionConfig as plain attributes; the Gopher repetition checks in a fixed order."""
+
+    def __init__(self, cfg: RepetitionConfig):
+        self.line_frac = cfg.max_dup_line_frac
+        self.line_chars = cfg.max_dup_line_char_frac
+        self.para_frac = cfg.max_dup_para_frac
+        self.para_chars = cfg.max_dup_para_char_frac
+        self.min_words = cfg.ngram_min_words or 0
+        self.top = sorted(cfg.max_top_ngram_frac.items())
+        self.dup = sorted(cfg.max_dup_ngram_frac.items())
+        self.top_names = {n: f"repetition.top_ngram_{n}" for n, _ in self.top}
+        self.dup_names = {n: f"repetition.dup_ngram_{n}" for n, _ in self.dup}
+
+    def __call__(self, doc: _Doc) -> str | None:
+        text = doc.text
+        if self.line_frac is not None or self.line_chars is not None:
+            lines = doc.lines
+            if len(lines) > 1:
+                n, chars = _duplicates(lines)
+                if self.line_frac is not None and n > self.line_frac * len(lines):
+                    return "repetition.dup_line_frac"
+                if self.line_chars is not None and chars > self.line_chars * len(text):
+                    return "repetition.dup_line_char_frac"
+        if self.para_frac is not None or self.para_chars is not None:
+            paras = doc.paragraphs
+            if len(paras) > 1:
+                n, chars = _duplicates(paras)
+                if self.para_frac is not None and n > self.para_frac * len(paras):
+                    return "repetition.dup_para_frac"
+                if self.para_chars is not None and chars > self.para_chars * len(text):
+                    return "repetition.dup_para_char_frac"
+        if self.top or self.dup:
+            return self._ngrams(doc)
+        return None
+
+    def _ngrams(self, doc: _Doc) -> str | None:
+        words = doc.words
+        nw = len(words)
+        if nw < max(2, self.min_words) or len(set(words)) == nw:
+            return None  # no word occurs twice, so no n-gram does
+        lens = doc.word_lens
+        total = sum(lens)
+        # once no n-gram of size n repeats, none of a larger size does either
+        no_repeat_from = nw + 1
+        for n, limit in self.top:
+            if n >= no_repeat_from or n > nw:
+                continue
+            counts = Counter(zip(*[words[i:] for i in range(n)]))
+            gram, count = max(counts.items(), key=itemgetter(1))
+            if count < 2:
+                no_repeat_from = min(no_repeat_from, n)
+                continue
+            if count * sum(map(len, gram)) > limit * total:
+                return self.top_names[n]
+        for n, limit in self.dup:
+            if n >= no_repeat_from or n > nw:
+                continue
+            grams = list(zip(*[words[i:] for i in range(n)]))
+            counts = Counter(grams)
+            if len(counts) == len(grams):
+                no_repeat_from = min(no_repeat_from, n)
+                continue
+            repeated = {g for g, k in counts.items() if k > 1}
+            seen: set[tuple[str, ...]] = set()
+            covered = bytearray(nw)
+            ones = b"\x01" * n
+            for i in compress(range(len(grams)), map(repeated.__contains__, grams)):
+                g = grams[i]
+                if g in seen:  # a copy of an earlier occurrence
+                    covered[i : i + n] = ones
+                else:
+                    seen.add(g)
+            if sum(compress(lens, covered)) > limit * total:
+                return self.dup_names[n]
+        return None
+
+
+def repetition_reason(text: str, cfg: RepetitionConfig) -> str | None:
+    """The first Gopher repetition limit ``text`` breaks (``"repetition.<check>"``), or None."""
+    return _RepetitionCheck(cfg)(_Doc(text))
+
+
+# ------------------------------------------------------------------------------ script
+
+
+def _letters(text: str) -> int:
+    return sum(map(len, _LETTERS.findall(text)))
+
+
+def script_shares(text: str) -> dict[str, float]:
+    """Share of ``text``'s letters in each script: ``{"cyrillic": x, "latin": y}`` (0 without letters)."""
+    letters = _letters(text)
+    if not letters:
+        return {name: 0.0 for name in SCRIPTS}
+    return {name: sum(map(len, rx.findall(text))) / letters for name, rx in _SCRIPT_RUNS.items()}
+
+
+def script_reason(text: str, lang: str | None, cfg: ScriptConfig) -> str | None:
+    """``"script"`` when less than ``cfg.min_share`` of the letters are in ``lang``'s script.
+
+    None when the check is off, the language has no expected script, or there are no letters."""
+    if not cfg.enabled or lang is None:
+        return None
+    script = cfg.expected.get(lang)
+    if script is None:
+        return None
+    if text.isascii():  # O(1) in CPython: every letter is a basic Latin one
+        if script == "latin" or _ASCII_LETTER.search(text) is None:
+            return None
+        return "script" if cfg.min_share > 0 else None
+    letters = _letters(text)
+    if not letters:
+        return None
+    in_script = sum(map(len, _SCRIPT_RUNS[script].findall(text)))
+    return "script" if in_script < cfg.min_share * letters else None
+
+
+# ---------------------------------------------------------------------------- the filter
+
+
+class DocumentFilter:
+    """All checks of the clean stage, configured once; pickles as its config."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self.normalize: Callable[[str], str] = make_normalizer(cfg.normalize)
+        self.langid = LanguageIdentifier(cfg.langid) if cfg.langid.enabled else None
+        self.languages = frozenset(cfg.langid.languages)
+        self.min_score = dict(cfg.langid.min_score)
+        self.default_min_score = cfg.langid.default_min_score
+        self._per_lang: dict[str | None, tuple[_LengthCheck, _RepetitionCheck]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cfg"])  # type: ignore[misc]
+
+    def _checks(self, lang: str | None) -> tuple[_LengthCheck, _RepetitionCheck]:
+        checks = self._per_lang.get(lang)
+        if checks is None:
+            checks = (_LengthCheck(self.cfg.length_for(lang)), _RepetitionCheck(self.cfg.repetition_for(lang)))
+            self._per_lang[lang] = checks
+        return checks
+
+    def _check(self, text: str, lang: str | None, score: float | None) -> str | None:
+        if self.langid is not None:
+            if lang not in self.languages:
+                return "langid.not_kept"
+            if score is not None and score < self.min_score.get(lang, self.default_min_score):  # type: ignore[arg-type]
+                return "langid.low_score"
+        if script_reason(text, lang, self.cfg.script) is not None:
+            return "script"
+        length, repetition = self._checks(lang)
+        doc = _Doc(text)
+        return length(doc) or repetition(doc)
+
+    def __call__(self, text: str, lang_hint: str | None = None) -> FilterResult:
+        return self.batch([text], [lang_hint])[0]
+
+    def batch(self, texts: list[str], lang_hints: list[str | None] | None = None) -> list[FilterResult]:
+        """Filter many documents; language ID runs as one fastText call for the batch."""
+        hints = lang_hints if lang_hints is not None else [None] * len(texts)
+        normed = list(map(self.normalize, texts))
+        preds: list[tuple[str | None, float | None]]
+        if self.langid is not None:
+            nonempty = [t for t in normed if t]
+            it = iter(self.langid.predict_batch(nonempty))
+            preds = [next(it) if t else (None, None) for t in normed]
+        else:
+            preds = [(h, None) for h in hints]
+        out = []
+        for text, (lang, score) in zip(normed, preds):
+            if not text:
+                out.append(FilterResult(text, lang, score, "empty"))
+            else:
+                out.append(FilterResult(text, lang, score, self._check(text, lang, score)))
+        return out
