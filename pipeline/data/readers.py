@@ -415,13 +415,7 @@ class _Reader:
     def _txt(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
         mode = self.source.split_mode
         if mode == "file":
-            data = stream.read()
-            start = 3 if data.startswith(codecs.BOM_UTF8) else 0
-            try:
-                text = data[start:].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _Invalid(start + exc.start, exc.reason) from None
-            text = text.strip()
+            text = _decode_whole(stream.read()).strip()
             if text:
                 state["docs"] += 1
                 yield self._doc(f, 0, text)
@@ -543,12 +537,7 @@ class _Reader:
                 yield self._record(f, n, obj, f"line {n + 1}")
 
     def _json_array(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
-        data = stream.read()
-        start = 3 if data.startswith(codecs.BOM_UTF8) else 0
-        try:
-            text = data[start:].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Invalid(start + exc.start, exc.reason) from None
+        text = _decode_whole(stream.read())
         try:
             rows = json.loads(text)
         except ValueError as exc:
@@ -794,3 +783,12 @@ def _capped(items: Iterator[Document | Problem], cap: int) -> Iterator[Document 
         close = getattr(items, "close", None)
         if close:
             close()
+
+
+def _decode_whole(data: bytes) -> str:
+    """A whole file as strict UTF-8 (BOM skipped); _Invalid with the byte offset otherwise."""
+    start = 3 if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Invalid(start + exc.start, exc.reason) from None

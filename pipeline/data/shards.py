@@ -44,12 +44,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.errors import CorruptShardError, InputError
+from pipeline.storage import sha256_file, storage_options_from_env
 
 FORMAT = "llmpipe-token-shards"
 FORMAT_VERSION = 1
 INDEX = "index.json"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-_HASH_CHUNK = 8 << 20
 
 
 # ------------------------------------------------------------------------------------ basics
@@ -314,14 +314,6 @@ def _validate_index(index: Any, where: str) -> None:
 # ------------------------------------------------------------------------------------ verify
 
 
-def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sizes(fs: fsspec.AbstractFileSystem, dirpath: str) -> dict[str, int]:
     """File name -> size for the folder, in one listing."""
     try:
@@ -349,7 +341,7 @@ def _check_shards(fs: fsspec.AbstractFileSystem, dirpath: str, index: dict[str, 
 
     def check(s: dict[str, Any]) -> None:
         path = posixpath.join(dirpath, s["file"])
-        actual = _sha256(fs, path)
+        actual = sha256_file(fs, path)
         if actual != s["sha256"]:
             raise CorruptShardError(f"shard {_display(fs, path)} is corrupt: expected sha256 {s['sha256']}, found {actual}")
 
@@ -400,7 +392,6 @@ class PackedDataset(Dataset):
         chunk_bytes: int = 1 << 20,
         cache_chunks: int = 32,
     ):
-        from pipeline.storage import storage_options_from_env
 
         protocol = uri_or_path.split("://", 1)[0] if "://" in uri_or_path else "file"
         env = storage_options_from_env() if protocol not in ("file", "local") else {}
