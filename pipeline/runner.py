@@ -123,7 +123,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _is_current(manifest: dict[str, Any] | None, chash: str, inputs: dict[str, Any]) -> bool:
+def is_current(manifest: dict[str, Any] | None, chash: str, inputs: dict[str, Any]) -> bool:
     """Same config and the same input fingerprints (where the inputs live does not matter)."""
     if not manifest or manifest.get("config_hash") != chash:
         return False
@@ -131,12 +131,12 @@ def _is_current(manifest: dict[str, Any] | None, chash: str, inputs: dict[str, A
     return had == {k: v["fingerprint"] for k, v in inputs.items()}
 
 
-def _execute(
+def execute(
     module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext, extra: dict[str, Any], *args: Any
 ) -> dict[str, Any]:
     """Run ``module.fn`` into a fresh output named ``name`` and commit it with its manifest."""
     chash = config_hash(cfg)
-    inputs = _input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs)
     started, t0 = _now(), time.perf_counter()
     out = storage.begin(name)
     try:
@@ -162,16 +162,18 @@ def _execute(
     return out.commit(manifest)
 
 
-def _input_refs(inputs: dict[str, Artifact]) -> dict[str, Any]:
+def input_refs(inputs: dict[str, Artifact]) -> dict[str, Any]:
     """What the manifest records of each input: its fingerprint (lineage) and where it was."""
     return {k: {"fingerprint": a.fingerprint, "uri": a.url()} for k, a in inputs.items()}
 
 
-def _inputs(module: ModuleType, storage: Storage) -> dict[str, Artifact]:
+def resolve_inputs(module: ModuleType, storage: Storage, cfg: StrictModel | None = None) -> dict[str, Artifact]:
+    """The committed artifacts a stage reads: ``module.inputs(cfg)`` when it has one, else ``INPUTS``."""
     from pipeline.stages import PRODUCER
 
     found = {}
-    for name in module.INPUTS:
+    names = module.inputs(cfg) if cfg is not None and hasattr(module, "inputs") else module.INPUTS
+    for name in names:
         manifest = storage.manifest(name)
         if manifest is None:
             producer = PRODUCER.get(name, name)
@@ -192,27 +194,27 @@ def run_part(
         raise PipelineError(f"stage {stage!r} is not sharded: run it without --rank")
     if not 0 <= rank < world:
         raise PipelineError(f"--rank {rank} is outside 0..{world - 1} for --world-size {world}")
-    ctx = StageContext(storage, _inputs(module, storage), progress=progress, rank=rank, world=world)
+    ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress, rank=rank, world=world)
     name = part_name(stage, rank, world)
-    inputs = _input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs)
     existing = storage.manifest(name)
-    if not force and _is_current(existing, config_hash(cfg), inputs):
+    if not force and is_current(existing, config_hash(cfg), inputs):
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
-    manifest = _execute(module, "run_part", cfg, storage, name, ctx, {"rank": rank, "world_size": world})
+    manifest = execute(module, "run_part", cfg, storage, name, ctx, {"rank": rank, "world_size": world})
     return Outcome(stage, "done", manifest)
 
 
 def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, force: bool = False, progress: bool = True) -> Outcome:
     """The single step after all ranks of a sharded stage have committed their parts."""
     module = get_stage(stage)
-    ctx = StageContext(storage, _inputs(module, storage), progress=progress)
+    ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
     chash = config_hash(cfg)
-    inputs = _input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs)
     parts: list[Artifact] = []
     missing = []
     for rank in range(world):
         manifest = storage.manifest(part_name(stage, rank, world))
-        if not _is_current(manifest, chash, inputs):
+        if not is_current(manifest, chash, inputs):
             missing.append(rank)
         else:
             parts.append(Artifact(storage, part_name(stage, rank, world), manifest))  # type: ignore[arg-type]
@@ -223,7 +225,7 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
             f"(run `llmpipe run {stage} --rank R --world-size {world}` for each)"
         )
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts]}
-    manifest = _execute(module, "merge", cfg, storage, module.OUTPUT, ctx, extra, parts)
+    manifest = execute(module, "merge", cfg, storage, module.OUTPUT, ctx, extra, parts)
     storage.remove(parts_dir(stage, world))
     if storage.is_local:  # object stores have no empty folders to leave behind
         try:
@@ -250,14 +252,14 @@ def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = F
 
 def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, progress: bool) -> Outcome:
     module = get_stage(stage)
-    inputs_art = _inputs(module, storage)
-    inputs = _input_refs(inputs_art)
+    inputs_art = resolve_inputs(module, storage, cfg)
+    inputs = input_refs(inputs_art)
     existing = storage.manifest(module.OUTPUT)
-    if not force and _is_current(existing, config_hash(cfg), inputs):
+    if not force and is_current(existing, config_hash(cfg), inputs):
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
     if not hasattr(module, "run_part"):
         ctx = StageContext(storage, inputs_art, progress=progress)
-        return Outcome(stage, "done", _execute(module, "run", cfg, storage, module.OUTPUT, ctx, {}))
+        return Outcome(stage, "done", execute(module, "run", cfg, storage, module.OUTPUT, ctx, {}))
     world = int(getattr(cfg, "workers", 1))
     if world == 1:
         run_part(stage, cfg, storage, 0, 1, force=force, progress=progress)

@@ -138,16 +138,8 @@ def inputs(cfg: PretrainConfig) -> list[str]:
 
 
 def run(cfg: PretrainConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
-    from pipeline.errors import InputError
-    from pipeline.storage import Artifact
     from pipeline.training.pretrain import train
 
-    for name in inputs(cfg):  # a runner that only knows the static INPUTS: read the other phases' shards here
-        if name not in ctx.inputs:
-            manifest = ctx.storage.manifest(name)
-            if manifest is None:
-                raise InputError(f"pretrain needs '{name}/' under {ctx.storage.uri}, which has no committed output yet")
-            ctx.inputs[name] = Artifact(ctx.storage, name, manifest)
     return train(cfg, ctx, out)
 
 

@@ -347,26 +347,15 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
         cfg = load_config(args.stage, args.config, args.overrides)
         storage = Storage(args.root or env.get("LLMPIPE_ROOT") or DEFAULT_ROOT)
         module = runner.get_stage(args.stage)
-        names = module.inputs(cfg) if hasattr(module, "inputs") else list(module.INPUTS)
-        inputs = {}
-        for name in names:
-            manifest = storage.manifest(name)
-            if manifest is None:
-                from pipeline.stages import PRODUCER
-
-                raise PipelineError(
-                    f"stage {args.stage} needs '{name}/' under {storage.uri}, which has no committed output yet: "
-                    f"run `llmpipe run {PRODUCER.get(name, name)}` first"
-                )
-            inputs[name] = runner.Artifact(storage, name, manifest)
+        inputs = runner.resolve_inputs(module, storage, cfg)
         ctx = runner.StageContext(storage, inputs, progress=not args.no_progress and rank == 0, rank=rank, world=world)
         existing = storage.manifest(module.OUTPUT)
-        if not args.force and runner._is_current(existing, config_hash(cfg), runner._input_refs(inputs)):
+        if not args.force and runner.is_current(existing, config_hash(cfg), runner.input_refs(inputs)):
             if rank == 0:
                 print(f"== {args.stage}: up to date")
             return 0
         if rank == 0:
-            manifest = runner._execute(module, "run", cfg, storage, module.OUTPUT, ctx, {"world_size": world})
+            manifest = runner.execute(module, "run", cfg, storage, module.OUTPUT, ctx, {"world_size": world})
             print(runner.format_summary(runner.Outcome(args.stage, "done", manifest)), flush=True)
         else:
             module.run(cfg, ctx, None)
