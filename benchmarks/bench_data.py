@@ -738,6 +738,9 @@ NOTES = [
     "32-bit; writes and sorts its bucket files in a temp folder, as it always does)",
     "ours additionally does Unicode normalisation, the script check and the exact-dedup key, which datatrove's "
     "side does not",
+    "datatrove keeps fewer documents mostly because its top-n-gram check also fires when the most frequent "
+    "n-gram occurs only once (short documents); its MinHash step then hashes fewer documents, which favours it",
+    "the machine may be shared: compare the per-run times in --json (runs_s) before trusting a small difference",
 ]
 
 
