@@ -156,3 +156,51 @@ def test_clean_with_two_workers_keeps_the_same_documents(pipeline_run, tmp_path)
     assert one == two
     assert m1["dropped_by_reason"] == m2["dropped_by_reason"] and m2["workers"] == 2
     assert not any(p.name.startswith("clean.parts") and any(p.iterdir()) for p in root.iterdir())
+
+
+def test_indexed_job_ranks_then_merge_match_local_workers(pipeline_run, monkeypatch):
+    """What the chart runs: one `--world-size 2` pod per JOB_COMPLETION_INDEX, then `--merge`."""
+    cfg, root = pipeline_run
+    storage = Storage(str(root))
+    before = _ids(storage, "clean")
+    common = ["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress"]
+    for rank in (1, 0):  # pods finish in any order
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(rank))
+        assert main([*common, "--world-size", "2", "--force"]) == 0
+        assert (root / "clean.parts" / "w002" / f"rank-{rank:05d}" / "manifest.json").exists()
+    assert main([*common, "--merge", "--world-size", "2", "--force"]) == 0
+    assert _ids(storage, "clean") == before
+    assert not (root / "clean.parts").exists()
+
+
+def test_merge_refuses_missing_ranks(pipeline_run, capsys):
+    cfg, root = pipeline_run
+    assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress",
+                 "--merge", "--world-size", "3"]) == 1
+    assert "rank(s) 0, 1, 2 of 3" in capsys.readouterr().err
+
+
+def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):
+    """`extend`: our corpus tokens appended to an existing tokenizer, fertility reported before/after."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    cfg, root = pipeline_run
+    copy = tmp_path / "run"
+    shutil.copytree(root / "raw", copy / "raw")
+    shutil.copytree(root / "clean", copy / "clean")
+    base = root / "tokenizer" / "tokenizer.json"
+    assert main(["run", "tokenizer", "--config", str(cfg / "tokenizer.yaml"), "--root", str(copy), "--no-progress",
+                 "--set", f"extend.base={base}", "--set", "extend.new_tokens=40"]) == 0
+    m = json.loads((copy / "tokenizer" / "manifest.json").read_text())["metrics"]
+    assert 0 < m["added_tokens"] <= 40
+    added = (copy / "tokenizer" / "added_tokens.txt").read_text(encoding="utf-8").splitlines()
+    assert len(added) == m["added_tokens"]
+    old = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    new = AutoTokenizer.from_pretrained(str(copy / "tokenizer"))
+    assert len(new) >= len(old) + m["added_tokens"] - 5  # special tokens already present are not added twice
+    for lang, per_tok in m["fertility"].items():
+        assert per_tok["ours"] <= per_tok["base"] + 1e-9, lang  # extension never makes fertility worse
+    text = "Қазақстан Республикасы"
+    assert new.decode(new.encode(text, add_special_tokens=False)) == text
