@@ -87,7 +87,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext, out: OutputDir) -> dict[str, An
     out.write_json("fertility.json", report)
     out.write_text("fertility.md", format_report_markdown(report))
     if added:
-        out.write_text("added_tokens.txt", "\n".join(added) + "\n")
+        out.write_json("added_tokens.json", added)  # tokens may hold newlines: JSON, not lines
     return {
         "vocab_size": tokenizer.get_vocab_size(),
         "train_characters": {k: sum(map(len, v)) for k, v in sorted(train.items())},
