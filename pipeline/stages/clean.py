@@ -193,7 +193,8 @@ def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
         ("kept", m["kept"]),
         ("dropped", m["dropped"]),
     ]
-    rows += [(f"  {reason}", n) for reason, n in m["dropped_by_reason"].items()]
+    by_count = sorted(m["dropped_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    rows += [(f"  {reason}", n) for reason, n in by_count]
     rows += [(f"kept {lang}", n) for lang, n in sorted(m["kept_by_language"].items())]
     rows.append(("characters kept", f"{m['characters_out']:,} of {m['characters_in']:,}"))
     rows.append(("drop samples", "clean/drops/<reason>.jsonl"))
