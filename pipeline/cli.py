@@ -22,6 +22,8 @@ examples:
   llmpipe run clean --config jobs/cluster/clean.yaml --merge --world-size 8    # the merge after them
   llmpipe config clean --config jobs/demo/clean.yaml              # the resolved config, validated
   llmpipe show clean --root runs/demo                             # what a stage produced
+  llmpipe run pretrain --config jobs/demo/pretrain.yaml --root runs/demo --nproc-per-node 2   # torchrun, 2 ranks
+  llmpipe run pretrain --config jobs/demo/pretrain.yaml --nnodes 2 --nproc-per-node 1   # 2 simulated nodes
 
 The run root (--root, else $LLMPIPE_ROOT, else runs/local) is a folder or an s3:// URI;
 extra fsspec options (e.g. an S3 endpoint) come as JSON in $LLMPIPE_STORAGE_OPTIONS.
@@ -34,9 +36,16 @@ def _root(args: argparse.Namespace) -> str:
 
 
 def _stage_names() -> list[str]:
+    """Stages `llmpipe pipeline` runs, in order."""
     from pipeline.stages import ORDER
 
     return ORDER
+
+
+def _all_stages() -> list[str]:
+    from pipeline.stages import STAGES
+
+    return list(STAGES)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
-    run.add_argument("stage", choices=stages, metavar="STAGE", help=f"one of: {', '.join(stages)}")
+    run.add_argument("stage", choices=_all_stages(), metavar="STAGE", help=f"one of: {', '.join(_all_stages())}")
     run.add_argument("--config", "-c", metavar="FILE", help="stage config YAML (default: the built-in defaults)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted for nesting, value parsed as YAML (repeatable)")
@@ -74,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this rank's share (default with --world-size: $JOB_COMPLETION_INDEX)")
     shard.add_argument("--world-size", type=int, metavar="W", help="how many ranks share the stage")
     shard.add_argument("--merge", action="store_true", help="only merge the parts that all W ranks committed")
+    dist = run.add_argument_group(
+        "training stages (pretrain, sft, dpo, reward): torchrun through our launcher when a topology flag "
+        "or a PyTorchJob's $PET_* variables are present, else one in-process rank"
+    )
+    dist.add_argument("--nnodes", metavar="N", help="nodes (pods); locally with --nproc-per-node, N simulated nodes")
+    dist.add_argument("--node-rank", type=int, metavar="R", help="this node's rank")
+    dist.add_argument("--nproc-per-node", metavar="P", help="processes per node: a number, or auto/gpu/cpu")
+    dist.add_argument("--master-addr", metavar="HOST", help="address of node 0")
+    dist.add_argument("--master-port", type=int, metavar="PORT", help="rendezvous port on node 0")
 
     pipe = sub.add_parser(
         "pipeline",
@@ -89,13 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pipe)
 
     cfg = sub.add_parser("config", help="print a stage's resolved config (or its JSON schema)")
-    cfg.add_argument("stage", choices=stages, metavar="STAGE")
+    cfg.add_argument("stage", choices=_all_stages(), metavar="STAGE")
     cfg.add_argument("--config", "-c", metavar="FILE")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of the stage config instead")
 
     show = sub.add_parser("show", help="summarise what a stage produced (its manifest)")
-    show.add_argument("stage", choices=stages, metavar="STAGE")
+    show.add_argument("stage", choices=_all_stages(), metavar="STAGE")
     show.add_argument("--root", metavar="URI")
     show.add_argument("--json", action="store_true", help="print the whole manifest")
 
@@ -109,9 +127,41 @@ def _load(stage: str, path: str | None, overrides: list[str]):
     return load_config(stage, path, overrides)
 
 
+TOPOLOGY_FLAGS = ("nnodes", "node_rank", "nproc_per_node", "master_addr", "master_port")
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Hand a training stage to the torchrun launcher, with the same arguments."""
+    from pipeline.training import launcher
+
+    argv = [args.stage]
+    for flag, value in (("--config", args.config), ("--root", args.root)):
+        if value:
+            argv += [flag, value]
+    for assignment in args.overrides:
+        argv += ["--set", assignment]
+    argv += [f for f, on in (("--force", args.force), ("--no-progress", args.no_progress)) if on]
+    for name in TOPOLOGY_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return launcher.main(argv)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import runner
+    from pipeline.stages import TRAINING
     from pipeline.storage import Storage
+
+    if args.stage in TRAINING:
+        wants_launcher = any(getattr(args, n) is not None for n in TOPOLOGY_FLAGS) or any(
+            k.startswith("PET_") for k in os.environ
+        )
+        if wants_launcher and "LOCAL_RANK" not in os.environ:
+            return _launch(args)
+    elif any(getattr(args, n) is not None for n in TOPOLOGY_FLAGS):
+        raise PipelineError(f"{', '.join('--' + n.replace('_', '-') for n in TOPOLOGY_FLAGS)} are for training stages; "
+                            f"{args.stage} shards with --rank/--world-size")
 
     cfg = _load(args.stage, args.config, args.overrides)
     storage = Storage(_root(args))
@@ -208,11 +258,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_stages(_: argparse.Namespace) -> int:
     from pipeline import runner
+    from pipeline.stages import TRAINING
 
-    for stage in _stage_names():
+    for stage in _all_stages():
         mod = runner.get_stage(stage)
         reads = ", ".join(f"{i}/" for i in mod.INPUTS) or "sources in its config"
-        kind = "sharded" if hasattr(mod, "run_part") else "single"
+        kind = "sharded" if hasattr(mod, "run_part") else "torchrun" if stage in TRAINING else "single"
         print(f"{stage:<10} {kind:<8} reads {reads:<28} writes {mod.OUTPUT}/")
     return 0
 

@@ -6,14 +6,28 @@ import importlib
 from types import ModuleType
 from typing import Callable
 
+# what `llmpipe pipeline` runs, in order
 ORDER = ["collect", "clean", "tokenizer", "pack"]
+# distributed training stages: `llmpipe run STAGE` (one in-process rank, or torchrun through
+# pipeline.training.launcher). They join ORDER once the `init` stage exists to feed them.
+TRAINING = ["pretrain", "sft", "dpo", "reward"]
 
 
 def _loader(name: str) -> Callable[[], ModuleType]:
     return lambda: importlib.import_module(f"pipeline.stages.{name}")
 
 
-STAGES: dict[str, Callable[[], ModuleType]] = {name: _loader(name) for name in ORDER}
+STAGES: dict[str, Callable[[], ModuleType]] = {name: _loader(name) for name in ORDER + TRAINING}
 
 # artifact folder under the run root -> the stage that writes it
-PRODUCER = {"raw": "collect", "clean": "clean", "tokenizer": "tokenizer", "shards": "pack"}
+PRODUCER = {
+    "raw": "collect",
+    "clean": "clean",
+    "tokenizer": "tokenizer",
+    "shards": "pack",
+    "models/init": "init",
+    "models/pretrain": "pretrain",
+    "models/sft": "sft",
+    "models/dpo": "dpo",
+    "models/reward": "reward",
+}

@@ -171,9 +171,10 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _launch(tmp_path: Path, root: Path, config: Path, *flags: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.training.launcher", "pretrain", "-c", str(config), "--root", str(root),
-           "--no-progress", *flags]
+def _launch(tmp_path: Path, root: Path, config: Path, *flags: str, timeout: int = 600, via_cli: bool = False,
+            **env: str) -> subprocess.CompletedProcess:
+    entry = [str(Path(sys.executable).parent / "llmpipe"), "run"] if via_cli else [sys.executable, "-m", "pipeline.training.launcher"]
+    cmd = [*entry, "pretrain", "-c", str(config), "--root", str(root), "--no-progress", *flags]
     return subprocess.run(cmd, cwd=REPO, env={**_env(tmp_path), **env}, capture_output=True, text=True, timeout=timeout)
 
 
@@ -285,10 +286,11 @@ def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
 
 
 def test_two_simulated_nodes(run_root, tmp_path):
+    """`llmpipe run pretrain --nnodes 2 --nproc-per-node 1`: two torchrun agents on localhost."""
     cfg = _config(tmp_path / "p.yaml", zero_stage=2, max_steps=4, checkpoint_every=2, eval_every=2,
                   generation={"every": 0, "prompts": []})
     t0 = time.time()
-    proc = _launch(tmp_path, run_root, cfg, "--nnodes", "2", "--nproc-per-node", "1")
+    proc = _launch(tmp_path, run_root, cfg, "--nnodes", "2", "--nproc-per-node", "1", via_cli=True)
     print(f"2 simulated nodes: {time.time() - t0:.1f}s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[node 1]" in proc.stderr
