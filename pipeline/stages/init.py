@@ -1,0 +1,333 @@
+"""init: ``tokenizer/`` (+ a preset, or local pretrained weights) -> ``models/init/`` HF checkpoint.
+
+* ``source: random``: a Llama of a preset shape (``tiny``, ``125m``, ``350m``, ``1b``; see
+  :mod:`pipeline.models.llama` for the shapes and parameter counts), with any field overridden,
+  initialised from ``seed``.
+* ``source: pretrained``: a local Llama-family checkpoint. When its vocabulary is not ours, the
+  input embedding (and an untied output head) is rebuilt for our tokenizer: rows of tokens both
+  vocabularies hold (same token string) are copied, the other rows get the mean of the old
+  tokens' rows (``new_token_init: mean``), N(0, initializer_range) (``random``), or the stage
+  refuses (``forbid``). The hub is used only with ``allow_hub: true``.
+* ``scale`` then changes the depth: ``{mode: down, drop_layers: [...]}`` removes layers (0-based);
+  ``{mode: up, target_layers: N}`` is SOLAR depth up-scaling: two copies of the n-layer stack,
+  the top k layers dropped from the first and the bottom k from the second (layers
+  ``0..n-k-1`` then ``k..n-1``, N = 2(n-k); 12 -> 16 uses k = 4).
+
+The vocabulary is ``len(tokenizer)`` rounded up to ``pad_vocab_multiple``; BOS/EOS/PAD ids go
+into the model config and generation config. The output is ``save_pretrained`` (safetensors)
+plus the tokenizer files, so ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load it.
+All checks on the inputs (folder, architecture, tokenizer, vocabulary) run before any weights
+are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from pipeline.config import StrictModel
+from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.runner import StageContext
+from pipeline.storage import OutputDir
+
+NAME = "init"
+INPUTS = ["tokenizer"]
+OUTPUT = "models/init"
+
+SMOKE_TEXT = "Қазақстан Республикасы. Москва — столица России. The quick brown fox."
+
+# ------------------------------------------------------------------------------------ config
+
+
+class DownScale(StrictModel):
+    """Remove layers (0-based indices of the base model's stack)."""
+
+    mode: Literal["down"]
+    drop_layers: list[int] = Field(..., min_length=1, description="0-based layers to remove, e.g. [10, 11]")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _valid(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("layer indices are 0-based and non-negative")
+        if len(set(value)) != len(value):
+            raise ValueError(f"drop_layers has repeats: {value}")
+        return sorted(value)
+
+
+class UpScale(StrictModel):
+    """SOLAR depth up-scaling to ``target_layers`` (even, between n+1 and 2n for an n-layer base)."""
+
+    mode: Literal["up"]
+    target_layers: int = Field(..., ge=2, description="layers after up-scaling: 2 x (n - k)")
+    recipe: Literal["solar"] = Field(
+        "solar", validation_alias=AliasChoices("recipe", "copy"),
+        description="how layers are copied (also accepted as `copy`); solar: layers 0..n-k-1 then k..n-1",
+    )
+
+    @field_validator("target_layers")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"SOLAR up-scaling gives 2 x (n - k) layers, an even number; got {value}")
+        return value
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
+
+
+class InitConfig(StrictModel):
+    source: Literal["random", "pretrained"] = "random"
+    preset: Literal["tiny", "125m", "350m", "1b"] | None = Field(
+        None, description="model shape for source: random (tiny is a CPU-test size)"
+    )
+    # explicit overrides of the preset (source: random); the last two also apply to pretrained models
+    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="key/value heads (GQA); = num_heads for plain attention")
+    tie_word_embeddings: bool | None = None
+    max_position_embeddings: int | None = Field(None, ge=16)
+    rope_theta: float | None = Field(None, gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="std of the random init (source: random)")
+    # pretrained weights
+    pretrained_path: str | None = Field(
+        None, description="local folder of a Llama-family HF checkpoint with its tokenizer (a hub id only with allow_hub)"
+    )
+    allow_hub: bool = Field(False, description="let pretrained_path be a Hugging Face hub id that is downloaded")
+    new_token_init: Literal["mean", "random", "forbid"] = Field(
+        "mean", description="rows for our tokens the pretrained vocabulary lacks: mean of the old rows, "
+        "N(0, initializer_range), or refuse to run when there are any"
+    )
+    # vocabulary, depth, numerics
+    pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows = len(tokenizer) rounded up to this")
+    scale: Annotated[Union[DownScale, UpScale], Field(discriminator="mode")] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    EXEC_FIELDS: ClassVar[set[str]] = set()
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        if self.source == "random":
+            if self.preset is None:
+                raise ValueError("source 'random' needs a `preset` (tiny, 125m, 350m, 1b); override fields on top of it")
+            if self.pretrained_path is not None:
+                raise ValueError("pretrained_path is only read with source: pretrained")
+            problems = self.shape().problems()
+            if problems:
+                raise ValueError("; ".join(problems))
+        else:
+            if not self.pretrained_path:
+                raise ValueError("source 'pretrained' needs `pretrained_path` (a local model folder)")
+            if self.preset is not None:
+                raise ValueError("preset applies to source: random; a pretrained model keeps its own shape (use `scale` for depth)")
+            given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} cannot change a pretrained model's shape; only max_position_embeddings, "
+                    "rope_theta and `scale` apply to it"
+                )
+        return self
+
+    def shape(self) -> Any:
+        from pipeline.models.llama import resolve_shape
+
+        return resolve_shape(self.preset or "tiny", **{f: getattr(self, f) for f in (*SHAPE_FIELDS, "max_position_embeddings", "rope_theta")})
+
+
+# ------------------------------------------------------------------------------------- stage
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int | None]:
+    return {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+
+
+def _random_model(cfg: InitConfig, vocab: int, ids: dict[str, int | None]) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from pipeline.models.llama import llama_config
+
+    config = llama_config(cfg.shape(), vocab, initializer_range=cfg.initializer_range, **ids)
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config), {}
+
+
+def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab: int, ids: dict[str, int | None]) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import llama as L
+
+    # every check before any weights are read
+    folder = L.resolve_pretrained(cfg.pretrained_path or "", cfg.allow_hub)
+    L.check_pretrained(folder)
+    old_config = LlamaConfig.from_pretrained(folder, local_files_only=True)
+    old_tok = L.load_tokenizer(folder, "pretrained model's")
+    match = L.match_vocab(L.tokenizer_tokens(tokenizer), old_tok.get_vocab(), old_config.vocab_size)
+    if match.matched == 0:
+        raise InputError(
+            f"none of our {match.n_tokens} tokens exists in the vocabulary of {cfg.pretrained_path} "
+            "(different tokenizer family?): nothing to transfer"
+        )
+    if match.new_ids and cfg.new_token_init == "forbid":
+        sample = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in match.new_ids[:5])
+        raise InputError(
+            f"{len(match.new_ids)} of our {match.n_tokens} tokens are not in the vocabulary of {cfg.pretrained_path} "
+            f"(e.g. {sample}) and new_token_init is 'forbid'"
+        )
+    ctx.log(f"init: {cfg.pretrained_path}: {match.matched} of our {match.n_tokens} tokens matched, {len(match.new_ids)} new")
+
+    old = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    sd = dict(old.state_dict())
+    tied = bool(old_config.tie_word_embeddings)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    std = float(getattr(old_config, "initializer_range", 0.02))
+    info: dict[str, Any] = {
+        "pretrained_vocab_size": old_config.vocab_size,
+        "pretrained_tokenizer_size": len(old_tok),
+        "vocab_matched": match.matched,
+        "vocab_new": len(match.new_ids),
+        "vocab_padding": vocab - match.n_tokens,
+        "vocab_identical": match.identical and vocab == old_config.vocab_size,
+    }
+    if not info["vocab_identical"]:
+        sd["model.embed_tokens.weight"] = L.transfer_vocab(
+            sd["model.embed_tokens.weight"], match, vocab, cfg.new_token_init if cfg.new_token_init != "forbid" else "mean",
+            generator=gen, std=std,
+        )
+        if tied:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        else:
+            sd["lm_head.weight"] = L.transfer_vocab(
+                sd["lm_head.weight"], match, vocab, cfg.new_token_init if cfg.new_token_init != "forbid" else "mean",
+                generator=gen, std=std,
+            )
+    config = copy.deepcopy(old.config)
+    del old
+    config.vocab_size = vocab
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos_id"], ids["eos_id"], ids["pad_id"]
+    if cfg.max_position_embeddings is not None:
+        config.max_position_embeddings = cfg.max_position_embeddings
+    if cfg.rope_theta is not None:
+        config.rope_theta = cfg.rope_theta
+    info["pretrained_files"] = {
+        f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith((".safetensors", ".bin", ".json"))
+    }
+    return L.build_from_state_dict(config, sd), info
+
+
+def _scale(cfg: InitConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+    from pipeline.models import llama as L
+
+    n = model.config.num_hidden_layers
+    try:
+        if isinstance(cfg.scale, DownScale):
+            layer_map = L.drop_layer_map(n, cfg.scale.drop_layers)
+        else:
+            layer_map = L.solar_layer_map(n, cfg.scale.target_layers)  # type: ignore[union-attr]
+    except ValueError as exc:
+        raise ConfigError(f"scale: {exc}") from None
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(layer_map)
+    scaled = L.build_from_state_dict(config, L.remap_layers(dict(model.state_dict()), layer_map))
+    info = {"mode": cfg.scale.mode, "from_layers": n, "to_layers": len(layer_map), "layer_map": layer_map}  # type: ignore[union-attr]
+    if isinstance(cfg.scale, UpScale):
+        info["recipe"] = cfg.scale.recipe
+        info["k"] = n - len(layer_map) // 2
+    return scaled, info
+
+
+def _smoke(model: Any, tokenizer: Any) -> None:
+    """One short forward pass: the saved model must produce finite logits."""
+    import torch
+
+    ids = tokenizer(SMOKE_TEXT, add_special_tokens=False)["input_ids"][:16]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    if not torch.isfinite(logits).all():
+        raise PipelineError("the initialised model produces non-finite logits; check the source weights and dtype")
+
+
+def run(cfg: InitConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+    import torch
+    from transformers import GenerationConfig
+
+    from pipeline.models import llama as L
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = L.load_tokenizer(ctx.inputs["tokenizer"].download(tmp), "pipeline's")
+    vocab = L.padded_vocab(len(tokenizer), cfg.pad_vocab_multiple)
+    ids = _special_ids(tokenizer)
+    if cfg.source == "random":
+        model, info = _random_model(cfg, vocab, ids)
+    else:
+        model, info = _pretrained_model(cfg, ctx, tokenizer, vocab, ids)
+    scale_info: dict[str, Any] = {"mode": "none"}
+    if cfg.scale is not None:
+        model, scale_info = _scale(cfg, model)
+        ctx.log(f"init: scaled {scale_info['from_layers']} -> {scale_info['to_layers']} layers: {scale_info['layer_map']}")
+    model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
+    )
+    _smoke(model, tokenizer)
+    counts = L.param_counts(model)
+    shape = L.shape_of(model.config)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = out.path() if out.storage.is_local else tmp  # save big checkpoints in place when we can
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        if not out.storage.is_local:
+            out.put_local(tmp)
+
+    metrics: dict[str, Any] = {
+        "source": cfg.source,
+        "preset": cfg.preset,
+        "pretrained_path": cfg.pretrained_path,
+        "params_total": counts["total"],
+        "params_embedding": counts["embedding"],
+        "params_lm_head": counts["lm_head"],
+        "params_non_embedding": counts["non_embedding"],
+        "layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "heads": shape.num_heads,
+        "kv_heads": shape.num_kv_heads,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "rope_theta": shape.rope_theta,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "vocab_size": vocab,
+        "tokenizer_size": len(tokenizer),
+        **{k: v for k, v in ids.items()},
+        "dtype": cfg.dtype,
+        "scale": scale_info,
+        **info,
+    }
+    return metrics
+
+
+def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
+    src = m["source"] + (f" ({m['preset']})" if m.get("preset") else f" ({m['pretrained_path']})")
+    rows: list[tuple[str, Any]] = [
+        ("source", src),
+        ("parameters", f"{m['params_total']:,} ({m['params_non_embedding']:,} non-embedding)"),
+        ("layers / hidden / ffn", f"{m['layers']} / {m['hidden_size']} / {m['intermediate_size']}"),
+        ("heads / kv heads", f"{m['heads']} / {m['kv_heads']}"),
+        ("vocab", f"{m['vocab_size']:,} rows for {m['tokenizer_size']:,} tokens"),
+        ("dtype", m["dtype"] + (", tied embeddings" if m["tie_word_embeddings"] else "")),
+    ]
+    if "vocab_matched" in m:
+        rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, {m['vocab_new']:,} new"))
+    sc = m.get("scale") or {}
+    if sc.get("mode", "none") != "none":
+        rows.append((f"scaled {sc['mode']}", f"{sc['from_layers']} -> {sc['to_layers']} layers {sc['layer_map']}"))
+    return rows
