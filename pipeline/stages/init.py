@@ -182,6 +182,9 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
             f"(e.g. {sample}) and new_token_init is 'forbid'"
         )
     ctx.log(f"init: {cfg.pretrained_path}: {match.matched} of our {match.n_tokens} tokens matched, {len(match.new_ids)} new")
+    if match.matched < match.n_tokens / 2:
+        ctx.log("init: warning: fewer than half of our tokens matched: tokens are matched by string, so a tokenizer "
+                "with another byte/space convention (SentencePiece '▁' vs byte-level 'Ġ') shares few of them")
 
     old = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     sd = dict(old.state_dict())
@@ -286,6 +289,9 @@ def run(cfg: InitConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
         target = out.path() if out.storage.is_local else tmp  # save big checkpoints in place when we can
         model.save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
+        for name in os.listdir(target):  # safetensors writes 0600; other pods (other users) read this
+            path = os.path.join(target, name)
+            os.chmod(path, os.stat(path).st_mode | 0o044)
         if not out.storage.is_local:
             out.put_local(tmp)
 

@@ -222,6 +222,7 @@ def test_random_tiny(tmp_path, stage):
     assert torch.isfinite(logits_of(model, [1, 5, 6, 7])).all()
     files = {f["path"] for f in outcome.manifest["files"]}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= files
+    assert (tmp_path / "models" / "init" / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group/other can read
     # same seed, same weights; the manifest says what made it
     assert outcome.manifest["config"]["preset"] == "tiny"
 
