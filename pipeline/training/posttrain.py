@@ -259,6 +259,25 @@ def split_examples(examples: list[dict[str, Any]], fraction: float, seed: int) -
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+def data_fingerprints(sources: Iterable[Any]) -> dict[str, str | None]:
+    """sha256 of every local data file (lineage in the metrics; None for a hub dataset)."""
+    import fsspec
+
+    from pipeline.storage import sha256_file
+
+    fs = fsspec.filesystem("file")
+    out: dict[str, str | None] = {}
+    for src in sources:
+        if not os.path.exists(src.path):
+            out[src.path] = None
+            continue
+        files = sorted(f for f in glob.glob(os.path.join(src.path, "**", "*"), recursive=True) if os.path.isfile(f)) \
+            if os.path.isdir(src.path) else [src.path]
+        for f in files:
+            out[f] = sha256_file(fs, f)
+    return out
+
+
 def load_train_eval(cfg: Any, kind: str) -> tuple[list, list]:
     examples = load_examples(cfg.data, kind)
     if cfg.eval_data:
@@ -649,7 +668,31 @@ def _metrics_common(st: _Stage, trainer: Any, n_train: int, n_eval: int) -> dict
         "precision": st.precision,
         "mode": "lora" if st.cfg.lora is not None else "full",
         "train_loss": _final_loss(trainer.state.log_history),
+        "data_sha256": data_fingerprints([*st.cfg.data, *st.cfg.eval_data]),
     }
+
+
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins", "accuracy", "margin",
+            "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy")
+
+
+def _quiet_logs(st: "_Stage", trainer: Any) -> Any:
+    """Replace the Trainer's raw dict printing by one line per log on rank 0 (through ctx.log)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    class LineLog(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not st.main or not logs:
+                return
+            parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in LOG_KEYS
+                     if isinstance(logs.get(k), (int, float))]
+            if parts:
+                st.ctx.log(f"{st.name} step {state.global_step}: " + "  ".join(parts))
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LineLog())
+    return trainer
 
 
 def _log(st: _Stage, message: str) -> None:
@@ -687,7 +730,7 @@ def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         model.config.use_cache = False
         _log(st, f"sft: {len(train)} train / {len(held)} held-out conversations, {'LoRA' if cfg.lora else 'full'}, "
                  f"world {ctx.world}, ZeRO {cfg.zero_stage}, {st.precision}")
-        trainer = sft_trainer(cfg, model, st.tok, train, held, kw)
+        trainer = _quiet_logs(st, sft_trainer(cfg, model, st.tok, train, held, kw))
         eval_rows = [dict(r) for r in trainer.eval_dataset] if held else []
         measure = cfg.zero_stage != 3
         before = heldout_loss(trainer.model, eval_rows) if measure else None
@@ -738,6 +781,7 @@ def train_dpo(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         trainer = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(train),
                                  eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=st.tok,
                                  peft_config=lora_config(cfg, "CAUSAL_LM"))
+        _quiet_logs(st, trainer)
         trainer.train()
         metrics = _metrics_common(st, trainer, len(train), len(held))
         metrics.update(reference="adapters disabled" if cfg.lora else "frozen copy", beta=cfg.beta)
@@ -788,6 +832,7 @@ def train_reward(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         trainer = trl.RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
                                     eval_dataset=datasets.Dataset.from_list(held) if held else None,
                                     processing_class=st.tok, peft_config=lora_config(cfg, "SEQ_CLS"))
+        _quiet_logs(st, trainer)
         trainer.train()
         metrics = _metrics_common(st, trainer, len(train), len(held))
         if measure:
