@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser(
         "pipeline",
         help="run stages in order from a folder of configs",
-        description="Run the stages in order, each with CONFIG_DIR/<stage>.yaml (built-in defaults where a file is missing, "
-        "except collect, which needs its sources). Stages that are up to date are skipped.",
+        description="Run the stages in order, each with CONFIG_DIR/<stage>.yaml; every config is validated before "
+        "anything runs. Stages that are up to date are skipped.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -202,11 +202,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise PipelineError(f"--config-dir {folder} is not a folder")
     selected = stages[lo : hi + 1]
     configs = {}
-    for stage in selected:  # validate every config before running anything
+    for i, stage in enumerate(selected):  # validate every config before running anything
         path = folder / f"{stage}.yaml"
-        if not path.exists() and stage == "collect":
-            raise PipelineError(f"{path} is missing: collect needs its sources")
-        configs[stage] = _load(stage, str(path) if path.exists() else None, [])
+        if not path.exists():
+            hint = f" (or stop before it with --until {selected[i - 1]})" if i else ""
+            raise PipelineError(f"{path} is missing: every stage the pipeline runs needs its config{hint}")
+        configs[stage] = _load(stage, str(path), [])
     storage = Storage(_root(args))
     print(f"run root: {storage.uri}")
     timings = []
@@ -225,10 +226,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.config import STAGE_CONFIGS, config_hash
+    from pipeline.config import config_class, config_hash
 
     if args.schema:
-        print(json.dumps(STAGE_CONFIGS[args.stage].model_json_schema(), indent=2))
+        print(json.dumps(config_class(args.stage).model_json_schema(), indent=2))
         return 0
     cfg = _load(args.stage, args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")

@@ -17,10 +17,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -306,6 +306,109 @@ class PackConfig(StrictModel):
     EXEC_FIELDS: ClassVar[set[str]] = {"workers", "batch_size"}
 
 
+# ------------------------------------------------------------------------------------ init
+
+
+class DownScale(StrictModel):
+    """Remove layers (0-based indices of the base model's stack)."""
+
+    mode: Literal["down"]
+    drop_layers: list[int] = Field(..., min_length=1, description="0-based layers to remove, e.g. [10, 11]")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _valid(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("layer indices are 0-based and non-negative")
+        if len(set(value)) != len(value):
+            raise ValueError(f"drop_layers has repeats: {value}")
+        return sorted(value)
+
+
+class UpScale(StrictModel):
+    """SOLAR depth up-scaling to ``target_layers`` (even, between n+1 and 2n for an n-layer base)."""
+
+    mode: Literal["up"]
+    target_layers: int = Field(..., ge=2, description="layers after up-scaling: 2 x (n - k)")
+    recipe: Literal["solar"] = Field(
+        "solar", validation_alias=AliasChoices("recipe", "copy"),
+        description="how layers are copied (also accepted as `copy`); solar: layers 0..n-k-1 then k..n-1",
+    )
+
+    @field_validator("target_layers")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"SOLAR up-scaling gives 2 x (n - k) layers, an even number; got {value}")
+        return value
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
+
+
+class InitConfig(StrictModel):
+    source: Literal["random", "pretrained"] = "random"
+    preset: Literal["tiny", "125m", "350m", "1b"] | None = Field(
+        None, description="model shape for source: random (tiny is a CPU-test size)"
+    )
+    # explicit overrides of the preset (source: random); the last two also apply to pretrained models
+    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="key/value heads (GQA); = num_heads for plain attention")
+    tie_word_embeddings: bool | None = None
+    max_position_embeddings: int | None = Field(None, ge=16)
+    rope_theta: float | None = Field(None, gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="std of the random init (source: random)")
+    # pretrained weights
+    pretrained_path: str | None = Field(
+        None, description="local folder of a Llama-family HF checkpoint with its tokenizer (a hub id only with allow_hub)"
+    )
+    allow_hub: bool = Field(False, description="let pretrained_path be a Hugging Face hub id that is downloaded")
+    new_token_init: Literal["mean", "random", "forbid"] = Field(
+        "mean", description="rows for our tokens the pretrained vocabulary lacks: mean of the old rows, "
+        "N(0, initializer_range), or refuse to run when there are any"
+    )
+    # vocabulary, depth, numerics
+    pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows = len(tokenizer) rounded up to this")
+    scale: Annotated[Union[DownScale, UpScale], Field(discriminator="mode")] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    EXEC_FIELDS: ClassVar[set[str]] = set()
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        if self.source == "random":
+            if self.preset is None:
+                raise ValueError("source 'random' needs a `preset` (tiny, 125m, 350m, 1b); override fields on top of it")
+            if self.pretrained_path is not None:
+                raise ValueError("pretrained_path is only read with source: pretrained")
+            problems = self.shape().problems()
+            if problems:
+                raise ValueError("; ".join(problems))
+        else:
+            if not self.pretrained_path:
+                raise ValueError("source 'pretrained' needs `pretrained_path` (a local model folder)")
+            if self.preset is not None:
+                raise ValueError("preset applies to source: random; a pretrained model keeps its own shape (use `scale` for depth)")
+            given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} cannot change a pretrained model's shape; only max_position_embeddings, "
+                    "rope_theta and `scale` apply to it"
+                )
+        return self
+
+    def shape(self) -> Any:
+        from pipeline.models.llama import resolve_shape
+
+        return resolve_shape(self.preset or "tiny", **{f: getattr(self, f) for f in (*SHAPE_FIELDS, "max_position_embeddings", "rope_theta")})
+
+
+# ------------------------------------------------------------------------------------- stage
+
+
 # -------------------------------------------------------------------------------- pretrain
 
 
@@ -420,8 +523,26 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "clean": CleanConfig,
     "tokenizer": TokenizerConfig,
     "pack": PackConfig,
+    "init": InitConfig,
     "pretrain": PretrainConfig,
 }
+
+# post-training configs share a base class with their training code and are declared in their
+# stage modules; they are imported only when one of them is asked for
+_LAZY_CONFIGS = {"sft": ("pipeline.stages.sft", "SFTConfig"), "dpo": ("pipeline.stages.dpo", "DPOConfig"),
+                 "reward": ("pipeline.stages.reward", "RewardConfig")}
+
+
+def config_class(stage: str) -> type[StrictModel]:
+    """The config model of ``stage``."""
+    if stage not in STAGE_CONFIGS and stage in _LAZY_CONFIGS:
+        import importlib
+
+        module, name = _LAZY_CONFIGS[stage]
+        STAGE_CONFIGS[stage] = getattr(importlib.import_module(module), name)
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join([*STAGE_CONFIGS, *_LAZY_CONFIGS])}")
+    return STAGE_CONFIGS[stage]
 
 
 # --------------------------------------------------------------------------------- loading
@@ -506,9 +627,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
 
 def load_config(stage: str, path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> StrictModel:
     """Read a stage's YAML (or start empty), apply overrides, validate."""
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_CONFIGS)}")
-    model = STAGE_CONFIGS[stage]
+    model = config_class(stage)
     source = str(path) if path else "(defaults)"
     data: dict[str, Any] = {}
     if path:

@@ -236,9 +236,9 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
 
 
 def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str, Any], rank: int, world: int, force: bool, progress: bool) -> str:
-    from pipeline.config import STAGE_CONFIGS
+    from pipeline.config import config_class
 
-    cfg = STAGE_CONFIGS[stage].model_validate(cfg_json)
+    cfg = config_class(stage).model_validate(cfg_json)
     return run_part(stage, cfg, Storage(uri, opts), rank, world, force=force, progress=progress).status
 
 

@@ -7,9 +7,9 @@ from types import ModuleType
 from typing import Callable
 
 # what `llmpipe pipeline` runs, in order
-ORDER = ["collect", "clean", "tokenizer", "pack"]
-# distributed training stages: `llmpipe run STAGE` (one in-process rank, or torchrun through
-# pipeline.training.launcher). They join ORDER once the `init` stage exists to feed them.
+ORDER = ["collect", "clean", "tokenizer", "pack", "init", "pretrain", "sft", "dpo", "reward"]
+# distributed training stages: one in-process rank, or torchrun through pipeline.training.launcher
+# (`llmpipe run STAGE --nproc-per-node N`, or a PyTorchJob's $PET_* environment)
 TRAINING = ["pretrain", "sft", "dpo", "reward"]
 
 
@@ -17,7 +17,7 @@ def _loader(name: str) -> Callable[[], ModuleType]:
     return lambda: importlib.import_module(f"pipeline.stages.{name}")
 
 
-STAGES: dict[str, Callable[[], ModuleType]] = {name: _loader(name) for name in ORDER + TRAINING}
+STAGES: dict[str, Callable[[], ModuleType]] = {name: _loader(name) for name in ORDER}
 
 # artifact folder under the run root -> the stage that writes it
 PRODUCER = {

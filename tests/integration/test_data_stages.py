@@ -46,7 +46,7 @@ def pipeline_run(tmp_path_factory):
     with open(cfg / "collect.yaml", "a", encoding="utf-8") as fh:
         fh.write(f'  - name: bad\n    paths: ["{bad}/*.txt"]\n')
     root = base / "run"
-    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--no-progress"]) == 0
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--until", "pack", "--no-progress"]) == 0
     return cfg, root
 
 
@@ -127,7 +127,7 @@ def test_pack_shards_read_back_through_the_training_dataset(pipeline_run):
 def test_second_run_is_up_to_date(pipeline_run, capsys):
     cfg, root = pipeline_run
     before = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in ("raw", "clean", "tokenizer", "shards")}
-    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--no-progress"]) == 0
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", str(root), "--until", "pack", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count(": up to date ==") == 4
     after = {p: (root / p / "manifest.json").stat().st_mtime_ns for p in before}

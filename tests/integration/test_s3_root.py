@@ -15,7 +15,7 @@ def test_pipeline_on_s3_root(tmp_path, s3_env, capsys):
     bucket = s3_env
     cfg = write_configs(tmp_path / "jobs", pack="workers: 2\n")
     root = f"s3://{bucket}/runs/one"
-    assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--no-progress"]) == 0
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--until", "pack", "--no-progress"]) == 0
     fs = fsspec.filesystem("s3", **json.loads(__import__("os").environ["LLMPIPE_STORAGE_OPTIONS"]))
     for name in ("raw", "clean", "tokenizer", "shards"):
         manifest = json.loads(fs.cat_file(f"{bucket}/runs/one/{name}/manifest.json"))
@@ -31,5 +31,5 @@ def test_pipeline_on_s3_root(tmp_path, s3_env, capsys):
     assert len(ds) > 0 and ds[len(ds) - 1]["input_ids"].shape[0] == 64
 
     capsys.readouterr()
-    assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--no-progress"]) == 0
+    assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--until", "pack", "--no-progress"]) == 0
     assert capsys.readouterr().out.count(": up to date ==") == 4
