@@ -17,6 +17,7 @@ Pieces, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -406,53 +407,55 @@ def render_pair(tok: Any, ex: dict[str, Any]) -> tuple[str, str, str]:
     return prompt, full_c[len(prompt):], full_r[len(prompt):]
 
 
+@contextlib.contextmanager
+def _evaluating(model: Any) -> Iterator[None]:
+    """Eval mode without gradients, restoring the model's training flag afterwards."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
 def completion_logps(model: Any, tok: Any, examples: list[dict[str, Any]], max_length: int) -> list[tuple[float, float]]:
     """Summed log-probability of the chosen and of the rejected completion given the prompt, per pair."""
     import torch
 
     out = []
-    was = model.training
-    model.eval()
     dev = _device(model)
-    try:
-        with torch.no_grad():
-            for ex in examples:
-                prompt, chosen, rejected = render_pair(tok, ex)
-                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-                pair = []
-                for completion in (chosen, rejected):
-                    c_ids = tok(completion, add_special_tokens=False)["input_ids"]
-                    ids = (p_ids + c_ids)[:max_length]
-                    n_p = min(len(p_ids), len(ids) - 1)
-                    x = torch.tensor([ids], device=dev)
-                    logits = model(input_ids=x).logits.float()[0, :-1]
-                    lp = torch.log_softmax(logits, -1).gather(1, x[0, 1:, None])[:, 0]
-                    pair.append(float(lp[n_p - 1:].sum()))
-                out.append((pair[0], pair[1]))
-    finally:
-        model.train(was)
+    with _evaluating(model):
+        for ex in examples:
+            prompt, chosen, rejected = render_pair(tok, ex)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            pair = []
+            for completion in (chosen, rejected):
+                c_ids = tok(completion, add_special_tokens=False)["input_ids"]
+                ids = (p_ids + c_ids)[:max_length]
+                n_p = min(len(p_ids), len(ids) - 1)
+                x = torch.tensor([ids], device=dev)
+                logits = model(input_ids=x).logits.float()[0, :-1]
+                lp = torch.log_softmax(logits, -1).gather(1, x[0, 1:, None])[:, 0]
+                pair.append(float(lp[n_p - 1:].sum()))
+            out.append((pair[0], pair[1]))
     return out
 
 
 def reward_scores(model: Any, tok: Any, examples: list[dict[str, Any]], max_length: int) -> list[tuple[float, float]]:
     """Scalar rewards (chosen, rejected) of a sequence-classification model, per pair."""
-    import torch
-
     out = []
-    was = model.training
-    model.eval()
     dev = _device(model)
-    try:
-        with torch.no_grad():
-            for ex in examples:
-                pair = []
-                for key in ("chosen", "rejected"):
-                    text = tok.apply_chat_template(ex["prompt"] + ex[key], tokenize=False)
-                    ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_length, return_tensors="pt")
-                    pair.append(float(model(input_ids=ids["input_ids"].to(dev)).logits[0, 0]))
-                out.append((pair[0], pair[1]))
-    finally:
-        model.train(was)
+    with _evaluating(model):
+        for ex in examples:
+            pair = []
+            for key in ("chosen", "rejected"):
+                text = tok.apply_chat_template(ex["prompt"] + ex[key], tokenize=False)
+                ids = tok(text, add_special_tokens=False, truncation=True, max_length=max_length, return_tensors="pt")
+                pair.append(float(model(input_ids=ids["input_ids"].to(dev)).logits[0, 0]))
+            out.append((pair[0], pair[1]))
     return out
 
 
