@@ -1,5 +1,7 @@
 """Config loading: YAML + --set overrides, env expansion, clear errors, the config hash."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import CleanConfig, config_hash, load_config
@@ -76,3 +78,19 @@ def test_hash_ignores_exec_fields():
     a, b = CleanConfig(workers=1), CleanConfig(workers=8)
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(CleanConfig(samples_per_reason=3))
+
+
+JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_job_configs_validate(path):
+    """Every config under jobs/ loads against its stage's schema (the file name is the stage)."""
+    load_config(path.stem, path)
+
+
+def test_every_stage_has_demo_and_cluster_configs():
+    from pipeline.stages import ORDER
+
+    for folder in ("demo", "cluster"):
+        assert {p.stem for p in JOBS if p.parent.name == folder} == set(ORDER), folder
