@@ -210,6 +210,9 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
     chash = config_hash(cfg)
     inputs = input_refs(ctx.inputs)
+    existing = storage.manifest(module.OUTPUT)
+    if not force and is_current(existing, chash, inputs) and existing.get("world_size") == world:  # type: ignore[union-attr]
+        return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]  # a retried merge Job
     parts: list[Artifact] = []
     missing = []
     for rank in range(world):

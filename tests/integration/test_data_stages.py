@@ -171,6 +171,7 @@ def test_indexed_job_ranks_then_merge_match_local_workers(pipeline_run, monkeypa
     assert main([*common, "--merge", "--world-size", "2", "--force"]) == 0
     assert _ids(storage, "clean") == before
     assert not (root / "clean.parts").exists()
+    assert main([*common, "--merge", "--world-size", "2"]) == 0  # a retried merge Job: up to date, not an error
 
 
 def test_merge_refuses_missing_ranks(pipeline_run, capsys):
