@@ -530,7 +530,10 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
 # post-training configs share a base class with their training code and are declared in their
 # stage modules; they are imported only when one of them is asked for
 _LAZY_CONFIGS = {"sft": ("pipeline.stages.sft", "SFTConfig"), "dpo": ("pipeline.stages.dpo", "DPOConfig"),
-                 "reward": ("pipeline.stages.reward", "RewardConfig")}
+                 "reward": ("pipeline.stages.reward", "RewardConfig"),
+                 "evaluate": ("pipeline.stages.evaluate", "EvaluateConfig"),
+                 "quantize": ("pipeline.stages.quantize", "QuantizeConfig"),
+                 "register": ("pipeline.stages.register", "RegisterConfig")}
 
 
 def config_class(stage: str) -> type[StrictModel]:

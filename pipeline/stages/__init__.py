@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Callable
 
 # what `llmpipe pipeline` runs, in order
-ORDER = ["collect", "clean", "tokenizer", "pack", "init", "pretrain", "sft", "dpo", "reward"]
+ORDER = ["collect", "clean", "tokenizer", "pack", "init", "pretrain", "sft", "dpo", "reward", "evaluate", "quantize", "register"]
 # distributed training stages: one in-process rank, or torchrun through pipeline.training.launcher
 # (`llmpipe run STAGE --nproc-per-node N`, or a PyTorchJob's $PET_* environment)
 TRAINING = ["pretrain", "sft", "dpo", "reward"]
@@ -30,4 +30,7 @@ PRODUCER = {
     "models/sft": "sft",
     "models/dpo": "dpo",
     "models/reward": "reward",
+    "eval": "evaluate",
+    "quantized": "quantize",
+    "registry": "register",
 }
