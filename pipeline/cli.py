@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run only this rank's share (default with --world-size: $JOB_COMPLETION_INDEX)")
     shard.add_argument("--world-size", type=int, metavar="W", help="how many ranks share the stage")
     shard.add_argument("--merge", action="store_true", help="only merge the parts that all W ranks committed")
+    shard.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="with --merge: wait up to SECONDS for the ranks' parts (a merge Job started beside "
+                       "the Indexed Job), then merge")
     dist = run.add_argument_group(
         "training stages (pretrain, sft, dpo, reward): torchrun through our launcher when a topology flag "
         "or a PyTorchJob's $PET_* variables are present, else one in-process rank"
@@ -118,6 +122,40 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the whole manifest")
 
     sub.add_parser("stages", help="list the stages with what they read and write")
+
+    prom = sub.add_parser(
+        "promote",
+        help="move the champion alias to the candidate version when it passes the gates",
+        description="Compare the registered model's `candidate` version with its `champion` on the gates of a "
+        "register config's `promote` section (e.g. val_perplexity no more than 5% worse, lm_eval accuracy at least "
+        "0.3); move `champion` only when all pass; record the decision as tags on the candidate version. "
+        "Exit status: 0 promoted (or already champion, or --dry-run), 3 rejected.",
+        epilog="examples:\n  llmpipe promote --config jobs/demo/register.yaml --root runs/demo --dry-run\n"
+        "  MLFLOW_TRACKING_URI=http://mlflow:5000 llmpipe promote --config jobs/cluster/register.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prom.add_argument("--config", "-c", metavar="FILE", help="a register config; its `name` and `promote.gates` are used")
+    prom.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    prom.add_argument("--name", help="registered model name (default: the config's `name`)")
+    prom.add_argument("--root", metavar="URI", help="run root whose embedded MLflow store to use when $MLFLOW_TRACKING_URI is unset")
+    prom.add_argument("--dry-run", action="store_true", help="show the comparison and the decision; change nothing")
+    prom.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+    lin = sub.add_parser(
+        "lineage",
+        help="print the chain from a registered model back to the raw data",
+        description="Print every artifact a registered model version came from (model -> training stages -> "
+        "shards -> tokenizer -> clean -> raw -> sources), with fingerprints, config hashes and MLflow runs.",
+        epilog="examples:\n  llmpipe lineage models:/llm-pipeline@champion --root runs/demo\n"
+        "  llmpipe lineage models:/llm-pipeline/3 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lin.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    lin.add_argument("--root", metavar="URI", help="run root whose embedded MLflow store to use when $MLFLOW_TRACKING_URI is unset")
+    lin.add_argument("--json", action="store_true", help="print the chain as JSON")
+
+    summ = sub.add_parser("summary", help="one report of a whole pipeline run (what `make demo` prints at the end)")
+    summ.add_argument("--root", metavar="URI", help=f"run root (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
     return parser
 
 
@@ -171,7 +209,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if world is None or world < 1:
             raise PipelineError("--rank and --merge need --world-size W (W >= 1)")
         if args.merge:
-            outcome = runner.merge_parts(args.stage, cfg, storage, world, force=args.force, progress=progress)
+            outcome = runner.merge_parts(args.stage, cfg, storage, world, force=args.force, progress=progress,
+                                         wait=args.wait)
         else:
             rank = args.rank
             if rank is None:
@@ -208,18 +247,25 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             hint = f" (or stop before it with --until {selected[i - 1]})" if i else ""
             raise PipelineError(f"{path} is missing: every stage the pipeline runs needs its config{hint}")
         configs[stage] = _load(stage, str(path), [])
+    from pipeline import tracking
+
     storage = Storage(_root(args))
     print(f"run root: {storage.uri}")
     timings = []
-    for stage in selected:
-        t0 = time.perf_counter()
-        outcome = runner.run_stage(stage, configs[stage], storage, force=args.force, progress=not args.no_progress)
-        print(runner.format_summary(outcome), flush=True)
-        timings.append((stage, outcome.status, time.perf_counter() - t0))
+    name = f"pipeline {folder.name} {selected[0]}..{selected[-1]}"
+    with tracking.pipeline_run(storage, name, {"llmpipe.config_dir": str(folder)}) as parent:
+        for stage in selected:
+            t0 = time.perf_counter()
+            outcome = runner.run_stage(stage, configs[stage], storage, force=args.force, progress=not args.no_progress)
+            print(runner.format_summary(outcome), flush=True)
+            timings.append((stage, outcome.status, time.perf_counter() - t0))
+        parent.metrics({f"seconds.{stage}": secs for stage, _, secs in timings})
     print("== pipeline " + "=" * 48)
     for stage, status, secs in timings:
         print(f"  {stage:<10} {status:<11} {secs:8.1f}s")
     print(f"  {'total':<10} {'':<11} {sum(t for *_, t in timings):8.1f}s")
+    if parent.run_id:
+        print(f"  mlflow run {parent.run_id}: {tracking.ui_command(parent.uri or '')}")
     return 0
 
 
@@ -269,13 +315,59 @@ def cmd_stages(_: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking_client(args: argparse.Namespace) -> Any:
+    from pipeline import tracking
+    from pipeline.storage import Storage
+
+    uri = tracking.resolve_uri(Storage(_root(args)))
+    if not uri:
+        raise PipelineError("no MLflow to talk to: set MLFLOW_TRACKING_URI, or --root a local run root (embedded store)")
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        raise PipelineError(f"no MLflow store at {uri}: run the pipeline through `register` on that root first "
+                            "(or set MLFLOW_TRACKING_URI)")
+    why = tracking.reachable(uri)
+    if why:
+        raise PipelineError(why)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.stages import register
+
+    name, pcfg = register.load_promote_config(args.config, args.overrides)
+    client = _tracking_client(args)
+    result = register.promote(client, args.name or name, pcfg, dry_run=args.dry_run)
+    print(json.dumps(result, indent=2) if args.json else register.format_decision(result))
+    return 3 if result["decision"] == "rejected" else 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from pipeline import registry
+
+    client = _tracking_client(args)
+    info = registry.lineage(client, args.model_uri)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.json else registry.format_lineage(info))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline import summary
+    from pipeline.storage import Storage
+
+    print(summary.render(Storage(_root(args))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages}
+    handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
+                "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:

@@ -15,6 +15,7 @@ commit, timings, and local worker processes.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import importlib.metadata
 import multiprocessing as mp
@@ -135,8 +136,21 @@ def execute(
     module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext, extra: dict[str, Any], *args: Any
 ) -> dict[str, Any]:
     """Run ``module.fn`` into a fresh output named ``name`` and commit it with its manifest."""
+    from pipeline import tracking
+
     chash = config_hash(cfg)
     inputs = input_refs(ctx.inputs)
+    track = name == module.OUTPUT  # the stage's output, not one rank's part: one MLflow run per stage
+    run_cm = tracking.stage_run(module.NAME, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
+    with run_cm as tracker:
+        manifest = _execute(module, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
+        if tracker is not None:
+            tracking.finish_stage(tracker, module, storage, name, manifest)
+    return manifest
+
+
+def _execute(module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext,
+             extra: dict[str, Any], args: tuple[Any, ...], chash: str, inputs: dict[str, Any], tracker: Any) -> dict[str, Any]:
     started, t0 = _now(), time.perf_counter()
     out = storage.begin(name)
     try:
@@ -156,7 +170,7 @@ def execute(
         "started_at": started,
         "ended_at": _now(),
         "duration_s": round(time.perf_counter() - t0, 3),
-        "mlflow_run_id": None,
+        "mlflow_run_id": tracker.run_id if tracker is not None and tracker.on else None,
         **extra,
     }
     return out.commit(manifest)
@@ -204,8 +218,14 @@ def run_part(
     return Outcome(stage, "done", manifest)
 
 
-def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, force: bool = False, progress: bool = True) -> Outcome:
-    """The single step after all ranks of a sharded stage have committed their parts."""
+def merge_parts(
+    stage: str, cfg: StrictModel, storage: Storage, world: int, *, force: bool = False, progress: bool = True, wait: float = 0.0
+) -> Outcome:
+    """The single step after all ranks of a sharded stage have committed their parts.
+
+    ``wait`` > 0 (seconds): a merge Job started beside the Indexed Job polls until every rank's
+    part is committed, then merges; it fails with the missing ranks when the time is up.
+    """
     module = get_stage(stage)
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
     chash = config_hash(cfg)
@@ -213,14 +233,18 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
     existing = storage.manifest(module.OUTPUT)
     if not force and is_current(existing, chash, inputs) and existing.get("world_size") == world:  # type: ignore[union-attr]
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]  # a retried merge Job
-    parts: list[Artifact] = []
-    missing = []
-    for rank in range(world):
-        manifest = storage.manifest(part_name(stage, rank, world))
-        if not is_current(manifest, chash, inputs):
-            missing.append(rank)
-        else:
-            parts.append(Artifact(storage, part_name(stage, rank, world), manifest))  # type: ignore[arg-type]
+    deadline = time.monotonic() + max(0.0, wait)
+    last_report = 0.0
+    while True:
+        parts, missing = _committed_parts(stage, storage, world, chash, inputs)
+        now = time.monotonic()
+        if not missing or now >= deadline:
+            break
+        if now - last_report >= 60 or not last_report:
+            print(f"{stage} merge: {world - len(missing)}/{world} parts committed; waiting "
+                  f"(up to {deadline - now:.0f}s more)", file=sys.stderr, flush=True)
+            last_report = now
+        time.sleep(min(_WAIT_POLL_S, max(0.1, deadline - now)))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(
@@ -236,6 +260,21 @@ def merge_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, *, f
         except OSError:
             pass
     return Outcome(stage, "done", manifest)
+
+
+_WAIT_POLL_S = 5.0
+
+
+def _committed_parts(stage: str, storage: Storage, world: int, chash: str, inputs: dict[str, Any]) -> tuple[list[Artifact], list[int]]:
+    parts: list[Artifact] = []
+    missing = []
+    for rank in range(world):
+        manifest = storage.manifest(part_name(stage, rank, world))
+        if not is_current(manifest, chash, inputs):
+            missing.append(rank)
+        else:
+            parts.append(Artifact(storage, part_name(stage, rank, world), manifest))  # type: ignore[arg-type]
+    return parts, missing
 
 
 def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str, Any], rank: int, world: int, force: bool, progress: bool) -> str:
@@ -259,6 +298,9 @@ def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, p
     inputs = input_refs(inputs_art)
     existing = storage.manifest(module.OUTPUT)
     if not force and is_current(existing, config_hash(cfg), inputs):
+        from pipeline import tracking
+
+        tracking.note_up_to_date(stage, storage, existing)  # type: ignore[arg-type]
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
     if not hasattr(module, "run_part"):
         ctx = StageContext(storage, inputs_art, progress=progress)

@@ -693,8 +693,11 @@ def _quiet_logs(st: "_Stage", trainer: Any) -> Any:
             if parts:
                 st.ctx.log(f"{st.name} step {state.global_step}: " + "  ".join(parts))
 
+    from pipeline import tracking
+
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LineLog())
+    trainer.add_callback(tracking.hf_callback())  # step metrics to the stage's MLflow run, when one is active
     return trainer
 
 

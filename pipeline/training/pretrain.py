@@ -271,6 +271,10 @@ class JsonlLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             fh.flush()
+        if self.path.name == METRICS_FILE:  # and to the stage's MLflow run, when one is active
+            from pipeline import tracking
+
+            tracking.log_step(record)
 
 
 def peak_memory_gb(cuda: bool) -> tuple[float, str]:
