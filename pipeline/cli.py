@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     summ = sub.add_parser("summary", help="one report of a whole pipeline run (what `make demo` prints at the end)")
     summ.add_argument("--root", metavar="URI", help=f"run root (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
+
+    from pipeline.k8s.cli import add_parser as add_k8s_parser  # `llmpipe k8s submit|wait|logs|status`
+
+    add_k8s_parser(sub)
     return parser
 
 
@@ -360,6 +364,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from pipeline.k8s.cli import main as k8s_main
+
+    return k8s_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -367,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
-                "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary}
+                "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "k8s": cmd_k8s}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:
