@@ -224,3 +224,22 @@ def test_embedded_sqlite_store_under_a_local_root(tmp_path, monkeypatch, capsys)
     run = client.get_run(run_id)
     assert run.info.artifact_uri.startswith(f"file://{root}/mlflow/artifacts")
     assert "manifest.json" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_pretrain_step_metrics_reach_the_stage_run(tracked_root, mlflow_server, tmp_path):
+    root, _ = tracked_root
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text("micro_batch_size: 4\nglobal_batch_tokens: 512\nmax_steps: 6\nlr: 3.0e-3\nwarmup_steps: 1\n"
+                   "checkpoint_every: 3\neval_every: 3\neval_max_blocks: 8\nlog_every: 1\n"
+                   "generation: {every: 0}\ncpu_peak_flops: 1.0e+11\n", encoding="utf-8")
+    assert main(["run", "pretrain", "--config", str(cfg), "--root", root, "--no-progress"]) == 0
+    manifest = Storage(root).manifest("models/pretrain")
+    client = _client(mlflow_server)
+    run_id = manifest["mlflow_run_id"]
+    loss = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]  # one point per optimizer step, live from the loop
+    local = [json.loads(line) for line in Path(root, "checkpoints", "pretrain", "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in local if "loss" in r}
+    assert {m.step: m.value for m in loss} == pytest.approx(by_step)
+    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {0, 3, 6}  # before training, then every 3
+    assert client.get_metric_history(run_id, "tokens_per_s")
