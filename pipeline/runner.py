@@ -251,7 +251,8 @@ def merge_parts(
             f"cannot merge {stage}: rank(s) {shown} of {world} have no finished part for this config and input "
             f"(run `llmpipe run {stage} --rank R --world-size {world}` for each)"
         )
-    extra = {"world_size": world, "parts": [p.fingerprint for p in parts]}
+    extra = {"world_size": world, "parts": [p.fingerprint for p in parts],
+             "parts_duration_s": max((float(p.manifest.get("duration_s") or 0) for p in parts), default=0.0)}
     manifest = execute(module, "merge", cfg, storage, module.OUTPUT, ctx, extra, parts)
     storage.remove(parts_dir(stage, world))
     if storage.is_local:  # object stores have no empty folders to leave behind

@@ -8,7 +8,7 @@ the data / tokenizer / config hashes, the code version, and the evaluation metri
 each stage's config hash, time and MLflow run) is logged beside the model, so
 ``llmpipe lineage models:/NAME@ALIAS`` works without access to the run root.
 
-With a ``promote`` section the stage then runs the promotion (as ``llmpipe promote`` would): the
+With ``auto_promote: true`` the stage then runs the promotion (as ``llmpipe promote`` would): the
 decision is recorded as tags and in this stage's metrics; a rejection does not fail the stage.
 
 The output ``registry/`` holds ``registration.json`` (name, version, run, model URI, alias and the
@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.errors import InputError, PipelineError
 from pipeline.runner import StageContext
 from pipeline.storage import OutputDir
 
@@ -56,13 +56,18 @@ class PromoteConfig(StrictModel):
 
 
 class RegisterConfig(StrictModel):
+    # the gates decide promotion, not what is registered: changing them does not re-register
+    EXEC_FIELDS: ClassVar[set[str]] = {"promote", "auto_promote"}
+
     model: str = Field("models/dpo", description="artifact holding the HF model to register (and its tokenizer)")
     eval: str | None = Field("eval", description="evaluate's artifact whose metrics go on the version; null: none")
     eval_label: str | None = Field(None, description="the model's label in the evaluation (default: last part of `model`)")
     name: str = Field("llm-pipeline", min_length=1, description="registered model name")
     alias: str = Field("candidate", min_length=1, description="alias set on the new version")
     description: str | None = None
-    promote: PromoteConfig | None = Field(None, description="run the promotion right after registering")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="the gates of `llmpipe promote`")
+    auto_promote: bool = Field(False, description="run the promotion right after registering (the demo does; on a "
+                                                   "cluster promotion is usually a separate, deliberate step)")
 
 
 def inputs(cfg: RegisterConfig) -> list[str]:
@@ -189,7 +194,7 @@ def run(cfg: RegisterConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any
         "model_uri": f"models:/{cfg.name}/{mv.version}", "tracking_uri": tracker.uri, "artifact": cfg.model,
         "fingerprint": model_art.fingerprint, "metrics": metrics,
     }
-    if cfg.promote is not None:
+    if cfg.auto_promote:
         decision = promote(client, cfg.name, cfg.promote, dry_run=False, version=str(mv.version))
         record["promotion"] = decision
         ctx.log("register: " + decision["summary"])
@@ -334,6 +339,4 @@ def load_promote_config(path: str | None, overrides: list[str]) -> tuple[str, Pr
     from pipeline.config import load_config
 
     cfg = load_config("register", path, overrides)
-    if cfg.promote is None and path:
-        raise ConfigError(f"{path} has no 'promote' section with the gates (see `llmpipe config register --schema`)")
-    return cfg.name, cfg.promote or PromoteConfig()
+    return cfg.name, cfg.promote

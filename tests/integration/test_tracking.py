@@ -100,7 +100,7 @@ def test_rerun_records_up_to_date_stages_under_a_new_parent(tracked_root, mlflow
 def _register_cfg(base: Path, **gates: str) -> Path:
     path = base / "register.yaml"
     path.write_text(
-        "model: models/init\neval: eval\neval_label: init\nname: tiny-llama\nalias: candidate\n"
+        "model: models/init\neval: eval\neval_label: init\nname: tiny-llama\nalias: candidate\nauto_promote: true\n"
         "promote:\n  gates:\n"
         "    - {metric: val_perplexity, better: lower, max_regression_pct: 5}\n"
         "    - {metric: lm_eval_mc_acc, better: higher, min: 0.25}\n",
@@ -150,7 +150,7 @@ def test_register_promote_and_lineage(tracked_root, mlflow_server, capsys):
     # version 2: perplexity 20% worse -> the gate rejects it; champion stays on 1
     _commit_eval(root, "init", val_perplexity=120.0, lm_eval_mc_acc=0.45)
     no_promote = base / "register-nopromote.yaml"
-    no_promote.write_text(cfg.read_text().split("promote:")[0], encoding="utf-8")
+    no_promote.write_text(cfg.read_text().replace("auto_promote: true", "auto_promote: false"), encoding="utf-8")
     assert main(["run", "register", "--config", str(no_promote), "--root", root, "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["promote", "--config", str(cfg), "--root", root, "--dry-run"]) == 3

@@ -1,0 +1,166 @@
+"""`llmpipe summary`: one report of a whole pipeline run, read from the manifests under the run root.
+
+Every section is optional: a run that stopped early (or a stage that does not exist on this root)
+simply has fewer sections. Nothing here computes anything new: the numbers are those the stages
+committed, so the summary and the manifests can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.stages import ORDER, PRODUCER
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 48) -> str:
+    if not values:
+        return ""
+    if len(values) > width:  # mean of equal buckets
+        step = len(values) / width
+        values = [sum(values[int(i * step):int((i + 1) * step)]) / max(1, len(values[int(i * step):int((i + 1) * step)]))
+                  for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _read_jsonl(storage: Any, *parts: str) -> list[dict[str, Any]]:
+    path = storage.path(*parts)
+    if not storage.fs.exists(path):
+        return []
+    with storage.fs.open(path, "rb") as fh:
+        return [json.loads(line) for line in fh.read().decode("utf-8").splitlines() if line.strip()]
+
+
+def _read_json(storage: Any, *parts: str) -> Any:
+    path = storage.path(*parts)
+    if not storage.fs.exists(path):
+        return None
+    with storage.fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def render(storage: Any) -> str:
+    out: list[str] = [f"== run summary: {storage.uri} " + "=" * 20]
+    manifests = {name: storage.manifest(name) for name in PRODUCER}
+    done = {n: m for n, m in manifests.items() if m}
+    if not done:
+        return out[0] + "\n  nothing committed under this root yet"
+
+    # time per stage
+    out.append("time per stage")
+    total = 0.0
+    by_stage = {PRODUCER[n]: m for n, m in done.items()}
+    for stage in ORDER:
+        m = by_stage.get(stage)
+        if m:
+            secs = float(m.get("duration_s") or 0) + float(m.get("parts_duration_s") or 0)  # ranks, then the merge
+            total += secs
+            out.append(f"  {stage:<10} {secs:8.1f}s   finished {m.get('ended_at', '')}")
+    out.append(f"  {'total':<10} {total:8.1f}s   (stage work; installs and start-up not counted)")
+
+    clean = done.get("clean")
+    if clean:
+        m = clean["metrics"]
+        out.append("documents (clean)")
+        out.append(f"  in {_fmt(m.get('documents_in'))}, kept {_fmt(m.get('kept'))}, dropped {_fmt(m.get('dropped'))}")
+        reasons = sorted((m.get("dropped_by_reason") or {}).items(), key=lambda kv: -kv[1])
+        for reason, n in reasons[:8]:
+            out.append(f"    {reason:<30} {_fmt(n)}")
+        if len(reasons) > 8:
+            out.append(f"    {f'{len(reasons) - 8} more reasons':<30} {_fmt(sum(n for _, n in reasons[8:]))}")
+        if m.get("kept_by_language"):
+            out.append("  kept by language: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m["kept_by_language"].items())))
+
+    tok = done.get("tokenizer")
+    if tok and tok["metrics"].get("fertility"):
+        m = tok["metrics"]
+        out.append(f"tokenizer fertility (tokens per word, held-out text; vocab {_fmt(m.get('vocab_size'))})")
+        for lang, row in sorted(m["fertility"].items()):
+            ours = row.get("ours")
+            refs = ", ".join(f"{k} {v:.2f} ({ours / v:.2f}x)" for k, v in sorted(row.items()) if k != "ours" and v)
+            out.append(f"  {lang}: ours {ours:.2f}" + (f"   vs {refs}" if refs else ""))
+
+    pre = done.get("models/pretrain")
+    if pre:
+        m = pre["metrics"]
+        records = _read_jsonl(storage, "models/pretrain", "train_metrics.jsonl")
+        losses = [r["loss"] for r in records if r.get("kind", "train") == "train" and "loss" in r]
+        vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        out.append(f"pretrain: {_fmt(m.get('steps'))} steps, {_fmt(m.get('tokens'))} tokens, {_fmt(m.get('tokens_per_s'))} tokens/s")
+        if losses:
+            out.append(f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}  {sparkline(losses)}")
+        if vals:
+            out.append("  val loss   " + "  ".join(f"step {s}: {v:.3f}" for s, v in vals))
+    for name in ("models/sft", "models/dpo", "models/reward"):
+        m = (done.get(name) or {}).get("metrics")
+        if not m:
+            continue
+        stage = name.split("/")[1]
+        if stage == "sft":
+            out.append(f"sft: eval loss {m.get('eval_loss_before', float('nan')):.3f} -> {m.get('eval_loss_after', float('nan')):.3f}"
+                       f" ({m.get('mode')}, {_fmt(m.get('steps'))} steps)")
+        elif stage == "dpo":
+            out.append(f"dpo: reward accuracy {m.get('eval_reward_accuracy_before', 0):.2f} -> {m.get('eval_reward_accuracy_after', 0):.2f},"
+                       f" margin {m.get('eval_reward_margin_before', 0):.3f} -> {m.get('eval_reward_margin_after', 0):.3f}")
+        else:
+            out.append(f"reward model: held-out accuracy {m.get('eval_accuracy_before', 0):.2f} -> {m.get('eval_accuracy_after', 0):.2f}")
+
+    ev = done.get("eval")
+    if ev:
+        models = ev["metrics"].get("models") or {}
+        keys: list[str] = []
+        for row in models.values():
+            keys += [k for k in row if k not in keys and isinstance(row[k], (int, float))]
+        keys = [k for k in keys if "perplexity" in k or k.startswith("lm_eval") or k.startswith("bits_per_byte")]
+        if models and keys:
+            out.append("evaluation (" + storage.url("eval", ev["metrics"].get("report", "report.md")) + ")")
+            width = max(len(k) for k in keys)
+            out.append("  " + " " * width + "".join(f"{label:>12}" for label in models))
+            for k in keys:
+                out.append("  " + k.ljust(width) + "".join(f"{_fmt(models[label].get(k, '-')):>12}" for label in models))
+        results = _read_json(storage, "eval", "results.json") or {}
+        gens = results.get("generations") or []
+        if gens:
+            out.append("generations (greedy)")
+            for g in gens[:6]:
+                prompt = str(g.get("prompt", "")).replace("\n", " / ")[:40]
+                out.append(f"  prompt: {prompt}")
+                for label, text in (g.get("greedy") or g.get("outputs") or {}).items():
+                    text = text.get("greedy") if isinstance(text, dict) else text
+                    out.append(f"    {label:<9} {str(text).strip().replace(chr(10), ' ')[:70]}")
+
+    qz = done.get("quantized")
+    if qz:
+        m = qz["metrics"]
+        orig = m.get("original") or {}
+        out.append(f"quantized ({m.get('model')}): original {_fmt(orig.get('size_bytes'))} bytes, perplexity {_fmt(orig.get('perplexity'))}")
+        for name, v in (m.get("variants") or {}).items():
+            delta = v.get("perplexity_delta_pct")
+            out.append(f"  {name:<11} {_fmt(v.get('size_bytes')):>14} bytes  perplexity {_fmt(v.get('perplexity'))}"
+                       + (f" ({delta:+.2f}%)" if isinstance(delta, (int, float)) else ""))
+
+    reg = done.get("registry")
+    if reg:
+        m = reg["metrics"]
+        line = f"registry: {m.get('name')} version {m.get('version')}, alias {m.get('alias')}"
+        if "promoted" in m:
+            line += f"; champion is version {m.get('champion_version')}" + (" (promoted now)" if m["promoted"] else "")
+        out.append(line)
+        out.append(f"  lineage:  llmpipe lineage models:/{m.get('name')}@{'champion' if m.get('promoted') else m.get('alias')} --root {storage.uri}")
+        uri = m.get("tracking_uri") or ""
+        from pipeline.tracking import ui_command
+
+        out.append(f"  MLflow UI: {ui_command(uri)}   (then http://127.0.0.1:5000)")
+    return "\n".join(out)
