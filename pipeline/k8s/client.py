@@ -143,7 +143,7 @@ class Kube:
                 return resp
             data = resp.data
         except ApiException as exc:
-            if exc.status == 404 and missing_ok:
+            if exc.status == 404 and missing_ok and _is_status(exc):  # the object is missing, not its kind
                 return None
             raise self.error(exc, what) from None
         except urllib3.exceptions.HTTPError as exc:
@@ -175,7 +175,8 @@ class Kube:
                             "see docs/kubernetes.md)")
         if exc.status == 404:
             if not _is_status(exc):
-                return NotFound(f"the API at {self.server} does not serve this resource ({what}): {msg}")
+                return NotFound(f"the API at {self.server} does not serve this kind of object ({what}): {msg}; "
+                                "is its CRD installed?")
             if msg.startswith("namespaces "):
                 return NotFound(f"namespace {self.namespace} does not exist: create it (`kubectl create namespace "
                                 f"{self.namespace}`) or pick another with -n / $LLMPIPE_NAMESPACE")

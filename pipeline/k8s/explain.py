@@ -14,6 +14,7 @@ The same cause on many pods is one line ("pod X and 7 more: ...").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ class Problem:
     text: str  # without the pod's name, so that the same cause on many pods groups
     fatal: bool = False  # cannot fix itself (wait --fail-fast stops on it)
     container: str | None = None
-    exited: bool = False  # a non-zero exit: its log tail explains it
+    kind: str = ""  # "exit": its log tail explains it; "image": the kubelet's pull error (an event) does
 
 
 def _clip(text: str, limit: int = MAX_LINE) -> str:
@@ -87,7 +88,8 @@ def pod_problems(pod: dict) -> list[Problem]:
             image = cs.get("image") or _container_spec(pod, cname).get("image") or "?"
             detail = waiting.get("message") or ""
             detail = "" if not detail or detail.startswith("Back-off pulling image") else f": {_clip(detail, 200)}"
-            out.append(Problem(name, f"cannot pull image {image} ({wreason}){detail}", fatal=True, container=cname))
+            out.append(Problem(name, f"cannot pull image {image} ({wreason}){detail}", fatal=True, container=cname,
+                               kind="image"))
         elif wreason in CONFIG_REASONS:
             out.append(Problem(name, f"container {cname} cannot start ({wreason}): {_clip(waiting.get('message', ''))}",
                                fatal=True, container=cname))
@@ -95,9 +97,9 @@ def pod_problems(pod: dict) -> list[Problem]:
             restarts = cs.get("restartCount", 0)
             tail = f"; last {_exit_text(last_term)}" if last_term else ""
             out.append(Problem(name, f"container {cname} is crash-looping ({restarts} restarts{tail})",
-                               container=cname, exited=bool(last_term)))
+                               container=cname, kind="exit" if last_term else ""))
         elif term and term.get("exitCode") not in (0, None):
-            out.append(Problem(name, f"container {cname} {_exit_text(term)}", container=cname, exited=True))
+            out.append(Problem(name, f"container {cname} {_exit_text(term)}", container=cname, kind="exit"))
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and str(cond.get("status")) == "False" and cond.get("reason") == "Unschedulable":
             out.append(Problem(name, f"Unschedulable: {_clip(cond.get('message') or 'no node fits the pod')}"))
@@ -149,17 +151,41 @@ def _last_error_line(kube: "Kube", pod: str, container: str | None) -> str | Non
     return _clip(chosen, 240) if chosen else None
 
 
-def _with_logs(problems: list[Problem], kube: "Kube | None", limit: int = 3) -> list[Problem]:
-    """Add the last error line of the log to container exits (a few pods at most)."""
+def _pull_error(kube: "Kube", pod: str, image: str) -> str | None:
+    """The kubelet's own words for a failed pull (the pod's 'Failed to pull image' event), without
+    the gRPC wrapping and the image name it repeats."""
+    from pipeline.k8s.client import K8sError
+
+    try:
+        events = kube.warning_events(pod)
+    except K8sError:
+        return None
+    for ev in reversed(events):
+        msg = ev.get("message") or ""
+        if msg.startswith("Failed to pull image"):
+            msg = re.sub(r"^Failed to pull image \S+: ", "", msg)
+            msg = re.sub(r"rpc error: code = \w+ desc = ", "", msg)
+            msg = msg.replace(f' "{image}"', "").replace(f"{image}: ", "")
+            return _clip(msg, 200)
+    return None
+
+
+def _with_details(problems: list[Problem], kube: "Kube | None", limit: int = 3) -> list[Problem]:
+    """Add the last error line of the log to container exits, and the registry's answer to pull
+    failures (a few pods at most: each is one more API call)."""
     if kube is None:
         return problems
     out, looked = [], 0
     for p in problems:
-        if p.exited and looked < limit:
+        if p.kind in ("exit", "image") and looked < limit:
             looked += 1
-            line = _last_error_line(kube, p.pod, p.container)
-            if line:
-                p = Problem(p.pod, f"{p.text}; log: {line}", p.fatal, p.container, p.exited)
+            if p.kind == "exit":
+                line = _last_error_line(kube, p.pod, p.container)
+                extra = f"; log: {line}" if line else ""
+            else:
+                line = _pull_error(kube, p.pod, p.text.split()[3])
+                extra = f": {line}" if line and line not in p.text else ""
+            p = Problem(p.pod, p.text + extra, p.fatal, p.container, p.kind)
         out.append(p)
     return out
 
@@ -191,7 +217,7 @@ def explain_failure(snap: Snapshot, kube: "Kube | None" = None) -> list[str]:
         problems += found
     if not problems:  # a failure whose pods are gone or fine: look at all the stage's pods
         problems = [p for pod in snap.pods for p in pod_problems(pod)]
-    return lines + group(_with_logs(problems, kube))
+    return lines + group(_with_details(problems, kube))
 
 
 def explain_stuck(snap: Snapshot, kube: "Kube | None" = None) -> tuple[list[str], bool]:
@@ -212,4 +238,4 @@ def explain_stuck(snap: Snapshot, kube: "Kube | None" = None) -> tuple[list[str]
         for pod in pods:
             if (pod.get("status") or {}).get("phase") != "Succeeded":
                 problems += pod_problems(pod)
-    return lines + group(problems), any(p.fatal for p in problems)
+    return lines + group(_with_details(problems, kube)), any(p.fatal for p in problems)

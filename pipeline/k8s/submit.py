@@ -107,7 +107,13 @@ def apply(kube: Kube, obj: dict) -> str:
     name, kind = meta["name"], obj["kind"]
     what = f"{kind.lower()}/{name}"
     api = api_for(kube, obj)
-    existing = kube.call(api.read, name, ns, what=f"read {what}", missing_ok=True)
+    try:
+        existing = kube.call(api.read, name, ns, what=f"read {what}", missing_ok=True)
+    except NotFound as exc:
+        if kind == "PyTorchJob" and "does not serve" in str(exc):
+            raise K8sError(f"this cluster has no PyTorchJob kind (kubeflow.org/v1), needed for {what}: install the "
+                           "Kubeflow training operator (see docs/kubernetes.md)", status=404) from None
+        raise
     if existing is None:
         _create(kube, api, ns, obj, what)
         return f"{what} created"
@@ -153,5 +159,3 @@ def submit(kube: Kube, objects: list[dict], out: TextIO | None = None) -> list[s
         done.append(line)
     return done
 
-
-__all__ = ["apply", "submit", "ordered", "NotFound"]

@@ -138,6 +138,23 @@ def wait_for(kube: Kube, stage: str, timeout: float | None = None, interval: flo
         progress.close()
 
 
-def summary(snap: Snapshot, elapsed: float) -> str:
+def _seconds(timestamp: str | None) -> float | None:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp() if timestamp else None
+    except ValueError:
+        return None
+
+
+def summary(snap: Snapshot, waited: float) -> str:
+    """'clean succeeded (Job llmpipe-clean-merge) in 12m03s': the stage's own start to finish when
+    the status says so, else how long we waited."""
     finishers = ", ".join(f"{w.kind} {w.name}" for w in snap.finishers())
-    return f"{snap.stage} succeeded ({finishers}) after {duration(elapsed)}"
+    starts = [t for t in (_seconds(w.status.get("startTime")) for w in snap.workloads) if t is not None]
+    ends = [t for t in (_seconds(w.status.get("completionTime")) for w in snap.finishers()) if t is not None]
+    if starts and ends and max(ends) >= min(starts):
+        took = f"in {duration(max(ends) - min(starts))}"
+    else:
+        took = f"(waited {duration(waited)})"
+    return f"{snap.stage} succeeded ({finishers}) {took}"

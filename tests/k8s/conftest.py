@@ -1,0 +1,72 @@
+"""Fixtures for the `llmpipe k8s` tests: the fake API server (tests/k8s/fakeapi.py) with a
+kubeconfig pointing at it, the helm binary, the chart, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.k8s.fakeapi import FakeKube
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE_CHART = Path(__file__).parent / "chart" / "llm-pipeline"
+REAL_CHART = REPO / "charts" / "llm-pipeline"
+
+
+def find_helm() -> str | None:
+    for cand in (os.environ.get("HELM"), str(REPO / ".cache" / "bin" / "helm"), shutil.which("helm")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    path = find_helm()
+    if path is None:
+        pytest.skip("helm not found: run `python scripts/fetch_tools.py` (puts it in .cache/bin/) or set $HELM")
+    return path
+
+
+@pytest.fixture
+def chart(helm, monkeypatch) -> Path:
+    """The small contract chart under tests/k8s/chart (tests of the real chart name it themselves)."""
+    monkeypatch.setenv("HELM", helm)
+    monkeypatch.setenv("LLMPIPE_CHART", str(FIXTURE_CHART))
+    return FIXTURE_CHART
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A started FakeKube; $KUBECONFIG points at it (context namespace llm-pipeline)."""
+    server = FakeKube(tick=0.03, gc_delay=0.2).start()
+    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("LLMPIPE_NAMESPACE", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llmpipe(capsys):
+    """Run `llmpipe ARGS` in-process; returns (exit status, stdout, stderr)."""
+    from pipeline.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without progress lines and warnings: the error and its explanation lines."""
+    lines = err.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("error: ")), None)
+    assert start is not None, f"no `error:` line in:\n{err}"
+    return lines[start:]
