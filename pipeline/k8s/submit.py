@@ -6,6 +6,9 @@
   again anyway, so an existing one is deleted (propagationPolicy Background: its pods go with
   it) and created anew; submit says so.
 * Other namespaced kinds of an API group go through CustomObjectsApi (create or replace).
+
+Objects get helm's ownership annotations (``meta.helm.sh/release-name`` / ``-namespace``), so a
+later ``helm upgrade --install`` of the same release adopts them rather than refusing them.
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ def apply(kube: Kube, obj: dict) -> str:
     meta["namespace"] = ns
     name, kind = meta["name"], obj["kind"]
     what = f"{kind.lower()}/{name}"
+    labels = meta.get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") == "Helm" and labels.get("app.kubernetes.io/instance"):
+        # what helm checks before it adopts an object, so a later `helm upgrade --install` of the
+        # same release takes these objects over instead of refusing them
+        meta.setdefault("annotations", {}).update({"meta.helm.sh/release-name": labels["app.kubernetes.io/instance"],
+                                                   "meta.helm.sh/release-namespace": ns})
     api = api_for(kube, obj)
     try:
         existing = kube.call(api.read, name, ns, what=f"read {what}", missing_ok=True)

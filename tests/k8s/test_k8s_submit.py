@@ -44,6 +44,8 @@ def test_submit_sharded_stage_creates_configmap_indexed_job_and_merge(fake, helm
                for cm in cms for v in (cm.get("data") or {}).values())
     for obj in cms + jobs:
         assert f"{obj['kind'].lower()}/{obj['metadata']['name']} created" in out
+        assert obj["metadata"]["annotations"]["meta.helm.sh/release-name"] == "llmpipe-clean"  # helm can adopt it
+        assert obj["metadata"]["annotations"]["meta.helm.sh/release-namespace"] == "llm-pipeline"
 
 
 @pytest.mark.parametrize("chart_dir", _charts())
