@@ -139,7 +139,7 @@ def execute(
     from pipeline import tracking
 
     chash = config_hash(cfg)
-    inputs = input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs, module, cfg)
     track = name == module.OUTPUT  # the stage's output, not one rank's part: one MLflow run per stage
     run_cm = tracking.stage_run(module.NAME, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
     with run_cm as tracker:
@@ -176,9 +176,18 @@ def _execute(module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, na
     return out.commit(manifest)
 
 
-def input_refs(inputs: dict[str, Artifact]) -> dict[str, Any]:
-    """What the manifest records of each input: its fingerprint (lineage) and where it was."""
-    return {k: {"fingerprint": a.fingerprint, "uri": a.url()} for k, a in inputs.items()}
+def input_refs(inputs: dict[str, Artifact], module: ModuleType | None = None, cfg: StrictModel | None = None) -> dict[str, Any]:
+    """What the manifest records of each input: its fingerprint (lineage) and where it was.
+
+    Files a stage reads from outside the run root (SFT / DPO data files named in its config) come
+    from ``module.external_inputs(cfg)`` as ``external:<path>`` entries, so editing such a file makes
+    the stage stale like a changed artifact does.
+    """
+    refs = {k: {"fingerprint": a.fingerprint, "uri": a.url()} for k, a in inputs.items()}
+    if module is not None and cfg is not None and hasattr(module, "external_inputs"):
+        for label, fp in module.external_inputs(cfg).items():
+            refs[f"external:{label}"] = {"fingerprint": fp, "uri": label}
+    return refs
 
 
 def resolve_inputs(module: ModuleType, storage: Storage, cfg: StrictModel | None = None) -> dict[str, Artifact]:
@@ -210,7 +219,7 @@ def run_part(
         raise PipelineError(f"--rank {rank} is outside 0..{world - 1} for --world-size {world}")
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress, rank=rank, world=world)
     name = part_name(stage, rank, world)
-    inputs = input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs, module, cfg)
     existing = storage.manifest(name)
     if not force and is_current(existing, config_hash(cfg), inputs):
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
@@ -229,7 +238,7 @@ def merge_parts(
     module = get_stage(stage)
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
     chash = config_hash(cfg)
-    inputs = input_refs(ctx.inputs)
+    inputs = input_refs(ctx.inputs, module, cfg)
     existing = storage.manifest(module.OUTPUT)
     if not force and is_current(existing, chash, inputs) and existing.get("world_size") == world:  # type: ignore[union-attr]
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]  # a retried merge Job
@@ -296,7 +305,7 @@ def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = F
 def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, progress: bool) -> Outcome:
     module = get_stage(stage)
     inputs_art = resolve_inputs(module, storage, cfg)
-    inputs = input_refs(inputs_art)
+    inputs = input_refs(inputs_art, module, cfg)
     existing = storage.manifest(module.OUTPUT)
     if not force and is_current(existing, config_hash(cfg), inputs):
         from pipeline import tracking

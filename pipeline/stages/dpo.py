@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.stages.sft import PostTrainConfig, SampleGeneration, inputs_of
+from pipeline.stages.sft import PostTrainConfig, SampleGeneration, external_inputs_of, inputs_of
 
 NAME = "dpo"
 INPUTS = ["models/sft"]
@@ -33,6 +33,10 @@ class DPOConfig(PostTrainConfig):
 
 def inputs(cfg: DPOConfig) -> list[str]:
     return inputs_of(cfg)
+
+
+def external_inputs(cfg: DPOConfig) -> dict[str, str]:
+    return external_inputs_of(cfg)
 
 
 def run(cfg: DPOConfig, ctx: Any, out: Any) -> dict[str, Any]:

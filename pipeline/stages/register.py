@@ -121,7 +121,7 @@ def lineage_chain(storage: Any, start: str) -> list[dict[str, Any]]:
                 for s in (m.get("config") or {}).get("sources", [])
             ]
         chain.append(entry)
-        queue.extend(k for k in (m.get("inputs") or {}) if k not in seen)
+        queue.extend(k for k in (m.get("inputs") or {}) if k not in seen and not k.startswith("external:"))
     return chain
 
 

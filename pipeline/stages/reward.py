@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from pipeline.stages.sft import PostTrainConfig, inputs_of
+from pipeline.stages.sft import PostTrainConfig, external_inputs_of, inputs_of
 
 NAME = "reward"
 INPUTS = ["models/sft"]
@@ -29,6 +29,10 @@ class RewardConfig(PostTrainConfig):
 
 def inputs(cfg: RewardConfig) -> list[str]:
     return inputs_of(cfg)
+
+
+def external_inputs(cfg: RewardConfig) -> dict[str, str]:
+    return external_inputs_of(cfg)
 
 
 def run(cfg: RewardConfig, ctx: Any, out: Any) -> dict[str, Any]:

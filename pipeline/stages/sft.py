@@ -106,6 +106,20 @@ def inputs_of(cfg: PostTrainConfig) -> list[str]:
     return [cfg.model] + ([cfg.tokenizer] if cfg.tokenizer and cfg.tokenizer != cfg.model else [])
 
 
+def external_inputs_of(cfg: PostTrainConfig) -> dict[str, str]:
+    """The local data files' sha256 (a hub dataset: its name and split), so edited data makes the stage stale."""
+    from pipeline.training.posttrain import data_fingerprints
+
+    out = {}
+    for src in [*cfg.data, *cfg.eval_data]:
+        found = data_fingerprints([src])
+        if list(found.values()) == [None]:  # not a local path: a hub dataset, identified by name / split
+            out[src.path] = f"hub:{src.path}:{src.split}"
+        else:
+            out.update({path: digest for path, digest in found.items() if digest})
+    return out
+
+
 # ---------------------------------------------------------------------------------- sft config
 
 
@@ -118,6 +132,10 @@ class SFTConfig(PostTrainConfig):
 
 def inputs(cfg: SFTConfig) -> list[str]:
     return inputs_of(cfg)
+
+
+def external_inputs(cfg: SFTConfig) -> dict[str, str]:
+    return external_inputs_of(cfg)
 
 
 def run(cfg: SFTConfig, ctx: Any, out: Any) -> dict[str, Any]:

@@ -350,7 +350,7 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
         inputs = runner.resolve_inputs(module, storage, cfg)
         ctx = runner.StageContext(storage, inputs, progress=not args.no_progress and rank == 0, rank=rank, world=world)
         existing = storage.manifest(module.OUTPUT)
-        if not args.force and runner.is_current(existing, config_hash(cfg), runner.input_refs(inputs)):
+        if not args.force and runner.is_current(existing, config_hash(cfg), runner.input_refs(inputs, module, cfg)):
             if rank == 0:
                 print(f"== {args.stage}: up to date")
             return 0

@@ -160,3 +160,23 @@ def test_sft_labels_cover_only_assistant_turns(tiny, tmp_path):
     # the collator keeps the mask
     batch = trainer.data_collator(rows)
     assert (batch["labels"] != -100).sum().item() == sum(sum(lab != -100 for lab in r["labels"]) for r in rows)
+
+
+def test_edited_data_file_makes_a_posttraining_stage_stale(tmp_path):
+    """Data files outside the run root are inputs too: their sha256 goes into the manifest's inputs."""
+    from pipeline import runner
+    from pipeline.config import config_hash, load_config
+    from pipeline.stages import dpo, sft
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text('{"instruction": "Say hi", "output": "hi"}\n', encoding="utf-8")
+    cfg = load_config("sft", None, [f"data=[{{path: {data}}}]"])
+    refs = runner.input_refs({}, sft, cfg)
+    assert refs == {f"external:{data}": {"fingerprint": refs[f"external:{data}"]["fingerprint"], "uri": str(data)}}
+    manifest = {"config_hash": config_hash(cfg), "inputs": refs}
+    assert runner.is_current(manifest, config_hash(cfg), runner.input_refs({}, sft, cfg))
+    data.write_text('{"instruction": "Say hi", "output": "hello"}\n', encoding="utf-8")
+    assert not runner.is_current(manifest, config_hash(cfg), runner.input_refs({}, sft, cfg))
+    # a hub dataset is identified by its name and split
+    hub = load_config("dpo", None, ["data=[{path: org/prefs, split: train_prefs}]"])
+    assert runner.input_refs({}, dpo, hub) == {"external:org/prefs": {"fingerprint": "hub:org/prefs:train_prefs", "uri": "org/prefs"}}
