@@ -1,0 +1,290 @@
+{{/*
+The stage table: family (which image) and kind (what runs it). Keep in step with
+pipeline/stages/__init__.py (ORDER, TRAINING) and the sharded stages (clean, pack).
+*/}}
+{{- define "llmpipe.stageTable" -}}
+collect: {family: data, kind: single}
+clean: {family: data, kind: sharded}
+tokenizer: {family: data, kind: single}
+pack: {family: data, kind: sharded}
+init: {family: train, kind: single}
+pretrain: {family: train, kind: training}
+sft: {family: train, kind: training}
+dpo: {family: train, kind: training}
+reward: {family: train, kind: training}
+evaluate: {family: eval, kind: single}
+quantize: {family: eval, kind: single}
+register: {family: registry, kind: single}
+{{- end -}}
+
+{{/* The stage's entry of the table; fails with the list of stages when unknown. */}}
+{{- define "llmpipe.stageInfo" -}}
+{{- $table := include "llmpipe.stageTable" . | fromYaml -}}
+{{- $stage := .Values.stage | default "" -}}
+{{- if not (hasKey $table $stage) -}}
+{{- fail (printf "stage %q is not a stage; set --set stage=<one of: %s>" $stage (keys $table | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- get $table $stage | toYaml -}}
+{{- end -}}
+
+{{- define "llmpipe.kind" -}}{{ (include "llmpipe.stageInfo" . | fromYaml).kind }}{{- end -}}
+
+{{/* Object name prefix = release name (llmpipe-<stage> by convention). */}}
+{{- define "llmpipe.fullname" -}}{{ .Release.Name | trunc 52 | trimSuffix "-" }}{{- end -}}
+
+{{- define "llmpipe.imageTag" -}}{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
+
+{{- define "llmpipe.image" -}}
+{{- $info := include "llmpipe.stageInfo" . | fromYaml -}}
+{{- $repo := .Values.image.repository | default (printf "%s/llmpipe-%s" (.Values.image.registry | trimSuffix "/") $info.family) -}}
+{{- printf "%s:%s" $repo (include "llmpipe.imageTag" .) -}}
+{{- end -}}
+
+{{/* Labels of every object and pod. Call with (dict "root" $ "role" "single|part|merge|train"). */}}
+{{- define "llmpipe.labels" -}}
+{{- $root := .root -}}
+app.kubernetes.io/name: llm-pipeline
+app.kubernetes.io/instance: {{ $root.Release.Name | quote }}
+app.kubernetes.io/component: {{ $root.Values.stage | quote }}
+app.kubernetes.io/part-of: llm-pipeline
+app.kubernetes.io/managed-by: {{ $root.Release.Service | quote }}
+app.kubernetes.io/version: {{ include "llmpipe.imageTag" $root | trunc 63 | quote }}
+helm.sh/chart: {{ printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace "+" "_" | quote }}
+llmpipe.io/stage: {{ $root.Values.stage | quote }}
+{{- with .role }}
+llmpipe.io/role: {{ . | quote }}
+{{- end }}
+{{- with $root.Values.extraLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of a workload object (Job / PyTorchJob): the labels plus the Kueue queue. */}}
+{{- define "llmpipe.workloadLabels" -}}
+{{ include "llmpipe.labels" . }}
+{{- with .root.Values.kueue.queueName }}
+kueue.x-k8s.io/queue-name: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* processes per pod for torchrun: nprocPerNode, else gpus when > 0, else 1 */}}
+{{- define "llmpipe.nprocPerNode" -}}
+{{- $v := .Values.nprocPerNode -}}
+{{- if kindIs "invalid" $v -}}
+{{- if gt (int .Values.gpus) 0 }}{{ int .Values.gpus }}{{ else }}1{{ end -}}
+{{- else if kindIs "string" $v -}}{{ $v }}
+{{- else -}}{{ int $v }}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks across values that the schema cannot express; each fails with one line. */}}
+{{- define "llmpipe.validate" -}}
+{{- $kind := include "llmpipe.kind" . -}}
+{{- if not (trim (.Values.config | default "")) -}}
+{{- fail (printf "config is empty: pass the stage config with --set-file config=jobs/cluster/%s.yaml" .Values.stage) -}}
+{{- end -}}
+{{- if eq .Values.storage.type "pvc" -}}
+{{- if not .Values.storage.pvc.claimName -}}
+{{- fail "storage.type=pvc needs storage.pvc.claimName (a ReadWriteMany claim; k8s/storage.yaml creates llmpipe-data)" -}}
+{{- end -}}
+{{- $mount := .Values.storage.pvc.mountPath | trimSuffix "/" -}}
+{{- if not (or (eq .Values.runRoot $mount) (hasPrefix (printf "%s/" $mount) .Values.runRoot)) -}}
+{{- fail (printf "runRoot %q is not on the volume: with storage.type=pvc it must be under storage.pvc.mountPath %q (or use storage.type=s3 for an s3:// run root)" .Values.runRoot .Values.storage.pvc.mountPath) -}}
+{{- end -}}
+{{- else -}}
+{{- if not (hasPrefix "s3://" .Values.runRoot) -}}
+{{- fail (printf "runRoot %q: with storage.type=s3 the run root is an s3://bucket/prefix" .Values.runRoot) -}}
+{{- end -}}
+{{- if not .Values.storage.s3.secretName -}}
+{{- fail "storage.type=s3 needs storage.s3.secretName: a Secret with the S3 access key id and secret key (credentials never go in values)" -}}
+{{- end -}}
+{{- end -}}
+{{- with .Values.elasticPolicy -}}
+{{- $min := .minReplicas | default 0 | int -}}
+{{- $max := .maxReplicas | default 0 | int -}}
+{{- if ne $min $max -}}
+{{- fail (printf "elasticPolicy: minReplicas %d != maxReplicas %d; the launcher supports a fixed node count only (set both to nnodes)" $min $max) -}}
+{{- end -}}
+{{- if and $max (ne $max (int $.Values.nnodes)) -}}
+{{- fail (printf "elasticPolicy: minReplicas = maxReplicas = %d but nnodes = %d; they must agree" $max (int $.Values.nnodes)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The pod template of every workload. Call with
+  (dict "root" $ "role" "single|part|merge|train" "args" (list extra args) "container" "llmpipe"
+        "restartPolicy" "Never|..." "ports" (list of ContainerPort) )
+*/}}
+{{- define "llmpipe.podTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $home := "/home/llmpipe" -}}
+metadata:
+  labels:
+    {{- include "llmpipe.labels" (dict "root" $root "role" .role) | nindent 4 }}
+  annotations:
+    llmpipe.io/config-sha256: {{ $v.config | sha256sum | quote }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with .restartPolicy }}
+  restartPolicy: {{ . }}
+  {{- end }}
+  {{- with $v.serviceAccountName }}
+  serviceAccountName: {{ . | quote }}
+  {{- end }}
+  automountServiceAccountToken: false
+  # the pause container is PID 1 (reaps zombies); llmpipe gets SIGTERM's default action
+  shareProcessNamespace: true
+  enableServiceLinks: false
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- with $v.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . | quote }}
+    {{- end }}
+  {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: {{ $v.securityContext.runAsUser }}
+    runAsGroup: {{ $v.securityContext.runAsGroup }}
+    fsGroup: {{ $v.securityContext.fsGroup }}
+    fsGroupChangePolicy: OnRootMismatch
+    seccompProfile:
+      type: RuntimeDefault
+  containers:
+    - name: {{ .container }}
+      image: {{ include "llmpipe.image" $root | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command: ["llmpipe"]
+      args:
+        - run
+        - {{ $v.stage | quote }}
+        - --config
+        - /etc/llmpipe/config.yaml
+        - --root
+        - {{ $v.runRoot | quote }}
+        {{- range .args }}
+        - {{ . | quote }}
+        {{- end }}
+      {{- with .ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      env:
+        - name: LLMPIPE_ROOT
+          value: {{ $v.runRoot | quote }}
+        - name: HOME
+          value: {{ $home }}
+        - name: PYTHONUNBUFFERED
+          value: "1"
+        {{- with $v.mlflow.trackingUri }}
+        - name: MLFLOW_TRACKING_URI
+          value: {{ . | quote }}
+        {{- end }}
+        {{- with $v.mlflow.experimentName }}
+        - name: MLFLOW_EXPERIMENT_NAME
+          value: {{ . | quote }}
+        {{- end }}
+        {{- if eq $v.storage.type "s3" }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.storage.s3.secretName | quote }}
+              key: {{ $v.storage.s3.accessKeyIdKey | quote }}
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.storage.s3.secretName | quote }}
+              key: {{ $v.storage.s3.secretAccessKeyKey | quote }}
+        {{- with $v.storage.s3.region }}
+        - name: AWS_DEFAULT_REGION
+          value: {{ . | quote }}
+        {{- end }}
+        {{- with $v.storage.s3.endpoint }}
+        - name: AWS_ENDPOINT_URL
+          value: {{ . | quote }}
+        - name: LLMPIPE_STORAGE_OPTIONS
+          value: {{ dict "client_kwargs" (dict "endpoint_url" .) | toJson | quote }}
+        {{- end }}
+        {{- end }}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $v.mlflow.secretName }}
+      envFrom:
+        - secretRef:
+            name: {{ . | quote }}
+      {{- end }}
+      {{- $res := deepCopy ($v.resources | default dict) -}}
+      {{- if gt (int $v.gpus) 0 }}
+      {{- $_ := set $res "requests" (merge (dict $v.gpuResourceName (int $v.gpus)) ($res.requests | default dict)) }}
+      {{- $_ := set $res "limits" (merge (dict $v.gpuResourceName (int $v.gpus)) ($res.limits | default dict)) }}
+      {{- end }}
+      {{- with $res }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        allowPrivilegeEscalation: false
+        privileged: false
+        readOnlyRootFilesystem: {{ $v.securityContext.readOnlyRootFilesystem }}
+        runAsNonRoot: true
+        capabilities:
+          drop: ["ALL"]
+        seccompProfile:
+          type: RuntimeDefault
+      volumeMounts:
+        - name: config
+          mountPath: /etc/llmpipe
+          readOnly: true
+        {{- if eq $v.storage.type "pvc" }}
+        - name: data
+          mountPath: {{ $v.storage.pvc.mountPath | quote }}
+          {{- with $v.storage.pvc.subPath }}
+          subPath: {{ . | quote }}
+          {{- end }}
+        {{- end }}
+        - name: shm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+        - name: home
+          mountPath: {{ $home }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "llmpipe.fullname" $root }}-config
+        items:
+          - key: config.yaml
+            path: config.yaml
+    {{- if eq $v.storage.type "pvc" }}
+    - name: data
+      persistentVolumeClaim:
+        claimName: {{ $v.storage.pvc.claimName | quote }}
+    {{- end }}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $v.shm.sizeLimit | quote }}
+    - name: tmp
+      emptyDir: {}
+    - name: home
+      emptyDir: {}
+{{- end -}}
