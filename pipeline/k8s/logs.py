@@ -86,6 +86,7 @@ class _Follower(threading.Thread):
         self.container = main_container(pod)
         self.restarts = restarts(pod)
         self.error: str | None = None
+        self.reported = False
 
     def run(self) -> None:
         from kubernetes import watch
@@ -122,14 +123,15 @@ def follow_logs(kube: Kube, stage: str, tail: int | None = None, role: str | Non
                 raise NotFound(f"no Job, PyTorchJob or pod of stage {stage} in namespace {kube.namespace}: "
                                f"submit it first (`llmpipe k8s submit {stage}`)")
             for pod in pods:
-                name = meta(pod)["name"]
-                current = followers.get(name)
+                # by uid: the training operator recreates a failed replica under the same name
+                name, uid = meta(pod)["name"], meta(pod).get("uid") or meta(pod)["name"]
+                current = followers.get(uid)
                 again = current is not None and not current.is_alive() and restarts(pod) > current.restarts
                 if started(pod) and (current is None or again):
                     if again:
                         err.write(f"[{name}] container restarted ({restarts(pod)} restarts)\n")
-                    followers[name] = _Follower(kube, pod, tail, lines)
-                    followers[name].start()
+                    followers[uid] = _Follower(kube, pod, tail, lines)
+                    followers[uid].start()
                 elif not started(pod):
                     why = _not_started(pod)
                     if pod_problems(pod) and why not in reported:
@@ -143,9 +145,10 @@ def follow_logs(kube: Kube, stage: str, tail: int | None = None, role: str | Non
         except queue.Empty:
             continue
         if line is None:
-            f = followers.get(name)
-            if f is not None and f.error:
-                err.write(f"[{name}] log stream ended: {f.error}\n")
+            for f in followers.values():
+                if f.name_ == name and f.error and not f.reported:
+                    f.reported = True
+                    err.write(f"[{name}] log stream ended: {f.error}\n")
             continue
         out.write(f"[{name}] {line}\n")
         out.flush()

@@ -135,6 +135,7 @@ class Scenario:
     imagepull    pods stay Pending: ErrImagePull, then ImagePullBackOff
     unschedulable pods stay Pending: PodScheduled=False, reason Unschedulable
     deadline     pods run, then the Job fails with DeadlineExceeded and its pods are deleted
+    restart      (PyTorchJob) the master is killed (exit 137), Restarting, recreated under its name, succeeds
     hang         pods run forever, writing a log line per tick
     createfail   no pods: a FailedCreate warning event on the Job (e.g. a quota)
     """
@@ -613,6 +614,8 @@ class FakeKube:
         }
         with self.cond:
             pod["metadata"] = self._new_meta(pod["metadata"], ns)
+            for c in spec.get("containers") or []:  # a new pod of an old name starts a new log
+                self.logs[(ns, name, c["name"])] = _Log()
             self._put("pods", pod)
         return pod
 
@@ -793,13 +796,14 @@ class FakeKube:
             rs = job["spec"]["pytorchReplicaSpecs"].get(rtype)
             for i in range(int((rs or {}).get("replicas") or 0) if rs else 0):
                 replicas.append((rtype, i, rs["template"]))
-        pods = []
+        pods, made = [], []
         for rtype, i, tmpl in replicas:
             labels = {"training.kubeflow.org/job-name": name, "training.kubeflow.org/operator-name": "pytorchjob-controller",
                       "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(i)}
             if rtype == "Master":
                 labels["training.kubeflow.org/job-role"] = "master"
-            pods.append((rtype, self._make_pod(job, f"{name}-{rtype.lower()}-{i}", tmpl, labels)))
+            made.append((f"{name}-{rtype.lower()}-{i}", tmpl, labels))
+            pods.append((rtype, self._make_pod(job, *made[-1])))
         counts = {rtype: {"active": 0, "succeeded": 0, "failed": 0} for rtype, _, _ in replicas}
         if sc.outcome in ("imagepull", "unschedulable"):
             self._stuck("pytorchjobs", ns, name, uid, [p for _, p in pods], sc.outcome)
@@ -808,6 +812,16 @@ class FakeKube:
             counts[rtype]["active"] += 1
         self._status("pytorchjobs", ns, name, uid, startTime=now(), replicaStatuses=copy.deepcopy(counts))
         self._condition("pytorchjobs", ns, name, uid, "Running", "True", "PyTorchJobRunning", f"PyTorchJob {full} is running.")
+        if sc.outcome == "restart":  # the master is killed (preempted: exit 137), the operator recreates it
+            killed = Scenario(steps=1, exit_code=137, error_line="Killed")
+            self._run_pod("pytorchjobs", ns, name, uid, pods[0][1], killed, 0, "fail")
+            self._condition("pytorchjobs", ns, name, uid, "Restarting", "True", "PyTorchJobRestarting",
+                            f"PyTorchJob {full} is restarting because 1 Master replica(s) failed.")
+            self._sleep("pytorchjobs", ns, name, uid, 3)
+            with self.cond:
+                self.store["pods"].pop((ns, made[0][0]), None)
+            pods[0] = ("Master", self._make_pod(job, *made[0]))
+            self._condition("pytorchjobs", ns, name, uid, "Restarting", "False", "PyTorchJobRunning", "")
         # the failing replica: the master for `fail`, the first worker (else the master) for `oom`
         failing = None
         if sc.outcome in ("fail", "oom"):

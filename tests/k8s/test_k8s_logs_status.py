@@ -107,6 +107,19 @@ def test_follow_picks_up_pods_that_start_later(fake, chart, llmpipe):
     assert out.splitlines()[0].endswith("] up") and "still working" in out
 
 
+def test_a_recreated_training_pod_is_followed_again_and_the_stage_still_succeeds(fake, chart, llmpipe):
+    fake.tick = 0.06
+    fake.scenarios["llmpipe-pretrain"] = Scenario(outcome="restart", logs=["step {index}"])
+    assert llmpipe("k8s", "submit", "pretrain")[0] == 0
+    rc, out, err = llmpipe("k8s", "logs", "pretrain", "-f", "--interval", "0.05")
+    assert rc == 0, err
+    # the first master pod's log (killed), then the recreated pod of the same name, from its start
+    assert out.splitlines() == ["[llmpipe-pretrain-master-0] == pretrain [0] step 1/1", "[llmpipe-pretrain-master-0] Killed",
+                                "[llmpipe-pretrain-master-0] step 0"]
+    rc, out, err = llmpipe("k8s", "wait", "pretrain", *FAST)
+    assert rc == 0 and "pretrain succeeded (PyTorchJob llmpipe-pretrain)" in out
+
+
 def test_status_lists_every_stage_and_what_is_wrong(fake, chart, llmpipe):
     fake.scenarios["llmpipe-pretrain"] = Scenario(outcome="oom")
     fake.scenarios["llmpipe-tokenizer"] = Scenario(outcome="unschedulable")
