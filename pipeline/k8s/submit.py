@@ -1,10 +1,12 @@
 """``llmpipe k8s submit``: create or replace a stage's rendered objects with the kubernetes client.
 
-* ConfigMap, Secret, ServiceAccount: created, or replaced in place when they exist.
-* PersistentVolumeClaim: created when missing, never replaced (it holds data).
 * Job, PyTorchJob: a Job's pod template cannot be updated, and a finished Job would not run
   again anyway, so an existing one is deleted (propagationPolicy Background: its pods go with
   it) and created anew; submit says so.
+* ConfigMap: deleted and created anew too (with the Jobs that mount it), so the least-privilege
+  role of k8s/rbac.yaml (create, get, list, watch, delete) is all submit needs.
+* Secret, ServiceAccount: created, or replaced in place when they exist (the chart renders none).
+* PersistentVolumeClaim: created when missing, never replaced (it holds data).
 * Other namespaced kinds of an API group go through CustomObjectsApi (create or replace).
 
 Objects get helm's ownership annotations (``meta.helm.sh/release-name`` / ``-namespace``), so a
@@ -68,7 +70,7 @@ def _plural(kind: str) -> str:
 def api_for(kube: Kube, obj: dict) -> Api:
     kind, api_version = obj.get("kind"), obj.get("apiVersion", "")
     typed = {
-        ("v1", "ConfigMap"): (kube.core, "config_map", "replace"),
+        ("v1", "ConfigMap"): (kube.core, "config_map", "recreate"),  # k8s/rbac.yaml grants no `update`
         ("v1", "Secret"): (kube.core, "secret", "replace"),
         ("v1", "ServiceAccount"): (kube.core, "service_account", "replace"),
         ("v1", "PersistentVolumeClaim"): (kube.core, "persistent_volume_claim", "keep"),
@@ -136,6 +138,8 @@ def apply(kube: Kube, obj: dict) -> str:
     kube.call(api.delete, name, ns, propagation_policy="Background", what=f"delete {what}")
     _gone(kube, api, name, ns, what)
     _create(kube, api, ns, obj, what)
+    if kind == "ConfigMap":
+        return f"{what} existed: deleted it and created it anew"
     return (f"{what} existed ({state}): deleted it (propagationPolicy Background, its pods go with it) "
             "and created it anew")
 

@@ -239,8 +239,10 @@ class FakeKube:
         path.write_text(yaml.safe_dump(doc), encoding="utf-8")
         return path
 
-    def deny(self, verb: str, plural: str) -> None:
-        self.denied.add((verb, plural))
+    def deny(self, verb: str, resource: str) -> None:
+        """Answer 403 to ``verb`` (get, list, create, update, patch, delete) on ``resource``
+        (a plural, or ``pods/log``)."""
+        self.denied.add((verb, resource))
 
     # ------------------------------------------------------------------ store helpers (tests use these too)
     def get(self, plural: str, name: str, ns: str = "llm-pipeline") -> dict | None:
@@ -290,11 +292,12 @@ class FakeKube:
             ns, plural, name, sub = m["ns"], m["plural"], m["name"], m["sub"]
             verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
                     "DELETE": "delete"}[method]
-            if (verb, plural) in self.denied:
+            resource = f"{plural}/{sub}" if sub else plural
+            if (verb, resource) in self.denied:
                 kind = RESOURCES[(m["prefix"], plural)]
                 where = f'in API group "{kind[3]}" in the namespace "{ns}"'
                 raise ApiError(403, "Forbidden", f'{kind[2]} is forbidden: User "system:serviceaccount:ci:tester" '
-                                                 f'cannot {verb} resource "{plural}" {where}',
+                                                 f'cannot {verb} resource "{resource}" {where}',
                                {"group": kind[3], "kind": plural})
             if sub == "log":
                 return self._log(h, ns, name, query)

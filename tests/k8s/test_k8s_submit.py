@@ -73,7 +73,7 @@ def test_resubmit_replaces_the_configmap_and_recreates_jobs(fake, chart, llmpipe
     config.write_text("samples_per_reason: 7\n")
     rc, out, err = llmpipe("k8s", "submit", "clean", "--config", str(config), "--set", "workers=4")
     assert rc == 0, err
-    assert "configmap/llmpipe-clean-config replaced" in out
+    assert "configmap/llmpipe-clean-config existed: deleted it and created it anew" in out
     for name in before:
         assert (f"job/{name} existed (complete): deleted it (propagationPolicy Background, its pods go with it) "
                 "and created it anew") in out
