@@ -171,8 +171,8 @@ class Kube:
             return K8sError(f"unauthorized at {self.server}: the credentials from {self.config_source} were rejected "
                             f"(log in again or refresh the token) [{what}]")
         if exc.status == 403:
-            return K8sError(f"forbidden: {msg} (your account needs the llm-pipeline role in namespace {self.namespace}; "
-                            "see docs/kubernetes.md)")
+            return K8sError(f"forbidden: {msg} (bind your account to the llmpipe-submitter Role of k8s/rbac.yaml "
+                            f"in namespace {self.namespace})")
         if exc.status == 404:
             if not _is_status(exc):
                 return NotFound(f"the API at {self.server} does not serve this kind of object ({what}): {msg}; "

@@ -123,7 +123,7 @@ def apply(kube: Kube, obj: dict) -> str:
     except NotFound as exc:
         if kind == "PyTorchJob" and "does not serve" in str(exc):
             raise K8sError(f"this cluster has no PyTorchJob kind (kubeflow.org/v1), needed for {what}: install the "
-                           "Kubeflow training operator (see docs/kubernetes.md)", status=404) from None
+                           "Kubeflow training operator (k8s/README.md, step 5)", status=404) from None
         raise
     if existing is None:
         _create(kube, api, ns, obj, what)

@@ -65,8 +65,8 @@ def test_forbidden_names_the_missing_permission(fake, chart, llmpipe):
     assert rc == 1
     assert "configmap/llmpipe-collect-config created" in out
     assert _one_error(err) == ('error: forbidden: jobs.batch is forbidden: User "system:serviceaccount:ci:tester" cannot '
-                               'create resource "jobs" in API group "batch" in the namespace "llm-pipeline" (your '
-                               "account needs the llm-pipeline role in namespace llm-pipeline; see docs/kubernetes.md)")
+                               'create resource "jobs" in API group "batch" in the namespace "llm-pipeline" (bind '
+                               "your account to the llmpipe-submitter Role of k8s/rbac.yaml in namespace llm-pipeline)")
 
 
 def test_namespace_order(fake, tmp_path, monkeypatch):

@@ -127,8 +127,8 @@ def test_missing_namespace_and_missing_pytorchjob_kind_are_explained(tmp_path, c
         rc, _, err = llmpipe("k8s", "submit", "pretrain")
         assert rc == 1
         assert error_lines(err) == ["error: this cluster has no PyTorchJob kind (kubeflow.org/v1), needed for "
-                                    "pytorchjob/llmpipe-pretrain: install the Kubeflow training operator (see "
-                                    "docs/kubernetes.md)"]
+                                    "pytorchjob/llmpipe-pretrain: install the Kubeflow training operator (k8s/README.md, "
+                                    "step 5)"]
         rc, _, err = llmpipe("k8s", "submit", "collect", "-n", "nope")
         assert rc == 1
         assert error_lines(err) == ["error: namespace nope does not exist: create it (`kubectl create namespace nope`) "
