@@ -1,0 +1,260 @@
+"""The rendered workloads, executed: every container the chart renders runs as a local process,
+exactly as rendered (command, args, env), with what the controllers would add:
+
+* Job: nothing; Indexed Job: ``JOB_COMPLETION_INDEX`` per pod, all pods at once, the merge Job
+  started at the same time (it waits for the parts, as on the cluster);
+* PyTorchJob: the training operator's variables (``PET_NNODES``, ``PET_NODE_RANK``,
+  ``PET_NPROC_PER_NODE``, ``PET_MASTER_ADDR``/``PORT``, ``MASTER_ADDR``/``PORT``, pod-level
+  ``RANK``/``WORLD_SIZE``), derived from the rendered replica specs, one process per pod.
+
+Volumes become local folders: the ConfigMap's data is written where it is mounted, the PVC is one
+shared folder, emptyDirs are fresh folders; mount paths in args and env values are rewritten to
+those folders, nothing else. The only other change: the rendezvous port is a free local port
+instead of 23456, because both "pods" share localhost.
+
+Chain: collect (Job) -> clean (Indexed Job x2 + merge) -> tokenizer (Job) -> pack (Indexed Job
+x2 + merge) -> init (Job) on tests/fixtures/corpus, then pretrain as a PyTorchJob with 2 pods x 1
+process (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CORPUS, write_configs
+from tests.helm.chart import REPO, helm, one, pod_templates, render
+
+RUN_ROOT = "/data/runs/chart"
+VENV_BIN = Path(sys.executable).parent
+TIMEOUT = 600
+# the site values of this "cluster": a run root on the PVC, the corpus folder, one thread per process
+SITE = {"runRoot": RUN_ROOT, "extraEnv": [{"name": "CORPUS_DIR", "value": "/data/corpus"},
+                                          {"name": "OMP_NUM_THREADS", "value": "1"},
+                                          {"name": "LLMPIPE_TRACKING", "value": "off"}]}
+CLEAR = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX", "LLMPIPE_ROOT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pod:
+    """One rendered pod template run as a local process."""
+
+    def __init__(self, name: str, template: dict, objects: list[dict], cluster: Path, env: dict[str, str] | None = None):
+        spec = template["spec"]
+        (self.container,) = spec["containers"]
+        self.name = name
+        self.dir = cluster / "pods" / name
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        volumes = {}
+        for vol in spec["volumes"]:
+            if "configMap" in vol:
+                cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == vol["configMap"]["name"])
+                folder = self.dir / f"vol-{vol['name']}"
+                folder.mkdir()
+                for item in vol["configMap"]["items"]:
+                    (folder / item["path"]).write_text(cm["data"][item["key"]], encoding="utf-8")
+            elif "persistentVolumeClaim" in vol:
+                folder = cluster / "pvc" / vol["persistentVolumeClaim"]["claimName"]
+            elif "emptyDir" in vol:
+                folder = self.dir / f"vol-{vol['name']}"
+                folder.mkdir()
+            else:
+                raise AssertionError(f"no local stand-in for volume {vol}")
+            volumes[vol["name"]] = folder
+        self.mounts = {}
+        for m in self.container["volumeMounts"]:
+            local = volumes[m["name"]] / m.get("subPath", "")
+            local.mkdir(parents=True, exist_ok=True)
+            self.mounts[m["mountPath"].rstrip("/")] = str(local)
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def local(self, value: str) -> str:
+        """A pod path as the local path: only a mount path prefix changes."""
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if value == mount or value.startswith(mount + "/"):
+                return self.mounts[mount] + value[len(mount):]
+        return value
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in CLEAR and not k.startswith("PET_")}
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the image's PATH starts with its venv
+        for item in self.container.get("env", []):
+            assert "value" in item, f"{item['name']}: only literal values can run locally"
+            env[item["name"]] = self.local(item["value"])
+        env.update(self.extra_env)
+        return env
+
+    def argv(self) -> list[str]:
+        return [self.local(a) for a in self.container["command"] + self.container["args"]]
+
+    def start(self) -> "Pod":
+        env = self.environment()
+        argv = self.argv()
+        exe = shutil.which(argv[0], path=env["PATH"])
+        assert exe, f"{argv[0]} is not on the pod's PATH"
+        self.log = self.dir / "log.txt"
+        self.proc = subprocess.Popen([exe, *argv[1:]], env=env, cwd=self.local("/home/llmpipe"),
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self, timeout: float = TIMEOUT) -> str:
+        assert self.proc is not None
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"pod {self.name} did not finish in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        out = self.log.read_text(errors="replace")
+        assert rc == 0, f"pod {self.name} exited {rc}:\n{out[-4000:]}"
+        return out
+
+
+def run_jobs(objects: list[dict], cluster: Path) -> dict[str, list[str]]:
+    """What the Job controller does: every pod of every Job at once; returns the logs by Job name."""
+    pods: dict[str, list[Pod]] = {}
+    for job in (o for o in objects if o["kind"] == "Job"):
+        spec, name = job["spec"], job["metadata"]["name"]
+        tpl = spec["template"]
+        if spec.get("completionMode") == "Indexed":
+            assert spec["parallelism"] == spec["completions"]
+            pods[name] = [Pod(f"{name}-{i}", tpl, objects, cluster, {"JOB_COMPLETION_INDEX": str(i)})
+                          for i in range(spec["completions"])]
+        else:
+            pods[name] = [Pod(f"{name}-0", tpl, objects, cluster)]
+    for group in pods.values():
+        for p in group:
+            p.start()
+    return {name: [p.wait() for p in group] for name, group in pods.items()}
+
+
+def run_pytorchjob(ptj: dict, objects: list[dict], cluster: Path) -> list[str]:
+    """What the training operator does for each replica (pkg/controller.v1/pytorch/envvar.go, v1.8)."""
+    spec = ptj["spec"]
+    reps = spec["pytorchReplicaSpecs"]
+    total = sum(r["replicas"] for r in reps.values())
+    nproc = spec.get("nprocPerNode", "1")
+    port = free_port()
+    pods = []
+    for rtype in ("Master", "Worker"):
+        for i in range(reps.get(rtype, {}).get("replicas", 0)):
+            rank = i + (1 if rtype == "Worker" else 0)
+            tpl = reps[rtype]["template"]
+            (c,) = tpl["spec"]["containers"]
+            assert c["name"] == "pytorch"
+            env = {"PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
+                   "MASTER_ADDR": "localhost", "PET_MASTER_ADDR": "localhost",
+                   "WORLD_SIZE": str(total * (int(nproc) if nproc.isdigit() else 1)), "RANK": str(rank),
+                   "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": nproc, "PET_NNODES": str(total)}
+            pods.append(Pod(f"{ptj['metadata']['name']}-{rtype.lower()}-{i}", tpl, objects, cluster, env))
+    for p in pods:
+        p.start()
+    return [p.wait() for p in pods]
+
+
+def configs(folder: Path) -> dict[str, Path]:
+    """jobs/demo configs where they are small enough, else the fixtures' quick data configs."""
+    write_configs(folder, corpus=Path("${CORPUS_DIR}"))  # CORPUS_DIR: an extraEnv value, a path on the PVC
+    out = {s: folder / f"{s}.yaml" for s in ("collect", "tokenizer", "pack")}
+    out["clean"] = REPO / "jobs" / "demo" / "clean.yaml"
+    out["init"] = REPO / "jobs" / "demo" / "init.yaml"
+    pre = yaml.safe_load((REPO / "jobs" / "demo" / "pretrain.yaml").read_text())
+    pre.update(max_steps=4, global_batch_tokens=64 * 4 * 2, warmup_steps=1, checkpoint_every=2, eval_every=2,
+               eval_max_blocks=8, log_every=1, generation={"every": 4, "prompts": ["The"], "max_new_tokens": 4})
+    (folder / "pretrain.yaml").write_text(yaml.safe_dump(pre, allow_unicode=True))
+    out["pretrain"] = folder / "pretrain.yaml"
+    return out
+
+
+def manifest(root: Path, name: str) -> dict:
+    return json.loads((root / name / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    helm()
+    base = tmp_path_factory.mktemp("chart-run")
+    pvc = base / "pvc" / "llmpipe-data"
+    shutil.copytree(CORPUS, pvc / "corpus")
+    site = base / "site.yaml"
+    site.write_text(yaml.safe_dump(SITE))
+    return base, pvc, configs(base / "jobs"), site
+
+
+@pytest.fixture(scope="module")
+def data_chain(cluster):
+    """collect (Job), then clean (Indexed Job with 2 pods + the merge Job, all started together)."""
+    base, pvc, cfgs, site = cluster
+    root = pvc / RUN_ROOT.removeprefix("/data/")
+    logs = {}
+    t0 = time.monotonic()
+    for stage in ("collect", "clean"):
+        logs[stage] = run_jobs(render(stage, cfgs[stage], "workers=2", values=[site]), base)
+    return root, logs, time.monotonic() - t0
+
+
+def test_rendered_job_and_indexed_job_run_collect_and_clean(data_chain):
+    root, logs, seconds = data_chain
+    raw = manifest(root, "raw")
+    assert raw["stage"] == "collect" and raw["metrics"]["documents"] > 100
+    clean = manifest(root, "clean")
+    assert clean["metrics"]["documents_in"] == raw["metrics"]["documents"]
+    assert 0 < clean["metrics"]["kept"] < clean["metrics"]["documents_in"]
+    assert clean["inputs"]["raw"]["fingerprint"] == raw["fingerprint"]  # lineage
+    assert clean["inputs"]["raw"]["uri"] == str(root / "raw")  # the run root came from --root on the PVC
+    assert not (root / "clean.parts").exists()  # the merge Job merged and removed both ranks' parts
+    part_logs = logs["clean"]["llmpipe-clean-part"]
+    assert len(part_logs) == 2
+    for rank, out in enumerate(part_logs):
+        assert f"== clean rank {rank}/2: done" in out
+    (merge_log,) = logs["clean"]["llmpipe-clean-merge"]
+    assert "== clean: done" in merge_log
+    print(f"collect + clean through the chart: {seconds:.0f}s")
+
+
+@pytest.mark.slow
+def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob(cluster, data_chain):
+    """tokenizer (Job) -> pack (Indexed Job + merge) -> init (Job) -> pretrain (PyTorchJob, 2 pods x 1 process)."""
+    base, _, cfgs, site = cluster
+    root, _, _ = data_chain
+    t0 = time.monotonic()
+    logs = {stage: run_jobs(render(stage, cfgs[stage], "workers=2", values=[site]), base)
+            for stage in ("tokenizer", "pack", "init")}
+    for rank, out in enumerate(logs["pack"]["llmpipe-pack-part"]):
+        assert f"== pack rank {rank}/2: done" in out
+    tok, shards, init = manifest(root, "tokenizer"), manifest(root, "shards"), manifest(root, "models/init")
+    assert not (root / "shards.parts").exists()
+    assert shards["inputs"]["tokenizer"]["fingerprint"] == tok["fingerprint"]
+    cfg = json.loads((root / "models" / "init" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] >= 800 // 2
+    t1 = time.monotonic()
+
+    objs = render("pretrain", cfgs["pretrain"], "nnodes=2", "nprocPerNode=1", values=[site])
+    ptj = one(objs, "PyTorchJob")
+    assert len(pod_templates(ptj)) == 2
+    master_log, worker_log = run_pytorchjob(ptj, objs, base)
+    m = manifest(root, "models/pretrain")
+    assert m["stage"] == "pretrain"
+    assert m["inputs"]["models/init"]["fingerprint"] == init["fingerprint"]
+    assert m["metrics"]["world_size"] == 2 and m["metrics"]["steps"] == 4
+    assert m["metrics"]["tokens"] == 4 * 512  # 2 ranks x micro 4 x 64 tokens per step
+    assert (root / "models" / "pretrain" / "model.safetensors").is_file()
+    assert "--nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr localhost" in master_log
+    assert "--nnodes 2 --node-rank 1 --nproc-per-node 1 --master-addr localhost" in worker_log
+    assert "[PyTorchJob env]" in master_log
+    print(f"tokenizer + pack + init: {t1 - t0:.0f}s; pretrain PyTorchJob: {time.monotonic() - t1:.0f}s")
