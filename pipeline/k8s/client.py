@@ -1,12 +1,18 @@
 """The Kubernetes API through the official python client, every failure turned into one line.
 
 ``Kube`` loads the kubeconfig (``--kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``,
-else the pod's service account when running in a cluster), picks the namespace
-(``-n``, else ``$LLMPIPE_NAMESPACE``, else the kubeconfig context's, else ``llm-pipeline``) and
-wraps every call so that an ``ApiException`` or a connection error becomes a ``K8sError``
-with one line: unauthorized, forbidden (with the RBAC message), not found, unreachable.
-Objects are handled as plain dicts in the API's own JSON shape (camelCase), whether they
-came from a typed API (Job, Pod) or from ``CustomObjectsApi`` (PyTorchJob).
+else the pod's service account when running in a cluster) with the client's own loader (so
+exec plugins, OIDC and token refresh work as in kubectl), picks the namespace (``-n``, else
+``$LLMPIPE_NAMESPACE``, else the kubeconfig context's, else ``llm-pipeline``), and sends
+requests through the client's ``ApiClient`` (auth, TLS, proxies, retries). An ``ApiException``
+or a connection error becomes a ``K8sError`` with one line: unauthorized, forbidden (with the
+RBAC message), not found, unreachable.
+
+Requests name the REST path themselves instead of going through the generated
+``CoreV1Api`` / ``BatchV1Api`` classes: importing those builds some thousand pydantic models
+(seconds of start-up for every ``llmpipe k8s`` command), and their typed responses reject
+objects that lack a field the OpenAPI spec calls required, which real servers do send.
+Objects are plain dicts in the API's JSON shape (camelCase), whatever their kind.
 """
 
 from __future__ import annotations
@@ -14,13 +20,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 from pipeline.errors import PipelineError
 from pipeline.k8s import DEFAULT_NAMESPACE
 
-PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
 IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# kind -> (group/version, plural) for what llmpipe k8s reads and writes
+KINDS = {
+    "ConfigMap": ("v1", "configmaps"),
+    "Secret": ("v1", "secrets"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "Pod": ("v1", "pods"),
+    "Event": ("v1", "events"),
+    "Job": ("batch/v1", "jobs"),
+    "PyTorchJob": ("kubeflow.org/v1", "pytorchjobs"),
+}
 
 
 class K8sError(PipelineError):
@@ -67,16 +83,17 @@ def resolve_namespace(explicit: str | None, kubeconfig: str | None = None, conte
 
 
 def _status_message(exc: Any) -> str:
-    """The ``message`` of the API's Status body, else the HTTP reason."""
+    """The ``message`` of the API's Status body, else the first line of the body, else the HTTP reason."""
     body = getattr(exc, "body", None)
     if body:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
         try:
-            data = json.loads(body)
+            data = json.loads(text)
             if isinstance(data, dict) and data.get("message"):
                 return str(data["message"])
-        except (ValueError, TypeError):
-            text = body.decode() if isinstance(body, bytes) else str(body)
-            return text.strip().splitlines()[0] if text.strip() else str(exc.reason)
+        except ValueError:
+            if text.strip():
+                return text.strip().splitlines()[0]
     return str(getattr(exc, "reason", "") or exc)
 
 
@@ -87,15 +104,22 @@ def _is_status(exc: Any) -> bool:
         return False
 
 
+def api_path(api_version: str, plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{namespace}/{plural}"
+    return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+
 class Kube:
     """A connection to one cluster and namespace."""
 
     def __init__(self, namespace: str | None = None, kubeconfig: str | None = None, context: str | None = None,
                  request_timeout: float = 30.0):
-        from kubernetes import client, config
+        from kubernetes import config
+        from kubernetes.client import ApiClient, Configuration
         from kubernetes.config.config_exception import ConfigException
 
-        cfg = client.Configuration()
+        cfg = Configuration()
         paths = _kubeconfig_paths(kubeconfig)
         try:
             if _existing(paths):
@@ -116,32 +140,30 @@ class Kube:
         self.server = cfg.host
         self.namespace = resolve_namespace(namespace, kubeconfig, context)
         self.timeout = request_timeout
-        self.api = client.ApiClient(cfg)
-        self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
+        self.api = ApiClient(cfg)
 
-    # ------------------------------------------------------------------ calls
-    def call(self, fn: Callable[..., Any], *args: Any, what: str, missing_ok: bool = False, stream: bool = False,
-             **kwargs: Any) -> Any:
-        """Call one API method; the API's JSON comes back as a dict (text for logs), or the open
-        response when ``stream``. ``what`` names the call in errors.
-
-        Responses are read raw rather than through the client's typed models: the models reject
-        objects that lack a field the OpenAPI spec calls required, which real servers do send.
-        """
-        import pydantic
+    # ------------------------------------------------------------------ one request
+    def request(self, method: str, path: str, *, what: str, query: dict[str, Any] | None = None, body: Any = None,
+                missing_ok: bool = False, stream: bool = False) -> Any:
+        """One API call. Returns the JSON body as a dict (text for logs; None for a missing object
+        when ``missing_ok``), or the open urllib3 response when ``stream``."""
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
-        kwargs["_preload_content"] = False
-        if not stream:
-            kwargs.setdefault("_request_timeout", self.timeout)
+        headers = {"Accept": "application/json, */*"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        params = self.api.param_serialize(method=method, resource_path=path,
+                                          query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+                                          header_params=headers, body=body, auth_settings=["BearerToken"])
         try:
-            resp = fn(*args, **kwargs)
+            resp = self.api.call_api(*params, _request_timeout=None if stream else self.timeout)
+            if not 200 <= resp.status <= 299:
+                resp.read()
+                raise ApiException.from_response(http_resp=resp, body=None, data=None)
             if stream:
-                return resp
-            data = resp.data
+                return resp.response
+            data = resp.read()
         except ApiException as exc:
             if exc.status == 404 and missing_ok and _is_status(exc):  # the object is missing, not its kind
                 return None
@@ -150,11 +172,6 @@ class Kube:
             reason = getattr(exc, "reason", None) or exc
             raise K8sError(f"cannot reach the Kubernetes API at {self.server} ({self.config_source}) to {what}: "
                            f"{_short(reason)}") from None
-        except pydantic.ValidationError as exc:  # a request body that does not fit the API schema
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"][1:])
-            raise K8sError(f"cannot {what}: {loc}: {err['msg']} (the Kubernetes API schema of client "
-                           f"{_client_version()} does not allow it)") from None
         text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data or "")
         if "json" in (resp.headers.get("content-type") or ""):
             return json.loads(text) if text.strip() else None
@@ -183,50 +200,71 @@ class Kube:
             return NotFound(f"not found in namespace {self.namespace}: {msg}")
         return K8sError(f"the Kubernetes API refused to {what}: {exc.status} {msg}")
 
-    # ------------------------------------------------------------------ listing
+    # ------------------------------------------------------------------ objects
+    def get(self, api_version: str, plural: str, name: str, *, what: str, missing_ok: bool = False,
+            namespace: str | None = None) -> dict | None:
+        return self.request("GET", api_path(api_version, plural, namespace or self.namespace, name), what=what,
+                            missing_ok=missing_ok)
+
+    def create(self, api_version: str, plural: str, body: dict, *, what: str, namespace: str | None = None) -> dict:
+        return self.request("POST", api_path(api_version, plural, namespace or self.namespace), body=body, what=what)
+
+    def replace(self, api_version: str, plural: str, name: str, body: dict, *, what: str,
+                namespace: str | None = None) -> dict:
+        return self.request("PUT", api_path(api_version, plural, namespace or self.namespace, name), body=body,
+                            what=what)
+
+    def delete(self, api_version: str, plural: str, name: str, *, what: str, propagation: str = "Background",
+               namespace: str | None = None, missing_ok: bool = False) -> Any:
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        return self.request("DELETE", api_path(api_version, plural, namespace or self.namespace, name), body=body,
+                            what=what, missing_ok=missing_ok)
+
+    def list(self, kind: str, *, what: str, labels: str | None = None, fields: str | None = None) -> list[dict]:
+        api_version, plural = KINDS[kind]
+        res = self.request("GET", api_path(api_version, plural, self.namespace), what=what,
+                           query={"labelSelector": labels, "fieldSelector": fields})
+        items = (res or {}).get("items") or []
+        for obj in items:  # list items of typed kinds come without kind/apiVersion
+            obj.setdefault("kind", kind)
+            obj.setdefault("apiVersion", api_version)
+        return items
+
     def list_jobs(self, selector: str) -> list[dict]:
-        res = self.call(self.batch.list_namespaced_job, self.namespace, label_selector=selector, what="list Jobs")
-        return [_with_kind(o, "Job", "batch/v1") for o in res.get("items") or []]
+        return self.list("Job", labels=selector, what="list Jobs")
 
     def list_pytorchjobs(self, selector: str) -> list[dict]:
         """PyTorchJobs; an empty list when the training operator's CRD is not installed."""
         try:
-            res = self.call(self.custom.list_namespaced_custom_object, *PYTORCHJOB[:2], self.namespace, PYTORCHJOB[2],
-                            label_selector=selector, what="list PyTorchJobs")
+            return self.list("PyTorchJob", labels=selector, what="list PyTorchJobs")
         except NotFound:
             return []
-        return [_with_kind(o, "PyTorchJob", "kubeflow.org/v1") for o in res.get("items") or []]
 
     def list_pods(self, selector: str) -> list[dict]:
-        res = self.call(self.core.list_namespaced_pod, self.namespace, label_selector=selector, what="list pods")
-        return [_with_kind(o, "Pod", "v1") for o in res.get("items") or []]
+        return self.list("Pod", labels=selector, what="list pods")
 
     def warning_events(self, name: str) -> list[dict]:
         """Warning events about one object, oldest first."""
-        res = self.call(self.core.list_namespaced_event, self.namespace,
-                        field_selector=f"involvedObject.name={name},type=Warning", what="list events")
-        items = [e for e in res.get("items") or [] if e.get("type") == "Warning"]
+        items = self.list("Event", fields=f"involvedObject.name={name},type=Warning", what="list events")
+        items = [e for e in items if e.get("type") == "Warning"]
         return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
     def pod_log(self, pod: str, container: str | None = None, tail: int | None = None) -> str:
-        kwargs: dict[str, Any] = {"container": container} if container else {}
-        if tail is not None:
-            kwargs["tail_lines"] = tail
-        text = self.call(self.core.read_namespaced_pod_log, pod, self.namespace, what=f"read the log of pod {pod}",
-                         **kwargs)
+        text = self.request("GET", api_path("v1", "pods", self.namespace, pod, "log"), what=f"read the log of pod {pod}",
+                            query={"container": container, "tailLines": tail})
         return text if isinstance(text, str) else ""
 
+    def follow_log(self, pod: str, container: str | None = None, tail: int | None = None) -> Iterator[str]:
+        """The pod's log line by line as it is written, until the container ends."""
+        from kubernetes.watch.watch import iter_resp_lines
 
-def _with_kind(obj: dict, kind: str, api_version: str) -> dict:
-    obj.setdefault("kind", kind)
-    obj.setdefault("apiVersion", api_version)
-    return obj
-
-
-def _client_version() -> str:
-    import kubernetes
-
-    return kubernetes.__version__
+        resp = self.request("GET", api_path("v1", "pods", self.namespace, pod, "log"), stream=True,
+                            what=f"follow the log of pod {pod}",
+                            query={"container": container, "tailLines": tail, "follow": "true"})
+        try:
+            yield from iter_resp_lines(resp)
+        finally:
+            resp.release_conn()
 
 
 def _short(reason: Any) -> str:

@@ -89,18 +89,11 @@ class _Follower(threading.Thread):
         self.reported = False
 
     def run(self) -> None:
-        from kubernetes import watch
-
-        kwargs = {"container": self.container} if self.container else {}
-        if self.tail is not None:
-            kwargs["tail_lines"] = self.tail
         try:
-            stream = watch.Watch().stream(self.kube.core.read_namespaced_pod_log, self.name_, self.kube.namespace,
-                                          **kwargs)
-            for line in stream:
+            for line in self.kube.follow_log(self.name_, self.container, self.tail):
                 self.lines.put((self.name_, line))
         except Exception as exc:  # a pod deleted mid-stream, a dropped connection: say so, keep the others
-            self.error = str(getattr(exc, "reason", None) or exc).splitlines()[0][:200]
+            self.error = (str(exc).splitlines() or ["the stream broke"])[0][:200]
         finally:
             self.lines.put((self.name_, None))
 

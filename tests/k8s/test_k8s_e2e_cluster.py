@@ -20,6 +20,7 @@ import uuid
 
 import pytest
 
+from pipeline.k8s.client import KINDS, Kube
 from tests.k8s.conftest import REAL_CHART, error_lines
 
 pytestmark = [
@@ -37,8 +38,6 @@ def cluster(helm, monkeypatch):
         pytest.skip(f"no chart at {chart}")
     monkeypatch.setenv("HELM", helm)
     monkeypatch.setenv("LLMPIPE_CHART", chart)
-    from pipeline.k8s.client import Kube
-
     kube = Kube()
     _delete_stage(kube, STAGE)
     yield kube
@@ -47,13 +46,11 @@ def cluster(helm, monkeypatch):
 
 def _delete_stage(kube, stage: str) -> None:
     selector = f"llmpipe.io/stage={stage}"
-    for job in kube.list_jobs(selector):
-        kube.call(kube.batch.delete_namespaced_job, job["metadata"]["name"], kube.namespace,
-                  propagation_policy="Background", what="clean up", missing_ok=True)
-    res = kube.call(kube.core.list_namespaced_config_map, kube.namespace, label_selector=selector, what="clean up")
-    for cm in res.get("items") or []:
-        kube.call(kube.core.delete_namespaced_config_map, cm["metadata"]["name"], kube.namespace, what="clean up",
-                  missing_ok=True)
+    for kind in ("Job", "PyTorchJob", "ConfigMap"):
+        api_version, plural = KINDS[kind]
+        for obj in (kube.list_pytorchjobs(selector) if kind == "PyTorchJob" else
+                    kube.list(kind, labels=selector, what="clean up")):
+            kube.delete(api_version, plural, obj["metadata"]["name"], what="clean up", missing_ok=True)
 
 
 def _values() -> list[str]:
