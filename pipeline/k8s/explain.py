@@ -14,6 +14,7 @@ The same cause on many pods is one line ("pod X and 7 more: ...").
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ class Problem:
     fatal: bool = False  # cannot fix itself (wait --fail-fast stops on it)
     container: str | None = None
     kind: str = ""  # "exit": its log tail explains it; "image": the kubelet's pull error (an event) does
+    image: str | None = None
 
 
 def _clip(text: str, limit: int = MAX_LINE) -> str:
@@ -89,7 +91,7 @@ def pod_problems(pod: dict) -> list[Problem]:
             detail = waiting.get("message") or ""
             detail = "" if not detail or detail.startswith("Back-off pulling image") else f": {_clip(detail, 200)}"
             out.append(Problem(name, f"cannot pull image {image} ({wreason}){detail}", fatal=True, container=cname,
-                               kind="image"))
+                               kind="image", image=image))
         elif wreason in CONFIG_REASONS:
             out.append(Problem(name, f"container {cname} cannot start ({wreason}): {_clip(waiting.get('message', ''))}",
                                fatal=True, container=cname))
@@ -183,9 +185,9 @@ def _with_details(problems: list[Problem], kube: "Kube | None", limit: int = 3) 
                 line = _last_error_line(kube, p.pod, p.container)
                 extra = f"; log: {line}" if line else ""
             else:
-                line = _pull_error(kube, p.pod, p.text.split()[3])
+                line = _pull_error(kube, p.pod, p.image or "")
                 extra = f": {line}" if line and line not in p.text else ""
-            p = Problem(p.pod, p.text + extra, p.fatal, p.container, p.kind)
+            p = dataclasses.replace(p, text=p.text + extra)
         out.append(p)
     return out
 

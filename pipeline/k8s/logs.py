@@ -12,7 +12,7 @@ import time
 from typing import TextIO
 
 from pipeline.k8s import ROLE_LABEL
-from pipeline.k8s.client import K8sError, Kube, NotFound
+from pipeline.k8s.client import Kube, NotFound
 from pipeline.k8s.explain import explain_failure, group, pod_problems
 from pipeline.k8s.state import Snapshot, meta, snapshot
 from pipeline.k8s.wait import StageFailed

@@ -7,6 +7,7 @@ Polling (every ``interval`` seconds, a few list calls) rather than watches: it n
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -61,8 +62,9 @@ class Progress:
 
     def update(self, key: str, line: str) -> None:
         now = time.monotonic()
-        if self.tty:
-            self.out.write("\r\033[K" + line)
+        if self.tty:  # one line that fits, or the terminal wraps it and \r no longer rewrites it
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write("\r\033[K" + (line if len(line) <= width else line[: max(width - 3, 10)] + "..."))
             self.showing = True
         elif key != self.last_key or now - self.last_print >= self.heartbeat:
             self.out.write(line + "\n")
