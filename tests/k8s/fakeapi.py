@@ -169,6 +169,7 @@ class FakeKube:
         self.store: dict[str, dict[tuple[str, str], dict]] = {plural: {} for _, plural in RESOURCES}
         self.logs: dict[tuple[str, str, str], _Log] = {}
         self.scenarios: dict[str, Scenario] = {}
+        self.choose: Any = None  # optional: workload dict -> Scenario | None, for names not in `scenarios`
         self.denied: set[tuple[str, str]] = set()
         self.requests: list[tuple[str, str, str]] = []
         self.deletions: list[tuple[str, str, str | None]] = []
@@ -547,6 +548,13 @@ class FakeKube:
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ the simulator
+    def _scenario(self, obj: dict) -> Scenario:
+        """The scenario registered for the workload's name, else what ``choose(obj)`` says, else success."""
+        name = obj["metadata"]["name"]
+        if name in self.scenarios:
+            return self.scenarios[name]
+        return (self.choose(obj) if self.choose else None) or Scenario()
+
     def _guard(self, target: Any, ns: str, name: str, uid: str) -> None:
         try:
             target(ns, name, uid)
@@ -720,7 +728,7 @@ class FakeKube:
 
     def _run_job(self, ns: str, name: str, uid: str) -> None:
         job = copy.deepcopy(self._alive("jobs", ns, name, uid))
-        sc = self.scenarios.get(name, Scenario())
+        sc = self._scenario(job)
         spec = job["spec"]
         if spec.get("suspend"):
             self._condition("jobs", ns, name, uid, "Suspended", "True", "JobSuspended", "Job suspended")
@@ -791,7 +799,7 @@ class FakeKube:
 
     def _run_pytorchjob(self, ns: str, name: str, uid: str) -> None:
         job = copy.deepcopy(self._alive("pytorchjobs", ns, name, uid))
-        sc = self.scenarios.get(name, Scenario())
+        sc = self._scenario(job)
         full = f"{ns}/{name}"
         self._condition("pytorchjobs", ns, name, uid, "Created", "True", "PyTorchJobCreated", f"PyTorchJob {full} is created.")
         replicas: list[tuple[str, int, dict]] = []
