@@ -140,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not config.is_file():
         raise PipelineError(f"--config {config}: no such file")
     _validate_config(args.stage, config)
-    timeout = _timeout(args)
+    timeout = _timeout(args)  # bad --timeout / --interval fail before anything is created
     chart = find_chart(args.chart)
     if args.dry_run:
         namespace = resolve_namespace(args.namespace, args.kubeconfig, args.context)
@@ -163,14 +163,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _timeout(args: argparse.Namespace) -> float | None:
     from pipeline.k8s.wait import parse_duration
 
+    if args.interval <= 0:
+        raise PipelineError("--interval must be > 0 seconds")
     return parse_duration(args.timeout)
 
 
 def _wait(kube, args: argparse.Namespace, timeout: float | None) -> int:
     from pipeline.k8s.wait import summary, wait_for
 
-    if args.interval <= 0:
-        raise PipelineError("--interval must be > 0 seconds")
     start = time.monotonic()
     snap = wait_for(kube, args.stage, timeout=timeout, interval=args.interval, fail_fast=args.fail_fast)
     print(summary(snap, time.monotonic() - start))

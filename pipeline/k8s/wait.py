@@ -13,9 +13,17 @@ import time
 from typing import TextIO
 
 from pipeline.errors import PipelineError
-from pipeline.k8s.client import Kube, NotFound
+from pipeline.k8s.client import K8sError, Kube, NotFound
 from pipeline.k8s.explain import explain_failure, explain_stuck
 from pipeline.k8s.state import Snapshot, duration, snapshot
+
+
+API_GRACE = 300.0  # seconds the API may be unreachable during a wait before wait gives up
+
+
+def transient(exc: K8sError) -> bool:
+    """Unreachable, or a server-side 5xx / 429: worth retrying."""
+    return (exc.status is None and "cannot reach" in str(exc)) or (exc.status or 0) >= 500 or exc.status == 429
 
 
 class StageFailed(PipelineError):
@@ -102,11 +110,22 @@ def wait_for(kube: Kube, stage: str, timeout: float | None = None, interval: flo
     """Block until the stage finishes. Returns the final snapshot; raises StageFailed / WaitTimeout."""
     out = out or sys.stderr
     progress = Progress(out)
-    start = time.monotonic()
+    start = last_ok = time.monotonic()
     warned: set[str] = set()
     try:
         while True:
-            snap = snapshot(kube, stage)
+            try:
+                snap = snapshot(kube, stage)
+                last_ok = time.monotonic()
+            except K8sError as exc:  # an API server restart or a network blip must not end a days-long wait
+                if not transient(exc) or time.monotonic() - last_ok > API_GRACE:
+                    raise
+                note = f"warning: {exc} (retrying for up to {duration(API_GRACE)})"
+                if note not in warned:
+                    warned.add(note)
+                    progress.write(note)
+                time.sleep(interval)
+                continue
             elapsed = time.monotonic() - start
             if not snap.workloads:
                 raise NotFound(f"no Job or PyTorchJob of stage {stage} in namespace {kube.namespace}: submit it first "

@@ -171,6 +171,7 @@ class FakeKube:
         self.scenarios: dict[str, Scenario] = {}
         self.choose: Any = None  # optional: workload dict -> Scenario | None, for names not in `scenarios`
         self.denied: set[tuple[str, str]] = set()
+        self.unavailable = False  # answer 503 to everything (an API server restarting)
         self.requests: list[tuple[str, str, str]] = []
         self.deletions: list[tuple[str, str, str | None]] = []
         self.cond = threading.Condition(threading.RLock())
@@ -285,6 +286,8 @@ class FakeKube:
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""
         try:
+            if self.unavailable:
+                raise ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             if h.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             m = PATH.match(url.path)

@@ -155,6 +155,20 @@ def test_wait_after_a_resubmit_ignores_the_old_jobs_lingering_pods(fake, chart, 
     assert snap.workloads[0].state == "Running"
 
 
+def test_wait_rides_out_an_api_server_restart(fake, chart, llmpipe):
+    import threading
+
+    fake.scenarios["llmpipe-collect"] = Scenario(steps=20)
+    assert llmpipe("k8s", "submit", "collect")[0] == 0
+    fake.unavailable = True
+    threading.Timer(0.6, lambda: setattr(fake, "unavailable", False)).start()
+    rc, out, err = llmpipe("k8s", "wait", "collect", *FAST)
+    assert rc == 0, err
+    assert err.count("warning: the Kubernetes API refused to list Jobs: 503 the server is currently unable to handle "
+                     "the request (retrying for up to 5m00s)") == 1
+    assert "collect succeeded" in out
+
+
 def test_waiting_for_a_stage_never_submitted_says_so(fake, llmpipe):
     rc, _, err = llmpipe("k8s", "wait", "tokenizer", *FAST)
     assert rc == 1
