@@ -1,0 +1,189 @@
+"""Perplexity on validation shards and on raw held-out text (bits per byte per language).
+
+Validation shards: the mean next-token loss over the first ``max_blocks`` blocks (spread evenly
+over the split), exactly what the training stages call ``val_loss``.
+
+Raw text: each document is encoded with the model's own tokenizer, BOS first (EOS when there is
+no BOS); long documents are cut into windows of the model's context that overlap by one token,
+so every text token is predicted exactly once with as much context as fits. Reported: text
+tokens, perplexity over them, and bits per byte = total loss in bits / UTF-8 bytes of the text,
+the number that stays comparable between tokenizers of different granularity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+LN2 = math.log(2.0)
+
+
+def spread_indices(n: int, k: int | None) -> list[int]:
+    """``k`` block indices spread evenly over ``range(n)`` (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
+
+
+def _sum_nll(model: Any, ids: Any, mask: Any, targets_mask: Any) -> tuple[float, int]:
+    """Summed next-token loss over positions whose *target* is marked in ``targets_mask``."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = ids[:, 1:]
+    keep = targets_mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    nll = nll.reshape(target.shape)[keep]
+    return float(nll.sum()), int(keep.sum())
+
+
+def shard_loss(model: Any, dataset: Any, *, max_blocks: int | None, batch_size: int, device: str,
+               bar: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Mean token loss and perplexity over blocks of a :class:`~pipeline.data.shards.PackedDataset`."""
+    import torch
+
+    picks = spread_indices(len(dataset), max_blocks)
+    if not picks:
+        raise InputError(f"{dataset.uri} has no {dataset.split} blocks to measure (pack with val_fraction > 0)")
+    total, count = 0.0, 0
+    batches = [picks[i:i + batch_size] for i in range(0, len(picks), batch_size)]
+    it: Iterable[list[int]] = bar(batches, desc="val shards", unit=" batch") if bar else batches
+    for chunk in it:
+        ids = torch.stack([torch.from_numpy(dataset.block(i).astype(np.int64)) for i in chunk]).to(device)
+        ones = torch.ones_like(ids)
+        s, n = _sum_nll(model, ids, ones, ones)
+        total += s
+        count += n
+    loss = total / count
+    return {"blocks": len(picks), "tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _windows(seq: list[int], width: int) -> list[list[int]]:
+    """Windows of at most ``width`` ids overlapping by one, so each id after the first is a target once."""
+    if len(seq) <= width:
+        return [seq]
+    out, start = [], 0
+    while start < len(seq) - 1:
+        out.append(seq[start:start + width])
+        start += width - 1
+    return out
+
+
+def text_perplexity(model: Any, tok: Any, texts: list[str], *, max_length: int, batch_size: int, device: str,
+                    bar: Callable[..., Any] | None = None, desc: str = "text") -> dict[str, Any]:
+    """Tokens, perplexity and bits per byte of ``texts`` under ``model`` (see the module docstring)."""
+    import torch
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise InputError("no held-out text to measure")
+    start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    windows: list[list[int]] = []
+    n_tokens = n_bytes = 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        n_tokens += len(ids)
+        n_bytes += len(text.encode("utf-8"))
+        seq = ([start_id] if start_id is not None else []) + ids
+        for w in _windows(seq, max(2, max_length)):
+            if len(w) >= 2:
+                windows.append(w)
+    windows.sort(key=len, reverse=True)  # similar lengths together: little padding
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    it: Iterable[list[list[int]]] = bar(batches, desc=desc, unit=" batch") if bar else batches
+    for group in it:
+        width = max(map(len, group))
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for r, w in enumerate(group):
+            ids[r, :len(w)] = torch.tensor(w)
+            mask[r, :len(w)] = 1
+        s, n = _sum_nll(model, ids.to(device), mask.to(device), mask.to(device))
+        total += s
+        count += n
+    loss = total / max(count, 1)
+    return {
+        "documents": len(texts),
+        "tokens": n_tokens,
+        "predicted_tokens": count,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": total / LN2 / max(n_bytes, 1),
+        "bytes_per_token": n_bytes / max(n_tokens, 1),
+    }
+
+
+# ------------------------------------------------------------------------------ held-out text
+
+
+def heldout_from_run(clean: Any, pack_config: dict[str, Any], languages: list[str], max_documents: int,
+                     bar: Callable[..., Any] | None = None) -> dict[str, list[str]]:
+    """Documents of ``clean/`` that the pack stage routed to validation (never trained on), per language."""
+    from pipeline.data.documents import DocumentSet
+    from pipeline.data.packing import route_to_val
+
+    fraction, seed = float(pack_config.get("val_fraction", 0.0)), int(pack_config.get("seed", 0))
+    if fraction <= 0:
+        raise InputError("the shards were packed with val_fraction 0, so no clean document is held out: set "
+                         "heldout.from_run false and list heldout.files instead")
+    docs = DocumentSet(clean)
+    found: dict[str, list[str]] = {lang: [] for lang in languages}
+    with (bar(total=len(docs), desc="held-out text", unit=" doc") if bar else _NullBar()) as pbar:
+        for batch in docs.iter_batches(columns=["id", "text", "lang"], batch_size=4096):
+            for doc_id, text, lang in zip(batch["id"], batch["text"], batch["lang"]):
+                if lang in found and len(found[lang]) < max_documents and route_to_val(str(doc_id), fraction, seed):
+                    found[lang].append(text)
+            pbar.update(len(batch["id"]))
+            if all(len(v) >= max_documents for v in found.values()):
+                break
+    return found
+
+
+def read_text_files(paths: list[str]) -> list[str]:
+    """Documents from local or fsspec paths: .jsonl (a ``text`` field per line) or plain text (blank-line separated)."""
+    import json
+
+    import fsspec
+
+    from pipeline.storage import storage_options_from_env
+
+    out: list[str] = []
+    for path in paths:
+        opts = storage_options_from_env() if "://" in path and not path.startswith("file://") else {}
+        try:
+            with fsspec.open(path, "rt", encoding="utf-8", **opts) as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise InputError(f"held-out text file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise InputError(f"held-out text file {path} is not UTF-8 text") from None
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(data.splitlines(), 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise InputError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+        else:
+            out.extend(p.strip() for p in data.split("\n\n") if p.strip())
+    return out
+
+
+class _NullBar:
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+    def update(self, _n: int) -> None:
+        return None
