@@ -1,0 +1,505 @@
+"""Hugging Face Llama checkpoint -> GGUF (llama.cpp's file format), and GGUF -> HF weights again.
+
+Written against the ``gguf`` library (the format's reference writer, maintained with llama.cpp):
+:class:`gguf.GGUFWriter` for the file, :mod:`gguf.quants` for the Q8_0 / Q4_0 blocks, the
+``gguf.TENSOR_NAMES`` constants for the tensor names of the ``llama`` architecture. The mapping
+itself is ours and short:
+
+=================================================  ==========================  =====================
+HF ``LlamaForCausalLM`` key                          GGUF tensor                  note
+=================================================  ==========================  =====================
+``model.embed_tokens.weight``                        ``token_embd.weight``
+``model.layers.N.input_layernorm.weight``            ``blk.N.attn_norm.weight``   F32
+``model.layers.N.self_attn.{q,k}_proj.weight``       ``blk.N.attn_{q,k}.weight``  rows permuted (RoPE)
+``model.layers.N.self_attn.v_proj.weight``           ``blk.N.attn_v.weight``
+``model.layers.N.self_attn.o_proj.weight``           ``blk.N.attn_output.weight``
+``model.layers.N.post_attention_layernorm.weight``   ``blk.N.ffn_norm.weight``    F32
+``model.layers.N.mlp.{gate,up,down}_proj.weight``    ``blk.N.ffn_{gate,up,down}`` 
+``model.norm.weight``                                ``output_norm.weight``       F32
+``lm_head.weight``                                   ``output.weight``            left out when tied
+=================================================  ==========================  =====================
+
+RoPE: HF rotates the two halves of each head (``rotate_half``), llama.cpp's ``llama`` graph
+rotates adjacent pairs. Within every head of ``q_proj`` / ``k_proj`` the output rows are
+reordered so that row ``i`` of the first half and row ``i`` of the second half become rows
+``2i`` and ``2i+1``; attention scores are unchanged (:func:`permute_qk` / :func:`unpermute_qk`).
+
+Types: 1-D tensors (the RMSNorm weights) stay F32, as llama.cpp expects. A matrix whose rows
+are not a whole number of quantisation blocks (32 values for Q8_0 / Q4_0) falls back to F16.
+In the 4-bit file the output head (the token embedding when tied) is stored as Q8_0 unless
+``q4_keep_head_q8=False``, as ``llama-quantize`` keeps the output head at a higher precision.
+
+Tokenizer: our tokenizers are byte-level BPE (``tokenizers``), which llama.cpp reads as
+``tokenizer.ggml.model = "gpt2"``: the token strings in id order (rows past the tokenizer's size
+padded with ``[PADn]`` of type UNUSED), token types (special added tokens CONTROL, other added
+tokens USER_DEFINED), the merges, bos/eos/pad (and ``<|im_end|>`` as end-of-turn when present),
+whether BOS is prepended, and the chat template (without HF's ``{% generation %}`` markers,
+which only HF understands and which do not change the rendered text).
+
+Limitation: llama.cpp does not run the tokenizer's own pre-tokenizer regex; it picks one of its
+built-in ones by the name in ``tokenizer.ggml.pre``. GPT-2's and Llama 3's regexes map to
+``gpt-2`` and ``llama-bpe``; our Cyrillic-aware regex has no built-in twin, so it is written as
+``llama-bpe`` (the nearest: letters with one leading non-letter, digits in groups of up to 3),
+and the NFC normaliser is not applied by llama.cpp either. Text tokenised *by llama.cpp* can
+therefore split differently from the HF tokenizer (valid tokens, different ids); token ids
+tokenised by the HF tokenizer and fed to llama.cpp give the same results, which is how the
+tests compare the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+ARCH = "llama"
+SUPPORTED = ("F16", "Q8_0", "Q4_0")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# HF suffix inside a decoder layer -> (gguf MODEL_TENSOR member name, needs the RoPE row permutation)
+_LAYER_MAP = {
+    "input_layernorm.weight": ("ATTN_NORM", None),
+    "self_attn.q_proj.weight": ("ATTN_Q", "q"),
+    "self_attn.k_proj.weight": ("ATTN_K", "k"),
+    "self_attn.v_proj.weight": ("ATTN_V", None),
+    "self_attn.o_proj.weight": ("ATTN_OUT", None),
+    "post_attention_layernorm.weight": ("FFN_NORM", None),
+    "mlp.gate_proj.weight": ("FFN_GATE", None),
+    "mlp.up_proj.weight": ("FFN_UP", None),
+    "mlp.down_proj.weight": ("FFN_DOWN", None),
+}
+_GLOBAL_MAP = {
+    "model.embed_tokens.weight": "TOKEN_EMBD",
+    "model.norm.weight": "OUTPUT_NORM",
+    "lm_head.weight": "OUTPUT",
+}
+# what our tokenizer trainer writes (pipeline.data.tokenization) -> llama.cpp's built-in pre-tokenizer name
+_KNOWN_PRE = {
+    "gpt2": "gpt-2",
+    "llama3": "llama-bpe",
+}
+
+
+# ------------------------------------------------------------------------------- the config
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The numbers of a Llama config that the GGUF header and the RoPE permutation need."""
+
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    rope_theta: float
+    rms_eps: float
+    tied: bool
+    rope_scaling: dict[str, Any] | None = None
+
+
+def check_llama_config(config: Any, where: str = "the model") -> LlamaDims:
+    """The dims of a transformers ``LlamaConfig``; :class:`InputError` for anything GGUF/llama cannot hold."""
+    model_type = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise InputError(f"{where} is a {model_type!r} model ({', '.join(archs) or 'no architectures listed'}); "
+                         "quantize supports Llama models (LlamaForCausalLM) only")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise InputError(f"{where} has attention/MLP biases, which the GGUF llama export does not map")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise InputError(f"{where} uses hidden_act={config.hidden_act!r}; llama.cpp's llama graph is SwiGLU (silu)")
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in ("linear", "default"):
+            raise InputError(f"{where} uses rope_scaling type {kind!r}; the GGUF export supports none or 'linear'")
+    n_heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    if head_dim % 2:
+        raise InputError(f"{where} has an odd head size {head_dim}; RoPE needs it even")
+    return LlamaDims(
+        n_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size), ffn=int(config.intermediate_size),
+        n_heads=n_heads, n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim=head_dim,
+        vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
+        rope_theta=float(getattr(config, "rope_theta", 10000.0)), rms_eps=float(config.rms_norm_eps),
+        tied=bool(getattr(config, "tie_word_embeddings", False)), rope_scaling=dict(scaling) if scaling else None,
+    )
+
+
+# ------------------------------------------------------------------------------- tensors
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF (half-split RoPE) row order -> llama.cpp (adjacent-pair RoPE) row order, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of :func:`permute_qk`."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensor_name(member: str, layer: int | None = None) -> str:
+    import gguf
+
+    base = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, member)]
+    return (base.format(bid=layer) if layer is not None else base) + ".weight"
+
+
+def hf_to_gguf_name(key: str) -> tuple[str, str | None]:
+    """(GGUF tensor name, 'q'/'k' when the RoPE permutation applies) of an HF state-dict key."""
+    if key in _GLOBAL_MAP:
+        return tensor_name(_GLOBAL_MAP[key]), None
+    m = _LAYER_RE.match(key)
+    if m and m.group(2) in _LAYER_MAP:
+        member, perm = _LAYER_MAP[m.group(2)]
+        return tensor_name(member, int(m.group(1))), perm
+    raise InputError(f"weight {key!r} has no place in a GGUF llama model (is this a plain LlamaForCausalLM?)")
+
+
+def gguf_to_hf_names(n_layers: int) -> dict[str, tuple[str, str | None]]:
+    """GGUF tensor name -> (HF key, permutation) for a model of ``n_layers`` layers."""
+    found = {tensor_name(member): (key, None) for key, member in _GLOBAL_MAP.items()}
+    for i in range(n_layers):
+        for suffix, (member, perm) in _LAYER_MAP.items():
+            found[tensor_name(member, i)] = (f"model.layers.{i}.{suffix}", perm)
+    return found
+
+
+def _qtype(name: str) -> Any:
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name)
+
+
+def choose_type(gguf_name: str, shape: tuple[int, ...], target: str, *, tied: bool = False,
+                q4_keep_head_q8: bool = True) -> str:
+    """The GGML type a tensor gets in a ``target`` (F16 / Q8_0 / Q4_0) file."""
+    import gguf
+
+    if len(shape) == 1:
+        return "F32"
+    want = target
+    head = tensor_name("TOKEN_EMBD") if tied else tensor_name("OUTPUT")  # the matrix that makes the logits
+    if target == "Q4_0" and q4_keep_head_q8 and gguf_name == head:
+        want = "Q8_0"
+    if want != "F16":
+        block, _ = gguf.GGML_QUANT_SIZES[_qtype(want)]
+        if shape[-1] % block:
+            want = "F16"
+    return want
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+def _pre_name(tokenizer_json: dict[str, Any]) -> tuple[str, str]:
+    """(tokenizer.ggml.pre, how it was chosen) from a tokenizer.json's pre-tokenizer."""
+    from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN
+
+    text = json.dumps(tokenizer_json.get("pre_tokenizer"), ensure_ascii=False)
+    for kind, pattern in (("gpt2", GPT2_PATTERN), ("llama3", LLAMA3_PATTERN)):
+        if json.dumps(pattern, ensure_ascii=False)[1:-1] in text:
+            return _KNOWN_PRE[kind], f"matches the {kind} regex"
+    return "llama-bpe", "no built-in llama.cpp twin of this pre-tokenizer regex; nearest is llama-bpe"
+
+
+def strip_hf_generation_markers(template: str) -> str:
+    """Drop ``{% generation %}`` / ``{% endgeneration %}`` (an HF-only Jinja extension for assistant masks)."""
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+@dataclass
+class TokenizerMeta:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    eot_id: int | None
+    add_bos: bool
+    pre: str
+    pre_reason: str
+    chat_template: str | None
+    padded: int = 0  # rows past the tokenizer's size
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens": len(self.tokens), "padded_rows": self.padded, "merges": len(self.merges), "pre": self.pre,
+                "pre_reason": self.pre_reason, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "eot_id": self.eot_id, "add_bos": self.add_bos, "chat_template": self.chat_template is not None}
+
+
+def tokenizer_meta(folder: str, vocab_size: int, config: Any = None, pre: str | None = None) -> TokenizerMeta:
+    """What GGUF needs of the HF tokenizer saved in ``folder`` (a byte-level BPE ``tokenizer.json``)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"{folder} has no tokenizer.json; the GGUF export needs the (fast, byte-level BPE) tokenizer")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    model = raw.get("model") or {}
+    if model.get("type") != "BPE":
+        raise InputError(f"{path} is a {model.get('type')!r} tokenizer; the GGUF export handles byte-level BPE only")
+    if "ByteLevel" not in json.dumps(raw.get("pre_tokenizer")) and "ByteLevel" not in json.dumps(raw.get("decoder")):
+        raise InputError(f"{path} is a BPE without the byte-level mapping; llama.cpp's gpt2 tokenizer needs byte-level BPE")
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = tok.get_vocab()
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise InputError(f"the tokenizer has {n} tokens but the model's embedding has only {vocab_size} rows")
+    by_id: dict[int, str] = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in raw.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED))
+        else:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    def tid(attr: str, cfg_attr: str) -> int | None:
+        value = getattr(tok, attr, None)
+        if value is None and config is not None:
+            value = getattr(config, cfg_attr, None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+        return int(value) if value is not None else None
+
+    bos, eos, pad = tid("bos_token_id", "bos_token_id"), tid("eos_token_id", "eos_token_id"), tid("pad_token_id", "pad_token_id")
+    probe = tok("a")["input_ids"]
+    add_bos = bool(bos is not None and probe and probe[0] == bos)
+    eot = vocab.get("<|im_end|>")
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: keep the default one
+        template = template.get("default")
+    if pre:
+        pre_name, reason = pre, "set in the config"
+    else:
+        pre_name, reason = _pre_name(raw)
+    return TokenizerMeta(tokens=tokens, types=types, merges=merges, bos_id=bos, eos_id=eos, pad_id=pad, eot_id=eot,
+                         add_bos=add_bos, pre=pre_name, pre_reason=reason,
+                         chat_template=strip_hf_generation_markers(template) if template else None, padded=vocab_size - n)
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ExportResult:
+    path: str
+    target: str
+    size_bytes: int
+    tensor_types: dict[str, str]  # gguf tensor name -> GGML type
+    fallbacks: list[str] = field(default_factory=list)  # matrices that could not take the target type
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensor_types.values():
+            counts[t] = counts.get(t, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def _file_type(target: str) -> int:
+    import gguf
+
+    return int({"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[target])
+
+
+def iter_state_dict(state_dict: dict[str, Any], dims: LlamaDims) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 numpy array in GGUF row order) for every weight, in the file's order."""
+    import torch
+
+    keys = [k for k in state_dict if not k.endswith("rotary_emb.inv_freq")]
+    if dims.tied:
+        keys = [k for k in keys if k != "lm_head.weight"]
+    names = {k: hf_to_gguf_name(k) for k in keys}  # raises on a key with no place before any work
+    expected = set(gguf_to_hf_names(dims.n_layers)) - ({tensor_name("OUTPUT")} if dims.tied else set())
+    missing = expected - {n for n, _ in names.values()}
+    if missing:
+        raise InputError(f"the checkpoint lacks {len(missing)} llama weights, e.g. {sorted(missing)[0]}")
+
+    def position(key: str) -> tuple[int, int, str]:  # embedding, layers in order, final norm and head
+        m = _LAYER_RE.match(key)
+        if m:
+            return (1, int(m.group(1)), key)
+        return (0 if key == "model.embed_tokens.weight" else 2, 0, key)
+
+    order = sorted(keys, key=position)
+    for key in order:
+        t = state_dict[key]
+        arr = t.detach().to(torch.float32).cpu().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=np.float32)
+        name, perm = names[key]
+        if perm == "q":
+            arr = permute_qk(arr, dims.n_heads)
+        elif perm == "k":
+            arr = permute_qk(arr, dims.n_kv_heads)
+        yield name, np.ascontiguousarray(arr)
+
+
+def write_gguf(
+    path: str,
+    state_dict: dict[str, Any],
+    config: Any,
+    tokenizer_folder: str,
+    target: str,
+    *,
+    name: str = "model",
+    q4_keep_head_q8: bool = True,
+    pre: str | None = None,
+    extra: dict[str, str] | None = None,
+    meta: TokenizerMeta | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write a Llama state dict and its tokenizer as one GGUF file of type ``target`` (F16, Q8_0 or Q4_0).
+
+    ``meta`` (from :func:`tokenizer_meta`) saves reading the tokenizer again when writing several files.
+    """
+    import gguf
+
+    if target not in SUPPORTED:
+        raise InputError(f"unknown GGUF type {target!r}; supported: {', '.join(SUPPORTED)}")
+    dims = check_llama_config(config)
+    if meta is None:
+        meta = tokenizer_meta(tokenizer_folder, dims.vocab_size, config, pre=pre)
+    w = gguf.GGUFWriter(path, ARCH)
+    # -- general
+    w.add_name(name)
+    w.add_file_type(_file_type(target))
+    if target != "F16":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (extra or {}).items():
+        w.add_string(key, value)
+    # -- hyper-parameters
+    w.add_vocab_size(dims.vocab_size)
+    w.add_context_length(dims.context_length)
+    w.add_embedding_length(dims.hidden)
+    w.add_block_count(dims.n_layers)
+    w.add_feed_forward_length(dims.ffn)
+    w.add_head_count(dims.n_heads)
+    w.add_head_count_kv(dims.n_kv_heads)
+    w.add_rope_dimension_count(dims.head_dim)
+    if dims.head_dim * dims.n_heads != dims.hidden:
+        w.add_key_length(dims.head_dim)
+        w.add_value_length(dims.head_dim)
+    w.add_rope_freq_base(dims.rope_theta)
+    w.add_layer_norm_rms_eps(dims.rms_eps)
+    if dims.rope_scaling and (dims.rope_scaling.get("rope_type") or dims.rope_scaling.get("type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(dims.rope_scaling["factor"]))
+    # -- tokenizer
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta.pre)
+    w.add_token_list(meta.tokens)
+    w.add_token_types(meta.types)
+    w.add_token_merges(meta.merges)
+    for value, add in ((meta.bos_id, w.add_bos_token_id), (meta.eos_id, w.add_eos_token_id),
+                       (meta.pad_id, w.add_pad_token_id), (meta.eot_id, w.add_eot_token_id)):
+        if value is not None:
+            add(value)
+    w.add_add_bos_token(meta.add_bos)
+    w.add_add_eos_token(False)
+    if meta.chat_template:
+        w.add_chat_template(meta.chat_template)
+    # -- tensors
+    types: dict[str, str] = {}
+    fallbacks: list[str] = []
+    for gname, arr in iter_state_dict(state_dict, dims):
+        kind = choose_type(gname, arr.shape, target, tied=dims.tied, q4_keep_head_q8=q4_keep_head_q8)
+        if len(arr.shape) > 1 and kind == "F16" and target != "F16":
+            fallbacks.append(gname)
+        if kind == "F32":
+            w.add_tensor(gname, arr.astype(np.float32))
+        elif kind == "F16":
+            w.add_tensor(gname, arr.astype(np.float16))
+        else:
+            qt = _qtype(kind)
+            w.add_tensor(gname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        types[gname] = kind
+        if progress:
+            progress(gname)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return ExportResult(path=path, target=target, size_bytes=os.path.getsize(path), tensor_types=types,
+                        fallbacks=fallbacks, tokenizer=meta.summary())
+
+
+# ------------------------------------------------------------------------------- reading back
+
+
+def read_gguf_state_dict(path: str, n_layers: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Dequantize every tensor of a llama GGUF back to an HF ``LlamaForCausalLM`` state dict (float32 torch).
+
+    Returns ``(state_dict, {gguf name: GGML type})``. The Q/K row permutation is undone. A tied
+    model's file has no ``output.weight``; the HF model ties the head to the embedding itself.
+    """
+    import gguf
+    import torch
+
+    reader = gguf.GGUFReader(path)
+    layers = n_layers if n_layers is not None else int(_field_value(reader, f"{ARCH}.block_count"))
+    heads = int(_field_value(reader, f"{ARCH}.attention.head_count"))
+    kv_heads = int(_field_value(reader, f"{ARCH}.attention.head_count_kv"))
+    names = gguf_to_hf_names(layers)
+    state: dict[str, Any] = {}
+    types: dict[str, str] = {}
+    for t in reader.tensors:
+        if t.name not in names:
+            raise InputError(f"{path}: tensor {t.name!r} is not part of a {layers}-layer llama model")
+        key, perm = names[t.name]
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        arr = arr.reshape(tuple(reversed([int(x) for x in t.shape])))
+        if perm == "q":
+            arr = unpermute_qk(arr, heads)
+        elif perm == "k":
+            arr = unpermute_qk(arr, kv_heads)
+        state[key] = torch.from_numpy(np.ascontiguousarray(arr))
+        types[t.name] = t.tensor_type.name
+    return state, types
+
+
+def _field_value(reader: Any, key: str) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        raise InputError(f"GGUF file lacks the {key} field")
+    return f.contents()
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """Every key/value of a GGUF file except the big token arrays (their lengths instead)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = f.contents()
+        if isinstance(value, list) and len(value) > 16:
+            value = f"<{len(value)} items>"
+        out[key] = value
+    return out

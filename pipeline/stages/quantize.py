@@ -1,0 +1,125 @@
+"""quantize: a model artifact (default ``models/dpo/``) + ``shards/`` -> ``quantized/``.
+
+Variants, each measured against the original on the same validation blocks (size on disk and
+perplexity):
+
+* ``int8`` -- weight-only int8 (optimum-quanto), ``quantized/int8/``; loads back with
+  ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained("quantized/int8")``.
+* ``gguf-f16`` / ``gguf-q8_0`` / ``gguf-q4_0`` -- llama.cpp files ``quantized/gguf/<model>-<type>.gguf``
+  written with the ``gguf`` library (llama tensor names, byte-level BPE tokenizer metadata, the
+  chat template); quality measured by dequantising the file back into the HF model, and with
+  llama.cpp itself when llama-cpp-python is installed (``make test-llamacpp`` installs it),
+  which also checks that greedy decoding matches the HF model token for token.
+
+``report.md`` in the output has the table and how to load each variant; the manifest's metrics
+hold ``{"model", "original": {size_bytes, perplexity}, "variants": {name: {size_bytes, perplexity,
+perplexity_delta_pct, path, ...}}, ...}``. The work is done by :mod:`pipeline.quantization`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.config import StrictModel
+
+NAME = "quantize"
+INPUTS = ["models/dpo", "shards"]  # the default; `inputs(cfg)` follows cfg.model / cfg.shards / cfg.tokenizer
+OUTPUT = "quantized"
+ARTIFACTS = ["report.md"]
+VARIANTS = ("int8", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
+
+
+class Int8Settings(StrictModel):
+    """optimum-quanto int8 weight-only quantisation."""
+
+    exclude: list[str] = Field(default_factory=list, description="module names (fnmatch patterns) kept in float, "
+                                                                 "e.g. ['lm_head']")
+
+
+class GGUFSettings(StrictModel):
+    """How the GGUF files are written."""
+
+    q4_keep_head_q8: bool = Field(True, description="in the 4-bit file, store the output head (the embedding when tied) "
+                                                    "as Q8_0, as llama-quantize keeps it at higher precision")
+    pre_tokenizer: str | None = Field(None, description="tokenizer.ggml.pre (llama.cpp's built-in pre-tokenizer); "
+                                                        "None: gpt-2 / llama-bpe by the tokenizer's regex, else llama-bpe")
+
+
+class QuantizeConfig(StrictModel):
+    # -- inputs
+    model: str = Field("models/dpo", description="artifact holding the HF LlamaForCausalLM checkpoint (and tokenizer)")
+    tokenizer: str | None = Field(None, description="tokenizer artifact, used only when the model folder has none")
+    shards: str = Field("shards", description="packed token shards whose split measures perplexity")
+    # -- what to make
+    variants: list[str] = Field(default_factory=lambda: list(VARIANTS),
+                                description=f"any of {', '.join(VARIANTS)}")
+    int8: Int8Settings = Field(default_factory=Int8Settings)
+    gguf: GGUFSettings = Field(default_factory=GGUFSettings)
+    # -- how quality is measured
+    split: str = Field("val", description="shard split the perplexity is measured on")
+    max_blocks: int | None = Field(64, ge=1, description="blocks of that split used (evenly spread); None: all")
+    batch_size: int = Field(4, ge=1, description="blocks per forward pass of the HF models")
+    llamacpp: Literal["auto", "off", "require"] = Field(
+        "auto", description="also measure the GGUF files with llama.cpp (llama-cpp-python): auto = when importable")
+    prompt: str = Field("Қазақстанның астанасы", description="greedy-decoding check prompt (tokenised by the HF tokenizer)")
+    greedy_tokens: int = Field(16, ge=1, le=512, description="tokens generated for the greedy check")
+    # -- how it runs
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads (None: all cores)")
+    EXEC_FIELDS: ClassVar[set[str]] = {"threads", "batch_size"}
+
+    @field_validator("llamacpp", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` / `no` as false and `on` / `yes` as true
+        return {False: "off", True: "require"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"no variants: list at least one of {', '.join(VARIANTS)}")
+        for v in value:
+            if v not in VARIANTS:
+                near = difflib.get_close_matches(v, VARIANTS, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"unknown variant {v!r}{hint}; choose from {', '.join(VARIANTS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a variant is listed twice")
+        return value
+
+
+def inputs(cfg: QuantizeConfig) -> list[str]:
+    extra = [cfg.tokenizer] if cfg.tokenizer and cfg.tokenizer not in (cfg.model, cfg.shards) else []
+    return [cfg.model, cfg.shards, *extra]
+
+
+def run(cfg: QuantizeConfig, ctx: Any, out: Any) -> dict[str, Any]:
+    from pipeline.quantization.workflow import quantize
+
+    return quantize(cfg, ctx, out)
+
+
+def _size(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
+    orig = m.get("original") or {}
+    rows: list[tuple[str, Any]] = [
+        ("model", m.get("model")),
+        ("eval blocks x tokens", f"{m.get('eval_blocks')} x {m.get('seq_len')}"),
+        ("original", f"{_size(orig.get('size_bytes'))}, perplexity {orig.get('perplexity', float('nan')):.3f}"),
+    ]
+    for name, v in (m.get("variants") or {}).items():
+        text = (f"{_size(v.get('size_bytes'))} ({v.get('size_ratio', 0):.2f}x), perplexity {v.get('perplexity', float('nan')):.3f} "
+                f"({v.get('perplexity_delta_pct', 0):+.2f}%)")
+        if v.get("llamacpp_perplexity") is not None:
+            text += f", llama.cpp {v['llamacpp_perplexity']:.3f}"
+        if v.get("llamacpp_greedy_match") is not None:
+            text += f", greedy {'matches' if v['llamacpp_greedy_match'] else 'DIFFERS'}"
+        rows.append((name, text))
+    rows.append(("llama.cpp", m.get("llamacpp") or "not installed (make test-llamacpp)"))
+    return rows
