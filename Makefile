@@ -8,7 +8,7 @@ CACHE ?= .cache
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install corpus demo demo-data mlflow-ui test test-all bench-data bench-train bench-train-gpu clean-runs
+.PHONY: help install corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu clean-runs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,6 +43,13 @@ test: install tools  ## the default test suite (what CI runs)
 
 test-all: install tools  ## every test, the slow ones too
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+test-llamacpp: install  ## build llama-cpp-python into .venv once (compiles llama.cpp: 20+ min on 2 cores), run the GGUF-in-llama.cpp tests
+	$(BIN)/python -c 'import llama_cpp' 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/pip install "llama-cpp-python==$(LLAMA_CPP_PYTHON)" "torch==$(TORCH_VERSION)"
+	$(BIN)/pytest -m slow tests/integration/test_quantize.py -k llama -v $(PYTEST_ARGS)
 
 bench-train: install  ## pretrain step throughput vs a plain PyTorch loop on this CPU
 	$(BIN)/python benchmarks/bench_train.py
