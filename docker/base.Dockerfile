@@ -41,8 +41,6 @@ RUN py="$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
 
 # ---- stage 2: the image: the same base, the virtualenv, the package, a non-root user ----
 FROM ${BASE_IMAGE}
-ARG VERSION=0.1.0
-ARG REVISION=unknown
 ARG UID=1000
 ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CERT
 ENV VIRTUAL_ENV=/opt/llmpipe/venv \
@@ -52,7 +50,10 @@ ENV VIRTUAL_ENV=/opt/llmpipe/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=1
 # hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
         apt-get update \
@@ -70,8 +71,12 @@ COPY docker/smoke.py /opt/llmpipe/smoke.py
 RUN python -m pip install --no-cache-dir --no-deps /opt/llmpipe/src \
     && rm -rf /opt/llmpipe/src/build \
     && llmpipe --help >/dev/null \
-    && python /opt/llmpipe/smoke.py base
+    && python /opt/llmpipe/smoke.py base \
+    && chown -R "$UID:$UID" "$HOME"
 
+# version labels last: a new commit changes REVISION and would otherwise rebuild every layer
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="llmpipe-base" \
       org.opencontainers.image.description="llm-pipeline: torch, the pinned dependencies and the llmpipe command" \
       org.opencontainers.image.source="https://github.com/llm-pipeline/llm-pipeline" \

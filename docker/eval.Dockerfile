@@ -8,6 +8,10 @@ LABEL org.opencontainers.image.title="llmpipe-eval" \
       org.opencontainers.image.description="llm-pipeline evaluation and quantization stages: evaluate, quantize" \
       org.opencontainers.image.version="${VERSION}"
 ENV LLMPIPE_IMAGE_FAMILY=eval
+ARG UID=1000
+# the virtualenv belongs to root; install as root, check and run as the image's user
+USER 0
 COPY docker/requirements/eval.txt /opt/llmpipe/requirements/eval.txt
-RUN python -m pip install --no-cache-dir --no-deps -r /opt/llmpipe/requirements/eval.txt \
-    && python /opt/llmpipe/smoke.py eval
+RUN python -m pip install --no-cache-dir --no-deps -r /opt/llmpipe/requirements/eval.txt
+USER ${UID}:${UID}
+RUN python /opt/llmpipe/smoke.py eval

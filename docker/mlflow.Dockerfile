@@ -13,7 +13,9 @@ ENV VIRTUAL_ENV=/opt/mlflow/venv \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=1
 # Python from apt only when the base has none (a bare Debian); apt versions follow BASE_IMAGE.
 # hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
@@ -21,12 +23,12 @@ RUN if ! command -v python3 >/dev/null; then \
         && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
+    && (getent group "$UID" >/dev/null || groupadd --gid "$UID" mlflow) \
+    && useradd --non-unique --uid "$UID" --gid "$UID" --home-dir "$HOME" --create-home --shell /usr/sbin/nologin mlflow \
     && python3 -m venv "$VIRTUAL_ENV" \
     && python -m pip install --no-cache-dir mlflow==3.17.2 psycopg2-binary==2.9.13 boto3==1.44.5 \
-    && mlflow server --help >/dev/null \
-    && python -c "import psycopg2, boto3" \
-    && (getent group "$UID" >/dev/null || groupadd --gid "$UID" mlflow) \
-    && useradd --non-unique --uid "$UID" --gid "$UID" --home-dir "$HOME" --create-home --shell /usr/sbin/nologin mlflow
+    && python -c "import psycopg2, boto3, mlflow.server" \
+    && chown -R "$UID:$UID" "$HOME"
 LABEL org.opencontainers.image.title="llmpipe-mlflow" \
       org.opencontainers.image.description="MLflow tracking server with PostgreSQL and S3 support, for llm-pipeline dev clusters" \
       org.opencontainers.image.source="https://github.com/llm-pipeline/llm-pipeline" \

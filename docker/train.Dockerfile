@@ -13,6 +13,10 @@ ENV LLMPIPE_IMAGE_FAMILY=train \
     DS_BUILD_OPS=0 \
     TORCH_NCCL_ASYNC_ERROR_HANDLING=1 \
     NCCL_DEBUG=WARN
+ARG UID=1000
+# the virtualenv belongs to root; install as root, check and run as the image's user
+USER 0
 COPY docker/requirements/train.txt /opt/llmpipe/requirements/train.txt
-RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation -r /opt/llmpipe/requirements/train.txt \
-    && python /opt/llmpipe/smoke.py train
+RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation -r /opt/llmpipe/requirements/train.txt
+USER ${UID}:${UID}
+RUN python /opt/llmpipe/smoke.py train

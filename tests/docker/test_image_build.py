@@ -104,6 +104,13 @@ def test_data_image_builds_from_a_bootstrapped_debian_and_runs_as_non_root(tmp_p
     assert cfg["Labels"]["org.opencontainers.image.title"] == "llmpipe-data"
     assert any(e == "LLMPIPE_IMAGE_FAMILY=data" for e in cfg["Env"])
 
+    rootfs = Path(subprocess.run(["podman", "image", "mount", image], capture_output=True, text=True, check=True).stdout.strip())
+    try:  # nothing the build ran as root left root-owned files in HOME (the user could not write there)
+        image_home = rootfs / cfg["WorkingDir"].lstrip("/")
+        assert [p for p in [image_home, *image_home.rglob("*")] if p.lstat().st_uid != 1000] == []
+    finally:
+        subprocess.run(["podman", "image", "unmount", image], capture_output=True)
+
     home = tmp_path / "home"
     home.mkdir()
     os.chown(home, 1000, 1000)
@@ -127,3 +134,54 @@ def test_data_image_builds_from_a_bootstrapped_debian_and_runs_as_non_root(tmp_p
     assert (home / "runs" / "img" / "raw").stat().st_uid == 1000  # written as the non-root user
     print(f"\nbuilt base + data in {built:.0f} s; image size "
           f"{int(info['Size']) / 2**30:.2f} GiB; collect in the image: {manifest.get('metrics', {})}", file=sys.stderr)
+
+
+CHECK_SERVER = r"""
+import json, sys, time, urllib.request, urllib.error
+def call(path, host, body=None):
+    req = urllib.request.Request("http://127.0.0.1:5055" + path, data=body and json.dumps(body).encode(),
+                                 headers={"Host": host, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+for _ in range(120):
+    try:
+        if call("/health", "x")[0] == 200:
+            break
+    except OSError:
+        time.sleep(1)
+else:
+    sys.exit("server did not come up")
+print("create", *call("/api/2.0/mlflow/experiments/create", "mlflow.llm-pipeline.svc:5000", {"name": "img"}))
+print("foreign", call("/api/2.0/mlflow/experiments/search", "evil.example.com:5000", {"max_results": 1})[0])
+"""
+
+
+@pytest.mark.timeout(1800)
+def test_mlflow_server_image_serves_with_the_k8s_allowed_hosts(tmp_path):
+    """llmpipe-mlflow (docker/mlflow.Dockerfile) FROM the bootstrapped Debian: `mlflow server` with the
+    --allowed-hosts of k8s/mlflow/server.yaml answers the in-cluster name and refuses a foreign one."""
+    import yaml
+
+    _need_tools()
+    subprocess.run([str(ROOT / "docker" / "bootstrap-debian.sh"), BASE], check=True, timeout=1800)
+    flags, _ = _build_flags()
+    image = f"{REGISTRY}/llmpipe-mlflow:{TAG}"
+    cmd = f"podman build {flags} --build-arg BASE_IMAGE={BASE} -f docker/mlflow.Dockerfile -t {image} ."
+    build = subprocess.run(shlex.split(cmd), cwd=ROOT, capture_output=True, text=True, timeout=1700)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    server = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "mlflow" / "server.yaml").read_text()) if d["kind"] == "Deployment")
+    hosts = next(a for a in server["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--allowed-hosts="))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "check.py").write_text(CHECK_SERVER)
+    os.chown(home, 1000, 1000)
+    script = (f"mlflow server --host 127.0.0.1 --port 5055 --workers 1 --backend-store-uri sqlite:////tmp/m.db "
+              f"--artifacts-destination /tmp/art {shlex.quote(hosts)} >/tmp/server.log 2>&1 & "
+              "python check.py; s=$?; kill $!; [ $s = 0 ] || cat /tmp/server.log; exit $s")
+    out = _run_in_image(image, ["/bin/sh", "-c", script], home)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "create 200" in out.stdout and "experiment_id" in out.stdout
+    assert "foreign 403" in out.stdout
