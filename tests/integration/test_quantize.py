@@ -122,6 +122,28 @@ def test_only_some_variants_and_another_model(run_root, capsys):
     assert [p.name for p in (run_root / "quantized" / "gguf").iterdir()] == ["sft-q8_0.gguf"]
 
 
+def test_quantize_on_s3_root(template_root, s3_env, capsys):
+    """Inputs read from and outputs committed to an s3:// run root (a real S3 API on loopback)."""
+    import os
+
+    import fsspec
+
+    opts = json.loads(os.environ["LLMPIPE_STORAGE_OPTIONS"])
+    fs = fsspec.filesystem("s3", **opts)
+    for local in sorted(template_root.rglob("*")):
+        if local.is_file():
+            fs.put_file(str(local), f"{s3_env}/run/{local.relative_to(template_root).as_posix()}")
+    root = f"s3://{s3_env}/run"
+    assert main(["run", "quantize", "--root", root, "--no-progress", "--set", "max_blocks=4", "--set", "llamacpp=off",
+                 "--set", "variants=[int8,gguf-q4_0]"]) == 0
+    manifest = json.loads(fs.cat_file(f"{s3_env}/run/quantized/manifest.json"))
+    assert set(manifest["metrics"]["variants"]) == {"int8", "gguf-q4_0"}
+    for entry in manifest["files"]:
+        assert fs.size(f"{s3_env}/run/quantized/{entry['path']}") == entry["size"]
+    assert "gguf/dpo-q4_0.gguf" in {e["path"] for e in manifest["files"]}
+    assert [p for p in fs.find(f"{s3_env}/run") if ".tmp-" in p] == []
+
+
 def _expect_error(capsys, code: int, argv_root: Path, *extra: str) -> str:
     assert _run(argv_root, *extra) == code
     err = capsys.readouterr().err
