@@ -124,9 +124,12 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                 rel = f"gguf/{base}-{target.lower()}.gguf"
                 local = os.path.join(tmp, "out", rel)
                 os.makedirs(os.path.dirname(local), exist_ok=True)
-                res = gguf_export.write_gguf(local, model.state_dict(), config, tok_folder, target, name=base,
-                                             q4_keep_head_q8=cfg.gguf.q4_keep_head_q8, pre=cfg.gguf.pre_tokenizer,
-                                             extra={"general.source.llmpipe_artifact": cfg.model}, meta=meta)
+                state = model.state_dict()
+                with ctx.bar(total=len(state) - int(dims.tied), desc=f"write {rel}", unit="tensor") as wbar:
+                    res = gguf_export.write_gguf(local, state, config, tok_folder, target, name=base,
+                                                 q4_keep_head_q8=cfg.gguf.q4_keep_head_q8, pre=cfg.gguf.pre_tokenizer,
+                                                 extra={"general.source.llmpipe_artifact": cfg.model}, meta=meta,
+                                                 progress=lambda _name: wbar.update(1))
                 gguf_results[name] = res
                 size = res.size_bytes
                 state, _ = gguf_export.read_gguf_state_dict(local)
