@@ -57,7 +57,7 @@ def _build_flags() -> tuple[str, list[str]]:
 
 def _run_in_image(image: str, argv: list[str], home: Path, prepare: str = "") -> subprocess.CompletedProcess:
     """Run argv (already ENTRYPOINT + CMD) in IMAGE's root filesystem as the image's USER, in a
-    private mount namespace: /dev, /proc, a tmpfs /tmp, and HOME bind-mounted from the host."""
+    private mount and PID namespace: /dev, /proc, a tmpfs /tmp, and HOME bind-mounted from the host."""
     info = json.loads(subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
     cfg = info["Config"]
     rootfs = subprocess.run(["podman", "image", "mount", image], capture_output=True, text=True, check=True).stdout.strip()
@@ -74,7 +74,8 @@ mount --bind {shlex.quote(str(home))} "$R{cfg['WorkingDir']}"
 exec chroot --userspec={shlex.quote(cfg['User'])} "$R" /usr/bin/env -i {env} \
   /bin/sh -c 'cd "$0" && exec "$@"' {shlex.quote(cfg['WorkingDir'])} {" ".join(shlex.quote(a) for a in argv)}
 """
-        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script],
+        # own PID namespace: whatever the command leaves running dies with it
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "sh", "-c", script],
                               capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["podman", "image", "unmount", image], capture_output=True)
@@ -180,7 +181,7 @@ def test_mlflow_server_image_serves_with_the_k8s_allowed_hosts(tmp_path):
     os.chown(home, 1000, 1000)
     script = (f"mlflow server --host 127.0.0.1 --port 5055 --workers 1 --backend-store-uri sqlite:////tmp/m.db "
               f"--artifacts-destination /tmp/art {shlex.quote(hosts)} >/tmp/server.log 2>&1 & "
-              "python check.py; s=$?; kill $!; [ $s = 0 ] || cat /tmp/server.log; exit $s")
+              "python check.py; s=$?; [ $s = 0 ] || cat /tmp/server.log; exit $s")
     out = _run_in_image(image, ["/bin/sh", "-c", script], home)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "create 200" in out.stdout and "experiment_id" in out.stdout
