@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, PipelineError
