@@ -120,10 +120,13 @@ def render(storage: Any) -> str:
     ev = done.get("eval")
     if ev:
         models = ev["metrics"].get("models") or {}
+        order = [m.get("label") or m.get("path", "").rstrip("/").split("/")[-1] for m in (ev.get("config") or {}).get("models", [])]
+        models = {k: models[k] for k in [*order, *models] if k in models}  # the config's column order
         keys: list[str] = []
         for row in models.values():
             keys += [k for k in row if k not in keys and isinstance(row[k], (int, float))]
-        keys = [k for k in keys if "perplexity" in k or k.startswith("lm_eval") or k.startswith("bits_per_byte")]
+        keys = [k for k in keys if ("perplexity" in k or k.startswith("lm_eval") or k.startswith("bits_per_byte"))
+                and not k.endswith("_acc_norm")]
         if models and keys:
             out.append("evaluation (" + storage.url("eval", ev["metrics"].get("report", "report.md")) + ")")
             width = max(len(k) for k in keys)
@@ -131,15 +134,18 @@ def render(storage: Any) -> str:
             for k in keys:
                 out.append("  " + k.ljust(width) + "".join(f"{_fmt(models[label].get(k, '-')):>12}" for label in models))
         results = _read_json(storage, "eval", "results.json") or {}
-        gens = results.get("generations") or []
-        if gens:
-            out.append("generations (greedy)")
-            for g in gens[:6]:
-                prompt = str(g.get("prompt", "")).replace("\n", " / ")[:40]
+        gens = results.get("generations") or {}  # {label: [{prompt, greedy: {text}, sampled: {text}}, ...]}
+        if isinstance(gens, dict) and gens:
+            out.append("generations (greedy; sampled ones in the report)")
+            labels = list(gens)
+            for i, first in enumerate(gens[labels[0]][:6]):
+                prompt = str(first.get("prompt", "")).replace("\n", " / ")[:48]
                 out.append(f"  prompt: {prompt}")
-                for label, text in (g.get("greedy") or g.get("outputs") or {}).items():
-                    text = text.get("greedy") if isinstance(text, dict) else text
-                    out.append(f"    {label:<9} {str(text).strip().replace(chr(10), ' ')[:70]}")
+                for label in labels:
+                    rows = gens[label]
+                    if i < len(rows):
+                        text = (rows[i].get("greedy") or {}).get("text", "")
+                        out.append(f"    {label:<9} {str(text).strip().replace(chr(10), ' ')[:70]}")
 
     qz = done.get("quantized")
     if qz:

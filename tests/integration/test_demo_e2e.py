@@ -1,0 +1,120 @@
+"""`make demo` in small: every stage from collect to register + promote, through `llmpipe pipeline`,
+on the committed kk/ru/en fixtures, with the embedded MLflow store, then `llmpipe summary` and
+`llmpipe lineage`. The configs are jobs/demo's, shrunk (fewer steps, shorter sequences), so this
+test breaks when the shipped demo configs stop working together.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.stages import ORDER
+from pipeline.storage import Storage
+from tests.conftest import write_configs
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "jobs" / "demo"
+
+SMALL: dict[str, dict] = {
+    "init": {"max_position_embeddings": 128},
+    "pretrain": {"micro_batch_size": 4, "global_batch_tokens": 512, "max_steps": 12, "warmup_steps": 2,
+                 "checkpoint_every": 6, "eval_every": 6, "eval_max_blocks": 8, "log_every": 2,
+                 "generation": {"every": 12, "prompts": ["Қазақстан", "The"], "max_new_tokens": 6}},
+    "sft": {"max_steps": 8, "max_length": 128, "micro_batch_size": 8, "log_every": 4,
+            "generation": {"max_new_tokens": 6}},
+    "dpo": {"max_steps": 4, "max_length": 128, "log_every": 2, "generation": {"max_new_tokens": 6}},
+    "reward": {"max_steps": 4, "max_length": 128, "log_every": 2},
+    "evaluate": {"perplexity": {"max_blocks": 4}, "heldout": {"max_documents": 4}, "max_length": 64,
+                 "generation": {"max_new_tokens": 6}, "lm_eval": {"limit": 4}},
+    "quantize": {"max_blocks": 2, "llamacpp": "off", "greedy_tokens": 4},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _absolute_data(cfg: dict) -> dict:
+    for key in ("data", "eval_data"):
+        for src in cfg.get(key) or []:
+            if not Path(src["path"]).is_absolute():
+                src["path"] = str(REPO / src["path"])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("LLMPIPE_TRACKING", raising=False)  # the embedded SQLite store, as in `make demo`
+    base = tmp_path_factory.mktemp("demo")
+    jobs = write_configs(base / "jobs")  # collect, clean, tokenizer, pack over the fixtures
+    for stage in ORDER[4:]:
+        cfg = yaml.safe_load((DEMO / f"{stage}.yaml").read_text(encoding="utf-8"))
+        cfg = _absolute_data(_merge(cfg, SMALL.get(stage, {})))
+        (jobs / f"{stage}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    root = base / "root"
+    code = main(["pipeline", "--config-dir", str(jobs), "--root", str(root), "--no-progress"])
+    yield code, root, jobs
+    mp.undo()
+
+
+def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
+    code, root, _ = demo_run
+    assert code == 0
+    storage = Storage(str(root))
+    for stage_output in ("raw", "clean", "tokenizer", "shards", "models/init", "models/pretrain", "models/sft",
+                         "models/dpo", "models/reward", "eval", "quantized", "registry"):
+        manifest = storage.manifest(stage_output)
+        assert manifest is not None, stage_output
+        assert manifest["mlflow_run_id"], f"{stage_output} has no MLflow run"
+    reg = json.loads((root / "registry" / "registration.json").read_text())
+    assert reg["version"] == 1 and reg["alias"] == "candidate"
+    assert reg["promotion"]["decision"] == "promoted"  # the first version: no champion to beat
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db")
+    champ = client.get_model_version_by_alias("llm-pipeline-demo", "champion")
+    assert str(champ.version) == "1"
+    assert float(champ.tags["metric.val_perplexity"]) == pytest.approx(
+        storage.manifest("eval")["metrics"]["models"]["dpo"]["val_perplexity"])
+    # one parent run with a nested run per stage
+    runs = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id], max_results=200)
+    parent = [r for r in runs if r.data.tags.get("llmpipe.kind") == "pipeline"]
+    assert len(parent) == 1
+    nested = {r.data.tags.get("llmpipe.stage") for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert nested == set(ORDER)
+
+
+def test_summary_covers_every_part_of_the_run(demo_run, capsys):
+    _, root, _ = demo_run
+    assert main(["summary", "--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("time per stage", "documents (clean)", "tokenizer fertility", "pretrain:", "train loss",
+                   "evaluation", "generations", "quantized", "gguf-q4_0", "registry: llm-pipeline-demo version 1",
+                   "champion is version 1", "mlflow ui --backend-store-uri sqlite:///"):
+        assert needle in text, needle
+    for stage in ORDER:
+        assert f"  {stage:<10}" in text
+
+
+def test_rerun_is_up_to_date_and_lineage_reaches_the_sources(demo_run, capsys):
+    _, root, jobs = demo_run
+    capsys.readouterr()
+    assert main(["pipeline", "--config-dir", str(jobs), "--root", str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") >= len(ORDER)
+    assert main(["lineage", "models:/llm-pipeline-demo@champion", "--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    for artifact in ("models/dpo", "models/sft", "models/pretrain", "models/init", "shards", "tokenizer", "clean", "raw"):
+        assert f"    {artifact} " in text, artifact
+    assert "en-fortunes (" in text
