@@ -142,11 +142,25 @@ def execute(
     inputs = input_refs(ctx.inputs, module, cfg)
     track = name == module.OUTPUT  # the stage's output, not one rank's part: one MLflow run per stage
     run_cm = tracking.stage_run(module.NAME, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
-    with run_cm as tracker:
+    with run_cm as tracker, _accelerate_env():
         manifest = _execute(module, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
         if tracker is not None:
             tracking.finish_stage(tracker, module, storage, name, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _accelerate_env() -> Iterable[None]:
+    """Stages leave no ACCELERATE_* variables behind: transformers sets ACCELERATE_USE_DEEPSPEED=true
+    for a DeepSpeed run and never unsets it, which would put the next stage of the same process
+    (`llmpipe pipeline`: pretrain with ZeRO-2, then sft with zero_stage 0) under DeepSpeed too."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in before]:
+            del os.environ[k]
+        os.environ.update(before)
 
 
 def _execute(module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext,
