@@ -30,6 +30,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def run_root(template_root, tmp_path) -> Path:
+    """A fresh copy of the test module's own ``template_root`` fixture (a prepared run root)."""
+    root = tmp_path / "root"
+    shutil.copytree(template_root, root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on loopback: SQLite backend, proxied artefact store."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -59,13 +58,6 @@ def template_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("posttrain-template")
     commit_model(Storage(str(root)))
-    return root
-
-
-@pytest.fixture
-def run_root(template_root, tmp_path) -> Path:
-    root = tmp_path / "root"
-    shutil.copytree(template_root, root)
     return root
 
 

@@ -121,15 +121,6 @@ def template_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def run_root(template_root, tmp_path) -> Path:
-    import shutil
-
-    root = tmp_path / "root"
-    shutil.copytree(template_root, root)
-    return root
-
-
 def _config(path: Path, **over) -> Path:
     import yaml
 

@@ -29,13 +29,6 @@ def template_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def run_root(template_root, tmp_path) -> Path:
-    root = tmp_path / "root"
-    shutil.copytree(template_root, root)
-    return root
-
-
 def _run(root: Path, *extra: str) -> int:
     return main(["run", "quantize", "-c", DEMO_CFG, "--root", str(root), "--no-progress", "--set", "max_blocks=12", *extra])
 
