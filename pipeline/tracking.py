@@ -283,6 +283,15 @@ def finish_stage(tracker: Tracker, module: Any, storage: Any, name: str, manifes
     """After the commit: metrics, tags and report artefacts of the committed output, then close the run."""
     if not tracker.on:
         return
+    try:
+        _log_committed(tracker, module, storage, name, manifest)
+    except Exception as exc:  # noqa: BLE001 - the output is committed; tracking must not fail the stage now
+        tracker._fail("logging the committed output", exc)
+        return
+    tracker.end()
+
+
+def _log_committed(tracker: Tracker, module: Any, storage: Any, name: str, manifest: dict[str, Any]) -> None:
     tracker.metrics(numeric_metrics(manifest.get("metrics") or {}))
     tracker.tags({"llmpipe.fingerprint": manifest.get("fingerprint"), "llmpipe.code_version": manifest.get("code_version"),
                   "llmpipe.output": storage.url(name)})
@@ -300,7 +309,6 @@ def finish_stage(tracker: Tracker, module: Any, storage: Any, name: str, manifes
             os.makedirs(os.path.dirname(local), exist_ok=True)
             storage.fs.get(storage.path(name, rel), local)
             tracker.artifact(local, os.path.dirname(rel) or None)
-    tracker.end()
 
 
 def note_up_to_date(stage: str, storage: Any, manifest: dict[str, Any]) -> None:
