@@ -25,10 +25,15 @@ examples:
   llmpipe show clean --root runs/demo                             # what a stage produced
   llmpipe run pretrain --config jobs/demo/pretrain.yaml --root runs/demo --nproc-per-node 2   # torchrun, 2 ranks
   llmpipe run pretrain --config jobs/demo/pretrain.yaml --nnodes 2 --nproc-per-node 1   # 2 simulated nodes
+  llmpipe summary --root runs/demo                                # the report of a whole run
+  llmpipe promote --config jobs/demo/register.yaml --root runs/demo --dry-run   # candidate vs champion
+  llmpipe lineage models:/llm-pipeline-demo@champion --root runs/demo          # back to the raw data
+  llmpipe k8s submit pretrain --wait                              # the stage as a PyTorchJob (see k8s --help)
 
 The run root (--root, else $LLMPIPE_ROOT, else runs/local) is a folder or an s3:// URI;
 extra fsspec options (e.g. an S3 endpoint) come as JSON in $LLMPIPE_STORAGE_OPTIONS.
 A stage whose output already matches its config and inputs prints "up to date"; --force redoes it.
+MLflow: $MLFLOW_TRACKING_URI, else SQLite under a local run root; LLMPIPE_TRACKING=off disables it.
 """
 
 
