@@ -375,13 +375,21 @@ def worker(args: argparse.Namespace) -> None:
 
 def spawn(side: str, root: Path, shape: Shape, hyper: Hyper, steps: int, warmup: int, profile: bool,
           scratch: Path) -> Result:
+    return spawn_worker(Path(__file__), side, root, shape, hyper, steps, warmup, scratch,
+                        extra_args=["--profile"] if profile else [],
+                        drop_env=("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+                        extra_env={"DS_ACCELERATOR": "cpu"})
+
+
+def spawn_worker(script: Path, side: str, root: Path, shape: Any, hyper: Any, steps: int, warmup: int, scratch: Path, *,
+                 extra_args: list[str], drop_env: tuple[str, ...], extra_env: dict[str, str]) -> Result:
+    """One measurement in its own process (``script --worker SIDE``), offline; its Result read back from JSON."""
     result = scratch / f"{side}-{time.time_ns()}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--root", str(root), "--result", str(result),
+    cmd = [sys.executable, str(script.resolve()), "--worker", side, "--root", str(root), "--result", str(result),
            "--shape", json.dumps(asdict(shape)), "--hyper", json.dumps(asdict(hyper)), "--steps", str(steps),
-           "--warmup", str(warmup)] + (["--profile"] if profile else [])
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
+           "--warmup", str(warmup), *extra_args]
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra_env,
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

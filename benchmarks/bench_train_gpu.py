@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -151,23 +150,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(side: str, root: Path, shape: Any, hyper: Any, steps: int, warmup: int, scratch: Path) -> Any:
-    import subprocess
-
     import bench_train as B
 
-    result = scratch / f"{side}-{time.time_ns()}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--root", str(root), "--result", str(result),
-           "--shape", json.dumps(asdict(shape)), "--hyper", json.dumps(asdict(hyper)), "--steps", str(steps),
-           "--warmup", str(warmup)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    d = json.loads(result.read_text())
-    d["losses"] = {int(k): v for k, v in d["losses"].items()}
-    return B.Result(**d)
+    return B.spawn_worker(Path(__file__), side, root, shape, hyper, steps, warmup, scratch, extra_args=[],
+                          drop_env=("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"), extra_env={})
 
 
 # ------------------------------------------------------------------------------------- main
