@@ -463,6 +463,14 @@ class PretrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     shuffle: bool = True
+    # -- kernels (how fast it runs, not what it learns)
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="attention kernel: sdpa (PyTorch's, flash/memory-efficient on GPU), flash_attention_2 "
+                            "(CUDA + the flash-attn package, bf16/fp16), eager (reference)")
+    compile: bool = Field(False, description="torch.compile the model (inductor): faster steps on GPU after a "
+                                             "compile of a minute or more at start")
+    liger_kernels: bool = Field(False, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+                                                   "cross-entropy): CUDA + the liger-kernel package")
     # -- checkpoints, evaluation, logging (change how it runs, not what it learns)
     checkpoint_dir: str | None = Field(None, description="local/PVC folder for checkpoints; default <root>/checkpoints/pretrain")
     checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
@@ -479,6 +487,7 @@ class PretrainConfig(StrictModel):
     EXEC_FIELDS: ClassVar[set[str]] = {
         "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "eval_every", "eval_max_blocks",
         "log_every", "generation", "peak_flops", "cpu_peak_flops", "dataloader_workers", "verify_shards",
+        "attention", "compile", "liger_kernels",
     }
 
     @model_validator(mode="after")

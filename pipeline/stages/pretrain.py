@@ -48,6 +48,9 @@ def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
     if m.get("mfu") is not None:
         rows.append(("MFU", m["mfu"]))
+    kernels = [k for k, on in (("compile", m.get("compile")), ("liger", m.get("liger_kernels"))) if on]
+    if m.get("attention") not in (None, "sdpa") or kernels:
+        rows.append(("kernels", ", ".join([f"attention {m.get('attention')}", *kernels])))
     if m.get("resumed_from_step"):
         rows.append(("resumed from step", m["resumed_from_step"]))
     return [(k, v) for k, v in rows if v is not None]

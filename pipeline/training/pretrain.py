@@ -58,6 +58,43 @@ def resolve_precision(requested: str, *, cuda: bool | None = None, bf16_ok: bool
     return requested
 
 
+def check_kernels(cfg: Any, precision: str, *, cuda: bool | None = None) -> None:
+    """attention / liger_kernels / compile against this machine, before any weights are loaded."""
+    import importlib.util
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cfg.attention == "flash_attention_2":
+        if not cuda:
+            raise ConfigError("attention flash_attention_2 needs a CUDA device; this machine has none (use attention: sdpa)")
+        if precision not in ("bf16", "fp16"):
+            raise ConfigError(f"attention flash_attention_2 runs in bf16 or fp16, but precision is {precision}")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attention flash_attention_2 needs the flash-attn package (pip install flash-attn); "
+                              "attention: sdpa uses PyTorch's own flash kernel without it")
+    if cfg.liger_kernels:
+        if not cuda:
+            raise ConfigError("liger_kernels needs a CUDA device (Triton kernels); this machine has none")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("liger_kernels needs the liger-kernel package (pip install liger-kernel)")
+    if cfg.compile and not cuda:
+        import shutil as _sh
+
+        if not (_sh.which(os.environ.get("CXX", "g++")) or _sh.which("c++") or _sh.which("clang++")):
+            raise ConfigError("compile on CPU needs a C++ compiler for inductor (g++ or clang++); none is on PATH")
+
+
+def innermost_optimizer(opt: Any) -> str | None:
+    """The class doing the update under the wrappers (accelerate's, DeepSpeed's ZeRO): e.g. AdamW, DeepSpeedCPUAdam."""
+    name = None
+    for _ in range(5):
+        if opt is None:
+            break
+        name = type(opt).__name__
+        opt = getattr(opt, "optimizer", None)
+    return name
+
+
 def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch: int, world_size: int) -> int:
     """global_batch_tokens / (seq_len * micro_batch * world_size), which must be a whole number >= 1."""
     per_pass = seq_len * micro_batch * world_size
@@ -535,6 +572,7 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
     main = rank == 0
     cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.precision)
+    check_kernels(cfg, precision, cuda=cuda)
     total = cfg.total_steps
     plan = plan_phases(cfg.phases, total)
     ckpt_root = checkpoint_root(cfg, ctx.storage)
@@ -591,6 +629,9 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             model_dir = str(resume_from)
 
         ds_cfg = deepspeed_dict(cfg)
+        if ds_cfg is not None and world == 1 and not cfg.offload and main:
+            ctx.log(f"note: ZeRO-{cfg.zero_stage} in one process partitions nothing; zero_stage: 0 trains the same "
+                    "without DeepSpeed's gradient copies (faster: see docs/benchmarks.md)")
         if ds_cfg is not None and "LOCAL_RANK" not in os.environ and world == 1:
             # DeepSpeed in this very process (``llmpipe run pretrain``): a one-process group
             from pipeline.training.launcher import free_port
@@ -638,9 +679,11 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             ddp_backend="gloo" if (not cuda and "LOCAL_RANK" in os.environ) else None,
             use_cpu=not cuda,
             include_num_input_tokens_seen=False,
+            torch_compile=cfg.compile,
+            use_liger_kernel=cfg.liger_kernels,
         )
         # after TrainingArguments, so that ZeRO-3 partitions the weights as they load
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=cfg.attention)
         model.config.use_cache = False
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -734,7 +777,12 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             "grad_accum": accum,
             "micro_batch_size": cfg.micro_batch_size,
             "zero_stage": cfg.zero_stage,
+            "offload": cfg.offload,
             "precision": precision,
+            "optimizer": innermost_optimizer(trainer.optimizer),
+            "attention": cfg.attention,
+            "compile": cfg.compile,
+            "liger_kernels": cfg.liger_kernels,
             "params": n_all,
             "resumed_from_step": start_step if resume_from else None,
             "train_loss": mcb.last.get("train_loss"),

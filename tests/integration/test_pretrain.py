@@ -3,9 +3,8 @@
 The run root is built by hand in the real artifact layout: ``shards/`` (and ``shards-clean/``)
 written with the shards writer, ``models/init/`` a 2-layer Llama with hidden size 64 and its
 tokenizer, each committed with a manifest. Subprocess runs go through
-``python -m pipeline.training.launcher`` (torchrun, gloo). Until the pretrain stage is in
-``pipeline.stages.STAGES`` the subprocesses get it registered by a ``sitecustomize`` on their
-PYTHONPATH; in-process tests monkeypatch the registries.
+``python -m pipeline.training.launcher`` (torchrun, gloo); a ``sitecustomize`` on their
+PYTHONPATH can make one rank fail on purpose (``TEST_FAIL_RANK``).
 """
 
 from __future__ import annotations
@@ -28,18 +27,6 @@ VOCAB = 48  # ids 0..2 special, 3..47 "words"
 SEQ = 32
 
 SITECUSTOMIZE = """\
-import importlib
-try:
-    import pipeline.stages as _s, pipeline.config as _c
-    if "pretrain" not in _s.STAGES:
-        _s.STAGES["pretrain"] = lambda: importlib.import_module("pipeline.stages.pretrain")
-        _s.ORDER.append("pretrain")
-    _s.PRODUCER.setdefault("models/init", "init")
-    if "pretrain" not in _c.STAGE_CONFIGS:
-        _c.STAGE_CONFIGS["pretrain"] = importlib.import_module("pipeline.stages.pretrain").PretrainConfig
-except Exception as exc:  # pragma: no cover
-    print("sitecustomize: could not register pretrain:", exc)
-
 import os
 if os.environ.get("TEST_FAIL_RANK") and os.environ.get("RANK") == os.environ["TEST_FAIL_RANK"]:
     import pipeline.training.pretrain as _p
@@ -192,24 +179,10 @@ def _assert_loads(model_dir: Path) -> None:
     assert (model_dir / "manifest.json").is_file()
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    import importlib
-
-    import pipeline.config as c
-    import pipeline.stages as s
-
-    mod = importlib.import_module("pipeline.stages.pretrain")
-    monkeypatch.setitem(s.STAGES, "pretrain", lambda: mod)
-    monkeypatch.setitem(c.STAGE_CONFIGS, "pretrain", mod.PretrainConfig)
-    monkeypatch.setitem(s.PRODUCER, "models/init", "init")
-    return mod
-
-
 # ---------------------------------------------------------------------------------- tests
 
 
-def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
+def test_pretrain_in_process_learns_and_exports(run_root, tmp_path):
     """Two data phases, no DeepSpeed, one process: val loss falls far below its random-init value."""
     from pipeline import runner
     from pipeline.config import load_config
@@ -226,6 +199,7 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
     assert m["steps"] == 40
     evals = _records(run_root, "eval")
     assert evals, "no validation records"
+    assert m["optimizer"] == "AdamW" and m["offload"] is False
     random_init = math.log(VOCAB)  # ~3.87 nats
     assert m["val_loss"] < 0.5 * random_init, m
     assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
@@ -253,6 +227,46 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path, registered):
     _assert_loads(run_root / "models" / "pretrain")
 
 
+def test_compile_and_attention_kernels_in_process(run_root, tmp_path):
+    """compile: true (inductor on CPU) and attention: eager train the same steps on the same samples as the default
+    sdpa run from the same weights, with losses within float tolerance, resume from a checkpoint written by another
+    kernel choice (the config hash ignores kernels), and export a plain HF model (no ``_orig_mod.`` keys)."""
+    from safetensors import safe_open
+
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.storage import Storage
+
+    storage = Storage(str(run_root))
+    losses = {}
+    for kernels in ({}, {"compile": True}, {"attention": "eager"}):
+        label = ",".join(f"{k}={v}" for k, v in kernels.items()) or "sdpa"
+        cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=4, checkpoint_every=2, eval_every=0,
+                                              log_every=1, generation={"every": 0, "prompts": []},
+                                              checkpoint_dir=str(tmp_path / f"ck-{label}"), **kernels))
+        shutil.rmtree(run_root / "models" / "pretrain", ignore_errors=True)
+        t0 = time.time()
+        m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+        print(f"{label}: {time.time() - t0:.1f}s")
+        assert m["steps"] == 4 and m["compile"] == kernels.get("compile", False)
+        assert m["attention"] == kernels.get("attention", "sdpa")
+        records = [json.loads(line) for line in (tmp_path / f"ck-{label}" / "metrics.jsonl").read_text().splitlines()]
+        losses[label] = [r["loss"] for r in records if r["kind"] == "train"]
+        with safe_open(str(run_root / "models" / "pretrain" / "model.safetensors"), "pt") as fh:
+            assert not [k for k in fh.keys() if "_orig_mod" in k]
+        _assert_loads(run_root / "models" / "pretrain")
+    assert len(losses["sdpa"]) == 4
+    for label, curve in losses.items():
+        assert curve == pytest.approx(losses["sdpa"], rel=1e-3, abs=1e-4), (label, curve, losses["sdpa"])
+    # a checkpoint written with sdpa is resumed by a compiled run of the same config (step 2 -> 4)
+    shutil.rmtree(tmp_path / "ck-sdpa" / "step-4")
+    shutil.rmtree(run_root / "models" / "pretrain")
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=4, checkpoint_every=2, eval_every=0, log_every=1,
+                                          generation={"every": 0, "prompts": []}, checkpoint_dir=str(tmp_path / "ck-sdpa"),
+                                          compile=True))
+    m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+    assert m["resumed_from_step"] == 2 and m["steps"] == 4
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     cfg = _config(tmp_path / "p.yaml", zero_stage=stage, max_steps=6, checkpoint_every=3, eval_every=3,
@@ -275,6 +289,37 @@ def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     assert [g["step"] for g in gens] == [3, 6] and all(g["greedy"] for g in gens)
     _assert_loads(run_root / "models" / "pretrain")
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_two_processes_resumes(run_root, tmp_path, stage):
+    """The shipped CPU-offload variants (optimizer state, and with ZeRO-3 the parameters, in host memory; DeepSpeed
+    builds its CPU Adam the first time, ~1-2 min): 2 ranks train 6 steps and export a model that loads; then, with the
+    step-6 checkpoint and the export removed, the same config resumes from step 4 (offloaded optimizer state loaded
+    back) and redoes steps 5-6 on the same samples, ending within a small tolerance of the first run."""
+    cfg = _config(tmp_path / "p.yaml", zero_stage=stage, offload=True, max_steps=6, checkpoint_every=2, eval_every=2,
+                  keep_checkpoints=3, generation={"every": 0, "prompts": []})
+    t0 = time.time()
+    proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
+    print(f"ZeRO-{stage}-offload x2: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())["metrics"]
+    assert first["world_size"] == 2 and first["zero_stage"] == stage and first["offload"] is True
+    assert first["steps"] == 6 and first["resumed_from_step"] is None
+    assert first["optimizer"] == "DeepSpeedCPUAdam"  # the update runs on the host
+    _assert_loads(run_root / "models" / "pretrain")
+    ref = {s: r["sample_ids"] for s, r in _last_per_step(_records(run_root, "samples")).items()}
+
+    shutil.rmtree(run_root / "models" / "pretrain")
+    shutil.rmtree(run_root / "checkpoints" / "pretrain" / "step-6")
+    proc = _launch(tmp_path, run_root, cfg, "--nproc-per-node", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads((run_root / "models" / "pretrain" / "manifest.json").read_text())["metrics"]
+    assert again["resumed_from_step"] == 4 and again["steps"] == 6
+    redo = {s: r["sample_ids"] for s, r in _last_per_step(_records(run_root, "samples")).items()}
+    assert redo == ref
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-3)
+    _assert_loads(run_root / "models" / "pretrain")
 
 def test_two_simulated_nodes(run_root, tmp_path):
     """`llmpipe run pretrain --nnodes 2 --nproc-per-node 1`: two torchrun agents on localhost."""

@@ -18,6 +18,7 @@ from pipeline.training.launcher import (
     worker_rank,
 )
 from pipeline.training.pretrain import (
+    check_kernels,
     cosine_lr,
     flops_per_token,
     grad_accum_steps,
@@ -140,6 +141,38 @@ def test_precision_auto():
     assert resolve_precision("fp32", cuda=True, bf16_ok=True) == "fp32"
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_precision("bf16", cuda=False, bf16_ok=False)
+
+
+def test_gpu_only_kernels_are_refused_on_cpu(monkeypatch):
+    import importlib.util
+
+    from pipeline.config import PretrainConfig
+
+    def cfg(**kw):
+        return PretrainConfig(max_steps=1, **kw)
+
+    check_kernels(cfg(), "fp32", cuda=False)  # the defaults run anywhere
+    with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA device.*use attention: sdpa"):
+        check_kernels(cfg(attention="flash_attention_2"), "fp32", cuda=False)
+    with pytest.raises(ConfigError, match="runs in bf16 or fp16, but precision is fp32"):
+        check_kernels(cfg(attention="flash_attention_2"), "fp32", cuda=True)
+    with pytest.raises(ConfigError, match="liger_kernels needs a CUDA device"):
+        check_kernels(cfg(liger_kernels=True), "fp32", cuda=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("flash_attn", "liger_kernel") else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the flash-attn package"):
+        check_kernels(cfg(attention="flash_attention_2"), "bf16", cuda=True)
+    with pytest.raises(ConfigError, match="needs the liger-kernel package"):
+        check_kernels(cfg(liger_kernels=True), "bf16", cuda=True)
+    check_kernels(cfg(compile=True, attention="eager"), "fp32", cuda=False)  # g++ is on PATH here
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="compile on CPU needs a C\\+\\+ compiler"):
+        check_kernels(cfg(compile=True), "fp32", cuda=False)
+    # how it runs, not what it learns: switching kernels keeps the config hash (a run resumes across it)
+    from pipeline.config import config_hash
+
+    assert config_hash(cfg(compile=True, attention="eager")) == config_hash(cfg())
 
 
 def test_schedules():
