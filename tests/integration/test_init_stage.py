@@ -1,13 +1,10 @@
 """`llmpipe run init` end to end: a BPE tokenizer artifact made here -> models/init/ (a nested
 artifact name), loaded back with AutoModelForCausalLM / AutoTokenizer; then a pretrained init
 from that output with another tokenizer plus SOLAR up-scaling; the same on an s3:// root.
-
-The stage is registered here with monkeypatch until pipeline/stages/__init__.py lists it.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -25,16 +22,6 @@ TEXTS = {
     "ru": ["Москва — столица России, крупнейший город страны. Река Москва течёт через город."] * 20,
     "en": ["The quick brown fox jumps over the lazy dog. Language models learn from text."] * 20,
 }
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    import pipeline.config as config
-    import pipeline.stages as stages
-    from pipeline.stages.init import InitConfig
-
-    monkeypatch.setitem(stages.STAGES, "init", lambda: importlib.import_module("pipeline.stages.init"))
-    monkeypatch.setitem(config.STAGE_CONFIGS, "init", InitConfig)
 
 
 def commit_bpe_tokenizer(root: str, vocab_size: int, seed: int = 0, langs: tuple[str, ...] = ("kk", "ru", "en")) -> int:
@@ -62,7 +49,7 @@ def _load(folder):
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
 
-def test_run_init_demo_config_then_pretrained_upscale(tmp_path, registered, capsys):
+def test_run_init_demo_config_then_pretrained_upscale(tmp_path, capsys):
     root = tmp_path / "root"
     n_tokens = commit_bpe_tokenizer(str(root), 320)
     argv = ["run", "init", "-c", str(REPO / "jobs/demo/init.yaml"), "--root", str(root), "--no-progress"]
@@ -118,7 +105,7 @@ def test_run_init_demo_config_then_pretrained_upscale(tmp_path, registered, caps
         assert torch.isfinite(new(new_tok("The quick fox", return_tensors="pt")["input_ids"]).logits).all()
 
 
-def test_run_init_bad_input_is_one_line(tmp_path, registered, capsys):
+def test_run_init_bad_input_is_one_line(tmp_path, capsys):
     root = tmp_path / "root"
     commit_bpe_tokenizer(str(root), 300)
     rc = main(["run", "init", "--root", str(root), "--no-progress", "--set", "source=pretrained",
@@ -130,7 +117,7 @@ def test_run_init_bad_input_is_one_line(tmp_path, registered, capsys):
     assert rc == 2 and "even number" in capsys.readouterr().err
 
 
-def test_run_init_on_s3_root(tmp_path, registered, s3_env, capsys):
+def test_run_init_on_s3_root(tmp_path, s3_env, capsys):
     import fsspec
 
     opts = json.loads(os.environ["LLMPIPE_STORAGE_OPTIONS"])

@@ -1,14 +1,12 @@
 """sft / dpo / reward on CPU: a 2-layer Llama (hidden 64) with a BPE tokenizer trained on the fixtures
 (ChatML template, <|im_start|>/<|im_end|>), committed as ``models/pretrain`` of a run root.
 
-In-process runs go through ``runner.run_stage`` with the stages registered by monkeypatch; the
-launcher run (torchrun, 2 processes, ZeRO-2, gloo) gets them registered by a ``sitecustomize`` on
-its PYTHONPATH, until they are in ``pipeline.stages.STAGES``.
+In-process runs go through ``runner.run_stage``; the launcher runs (torchrun, 2 processes, gloo)
+through ``python -m pipeline.training.launcher``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -20,36 +18,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "fixtures" / "posttrain"
-CONFIG_CLASSES = {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}
-
-SITECUSTOMIZE = """\
-import importlib
-try:
-    import pipeline.stages as _s, pipeline.config as _c
-    for _n, _cls in {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}.items():
-        if _n not in _s.STAGES:
-            _s.STAGES[_n] = (lambda n=_n: importlib.import_module(f"pipeline.stages.{n}"))
-        if _n not in _c.STAGE_CONFIGS:
-            _c.STAGE_CONFIGS[_n] = getattr(importlib.import_module(f"pipeline.stages.{_n}"), _cls)
-    _s.PRODUCER.setdefault("models/pretrain", "pretrain")
-    _s.PRODUCER.setdefault("models/sft", "sft")
-except Exception as exc:  # pragma: no cover
-    print("sitecustomize: could not register the post-training stages:", exc)
-"""
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    import pipeline.config as c
-    import pipeline.stages as s
-
-    for name, cls in CONFIG_CLASSES.items():
-        mod = importlib.import_module(f"pipeline.stages.{name}")
-        monkeypatch.setitem(s.STAGES, name, lambda mod=mod: mod)
-        monkeypatch.setitem(c.STAGE_CONFIGS, name, getattr(mod, cls))
-    monkeypatch.setitem(s.PRODUCER, "models/pretrain", "pretrain")
-    monkeypatch.setitem(s.PRODUCER, "models/sft", "sft")
-
 
 @pytest.fixture(scope="module")
 def template_root(tmp_path_factory) -> Path:
@@ -62,7 +30,7 @@ def template_root(tmp_path_factory) -> Path:
 
 
 def _cfg(stage: str, **over):
-    from pipeline.config import STAGE_CONFIGS
+    from pipeline.config import config_class
 
     base = {"max_length": 128, "micro_batch_size": 8, "warmup_ratio": 0.0, "log_every": 5, "seed": 0}
     if stage == "sft":
@@ -71,7 +39,7 @@ def _cfg(stage: str, **over):
         base.update(data=[{"path": str(FIX / "preferences.jsonl")}], model="models/pretrain", eval_fraction=0.2,
                     max_steps=30, lr=5e-4 if stage == "dpo" else 1e-3)
     base.update(over)
-    return STAGE_CONFIGS[stage].model_validate(base)
+    return config_class(stage).model_validate(base)
 
 
 def _run(stage: str, root: Path, cfg):
@@ -87,7 +55,7 @@ def _run(stage: str, root: Path, cfg):
 # ---------------------------------------------------------------------------------------- sft
 
 
-def test_sft_learns_follows_template_and_stops(run_root, registered):
+def test_sft_learns_follows_template_and_stops(run_root):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,7 +86,7 @@ def test_sft_learns_follows_template_and_stops(run_root, registered):
     assert _run("sft", run_root, cfg).status == "up to date"
 
 
-def test_sft_lora_merges_into_a_plain_model(run_root, registered):
+def test_sft_lora_merges_into_a_plain_model(run_root):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -141,7 +109,7 @@ def test_sft_lora_merges_into_a_plain_model(run_root, registered):
     assert not torch.allclose(a, plain, atol=1e-4)  # the adapter did change the model
 
 
-def test_sft_packing_trains(run_root, registered):
+def test_sft_packing_trains(run_root):
     m = _run("sft", run_root, _cfg("sft", packing=True, max_steps=10, micro_batch_size=2)).manifest["metrics"]
     assert m["packing"] and m["steps"] == 10 and m["eval_loss_after"] < m["eval_loss_before"]
 
@@ -151,7 +119,7 @@ def test_sft_packing_trains(run_root, registered):
 
 @pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["frozen-copy-ref", "lora-implicit-ref"])
-def test_dpo_raises_reward_margin_and_accuracy(run_root, registered, lora):
+def test_dpo_raises_reward_margin_and_accuracy(run_root, lora):
     extra = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "lr": 5e-3} if lora else {}
     m = _run("dpo", run_root, _cfg("dpo", **extra)).manifest["metrics"]
     assert m["reference"] == ("adapters disabled" if lora else "frozen copy")
@@ -168,7 +136,7 @@ def test_dpo_raises_reward_margin_and_accuracy(run_root, registered, lora):
 # ------------------------------------------------------------------------------------- reward
 
 
-def test_reward_model_ranks_pairs(run_root, registered):
+def test_reward_model_ranks_pairs(run_root):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -191,7 +159,7 @@ def _no_output(root: Path, stage: str) -> bool:
     return not (root / "models" / stage).exists()
 
 
-def test_bad_inputs_fail_before_compute(run_root, registered, tmp_path, monkeypatch):
+def test_bad_inputs_fail_before_compute(run_root, tmp_path, monkeypatch):
     from pipeline.errors import InputError
     from pipeline.storage import Storage
     from tests.fixtures.posttrain.tiny import commit_model
@@ -230,11 +198,8 @@ def test_bad_inputs_fail_before_compute(run_root, registered, tmp_path, monkeypa
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("PET_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     return env
@@ -265,3 +230,44 @@ def test_sft_two_processes_zero2_through_launcher(run_root, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_root / "models" / "sft")
     assert model.num_parameters() > 0
     assert "== sft: done" in proc.stderr  # the launcher relays the workers' output to stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,zero", [("dpo", 2), ("dpo", 3), ("reward", 2)], ids=["dpo-zero2", "dpo-zero3", "reward-zero2"])
+def test_preference_stages_two_processes_through_launcher(run_root, tmp_path, stage, zero):
+    """dpo (frozen reference, ZeRO-2 and ZeRO-3: TRL puts the reference under DeepSpeed too) and reward on 2 ranks."""
+    import yaml
+
+    cfg = {"data": [{"path": str(FIX / "preferences.jsonl")}], "model": "models/pretrain", "eval_fraction": 0.2,
+           "max_length": 128, "micro_batch_size": 4, "max_steps": 10, "lr": 5e-4 if stage == "dpo" else 1e-3,
+           "warmup_ratio": 0.0, "log_every": 5, "zero_stage": zero}
+    if stage == "dpo":
+        cfg["generation"] = {"prompts": ["Repeat the word.\napple"], "max_new_tokens": 8}
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.training.launcher", stage, "-c", str(path), "--root",
+                           str(run_root), "--nproc-per-node", "2", "--no-progress"],
+                          cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    print(f"launcher {stage} 2 x ZeRO-{zero}: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = run_root / "models" / stage
+    manifest = json.loads((out / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["world_size"] == 2 and m["world_size"] == 2 and m["zero_stage"] == zero and m["steps"] == 10
+    log = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in log)
+    if stage == "dpo":
+        from transformers import AutoModelForCausalLM
+
+        assert m["reference"] == "frozen copy"
+        if zero == 2:  # measured on every rank before and after (ZeRO-3 skips it: the weights are partitioned)
+            assert m["train_logp_margin_after"] > m["train_logp_margin_before"], m
+        model = AutoModelForCausalLM.from_pretrained(out)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        assert m["train_accuracy_after"] > 0.5, m
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.num_parameters() > 0
+    assert f"== {stage}: done" in proc.stderr

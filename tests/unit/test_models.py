@@ -62,18 +62,11 @@ def save_llama(folder: Path, tokenizer, *, layers: int = 4, tied: bool = False, 
 
 
 @pytest.fixture
-def stage(monkeypatch):
-    """Run the init stage through the runner (registered here until pipeline/stages/__init__ has it)."""
-    import importlib
-
-    import pipeline.config as config
-    import pipeline.stages as stages
+def stage():
+    """Run the init stage through the runner."""
     from pipeline import runner
     from pipeline.stages.init import InitConfig
     from pipeline.storage import Storage
-
-    monkeypatch.setitem(stages.STAGES, "init", lambda: importlib.import_module("pipeline.stages.init"))
-    monkeypatch.setitem(config.STAGE_CONFIGS, "init", InitConfig)
 
     def run(root: Path, **fields):
         return runner.run_stage("init", InitConfig(**fields), Storage(str(root)), progress=False)
