@@ -51,7 +51,7 @@ test-llamacpp: install  ## build llama-cpp-python into .venv once (compiles llam
 	  $(BIN)/pip install "llama-cpp-python==$(LLAMA_CPP_PYTHON)" "torch==$(TORCH_VERSION)"
 	$(BIN)/pytest -m slow tests/integration/test_quantize.py -k llama -v $(PYTEST_ARGS)
 
-bench-train: install  ## pretrain step throughput vs a plain PyTorch loop on this CPU
+bench-train: install  ## pretrain step throughput vs a plain PyTorch loop on this CPU (~15 min, 5 rounds)
 	$(BIN)/python benchmarks/bench_train.py
 
 bench-train-gpu: install  ## tokens/s and MFU of the 125m/350m/1b presets on one GPU (exits 2 without CUDA)

@@ -85,6 +85,13 @@ def test_gpu_args_and_no_cuda_exit(gpu, monkeypatch, capsys):
 
     args = gpu.parse(["--presets", "125m,1b", "--compile", "off", "--liger", "off"])
     assert [p.name for p in args.preset_list] == ["125m", "1b"] and gpu.sides_for(args) == ["ours", "plain"]
+    both = gpu.parse(["--compile", "on", "--liger", "on"])
+    assert gpu.sides_for(both) == ["ours", "plain", "ours+compile", "plain+compile", "ours+liger", "plain+liger"]
+    assert [gpu.twin(s) for s in ("ours", "ours+compile", "ours+liger")] == ["plain", "plain+compile", "plain+liger"]
+    from pipeline.config import PretrainConfig
+
+    for side, fields in gpu.OURS_KERNELS.items():  # every ours side is a valid stage config
+        PretrainConfig(max_steps=1, **fields)
     with pytest.raises(SystemExit):
         gpu.parse(["--presets", "7b"])
     capsys.readouterr()
@@ -92,3 +99,14 @@ def test_gpu_args_and_no_cuda_exit(gpu, monkeypatch, capsys):
     assert gpu.main(["--presets", "125m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA is not available" in err[0]
+
+
+def test_paired_ratio_is_per_round_geometric_mean(bench):
+    def res(side, sps):  # a Result whose timed window gives `sps` steps/s
+        return bench.Result(side, 3, 1, 8, [0.0, 0.0, 1.0 / sps], [[0]] * 3, {}, startup_s=0.0)
+
+    runs = {"ours-z0": [res("ours-z0", 1.0), res("ours-z0", 1.2)], "plain": [res("plain", 1.25), res("plain", 1.0)]}
+    paired = bench.paired_ratios(runs)
+    assert paired["ours-z0"] == pytest.approx([0.8, 1.2])
+    assert bench.geomean(paired["ours-z0"]) == pytest.approx((0.8 * 1.2) ** 0.5)
+    assert bench.paired_ratios({"ours-z0": runs["ours-z0"]}) == {}
