@@ -347,9 +347,10 @@ def model_folder(ctx: Any, cfg: Any, tmp: str) -> tuple[str, str]:
 
 
 def check_max_length(cfg: Any, model_dir: str) -> Any:
-    from transformers import AutoConfig
+    """The model's config (a causal LM, checked without loading weights) against max_length."""
+    from pipeline.training.pretrain import causal_lm_config
 
-    mc = AutoConfig.from_pretrained(model_dir)
+    mc = causal_lm_config(model_dir, cfg.model)
     limit = getattr(mc, "max_position_embeddings", None)
     if limit is not None and cfg.max_length > limit:
         raise InputError(f"max_length {cfg.max_length} is beyond the model's max_position_embeddings {limit} "

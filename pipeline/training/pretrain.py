@@ -84,6 +84,28 @@ def check_kernels(cfg: Any, precision: str, *, cuda: bool | None = None) -> None
             raise ConfigError("compile on CPU needs a C++ compiler for inductor (g++ or clang++); none is on PATH")
 
 
+def causal_lm_config(model_dir: str, label: str) -> Any:
+    """The checkpoint's config, read without its weights; InputError unless it is a causal LM transformers can load."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise InputError(f"{label}/ holds no HF model (config.json is missing)")
+    try:
+        mc = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{label}/config.json cannot be read by transformers: {str(exc).splitlines()[0]}") from None
+    if mc.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"{label}/ is a {mc.model_type!r} model, which has no causal-LM head in transformers; "
+                         "these stages train decoders such as llama (make one with the init stage)")
+    archs = list(getattr(mc, "architectures", None) or [])
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise InputError(f"{label}/ was saved as {', '.join(archs)}, not as a causal LM (a reward or classifier "
+                         "checkpoint?): its language-model head would start from random weights; point `model` at "
+                         "a causal LM such as models/init, models/pretrain or models/sft")
+    return mc
+
+
 def innermost_optimizer(opt: Any) -> str | None:
     """The class doing the update under the wrappers (accelerate's, DeepSpeed's ZeRO): e.g. AdamW, DeepSpeedCPUAdam."""
     name = None
@@ -593,6 +615,9 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         seq_len = seq_lens.pop()
         accum = grad_accum_steps(cfg.global_batch_tokens, seq_len, cfg.micro_batch_size, world)
         for ph, d in zip(plan, datasets):
+            if len(d) == 0:
+                raise InputError(f"phase {ph.name}: {ph.shards}/ has no training blocks (an empty corpus, or every "
+                                 "document went to validation): nothing to train on")
             if len(d) < world:
                 raise InputError(f"phase {ph.name}: {ph.shards}/ has {len(d)} training blocks, fewer than {world} ranks")
 
@@ -627,6 +652,16 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             if main:
                 ctx.log(f"checkpoint at step {start_step} already reaches max_steps {total}: exporting its weights")
             model_dir = str(resume_from)
+
+        # -- the checkpoint against the data, before any weights load
+        mc = causal_lm_config(model_dir, cfg.model)
+        vocab = max(d.vocab_size for d in datasets)
+        if vocab > mc.vocab_size:
+            raise InputError(f"the shards were tokenized with a {vocab}-token vocabulary but {cfg.model}/ has vocab_size "
+                             f"{mc.vocab_size}: the model was made for another tokenizer; rerun init with this one")
+        if seq_len > getattr(mc, "max_position_embeddings", seq_len):
+            raise InputError(f"the shards hold {seq_len}-token blocks, longer than {cfg.model}/'s max_position_embeddings "
+                             f"{mc.max_position_embeddings}: repack with a shorter seq_len or init with more positions")
 
         ds_cfg = deepspeed_dict(cfg)
         if ds_cfg is not None and world == 1 and not cfg.offload and main:
@@ -688,12 +723,6 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        vocab = max(d.vocab_size for d in datasets)
-        if vocab > model.config.vocab_size:
-            raise InputError(f"shards use {vocab} token ids but the model's vocab_size is {model.config.vocab_size}")
-        if seq_len > getattr(model.config, "max_position_embeddings", seq_len):
-            raise InputError(f"shards hold {seq_len}-token blocks, longer than the model's max_position_embeddings "
-                             f"{model.config.max_position_embeddings}")
         mc = model.config
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         emb = model.get_input_embeddings().weight

@@ -227,6 +227,59 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path):
     _assert_loads(run_root / "models" / "pretrain")
 
 
+def _commit_hf(storage, name: str, model) -> None:
+    out = storage.begin(name)
+    model.save_pretrained(out.path())
+    _tokenizer().save_pretrained(out.path())
+    out.commit({"stage": "init", "config_hash": f"test-{name}", "inputs": {}, "metrics": {}})
+
+
+def test_bad_inputs_fail_before_any_weights_load(run_root, tmp_path, monkeypatch):
+    """An incompatible checkpoint (vocab, positions, architecture, not a decoder), empty data, a missing input and
+    GPU-only options on this CPU: each is one clear error raised before a single weight is loaded; nothing commits."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError, InputError, PipelineError
+    from pipeline.storage import Storage
+
+    storage = Storage(str(run_root))
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    _commit_hf(storage, "models/small-vocab", LlamaForCausalLM(LlamaConfig(vocab_size=16, max_position_embeddings=SEQ, **small)))
+    _commit_hf(storage, "models/short", LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, max_position_embeddings=SEQ // 2, **small)))
+    _commit_hf(storage, "models/reward", LlamaForSequenceClassification(LlamaConfig(vocab_size=VOCAB, num_labels=1, **small)))
+    out = storage.begin("models/vision")
+    (Path(out.path()) / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    out.commit({"stage": "init", "config_hash": "test-vision", "inputs": {}, "metrics": {}})
+    _write_shards(storage, "shards-empty", seed=3, n_train=0)
+
+    def _no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the input checks")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_weights)
+    cases = [
+        ({"model": "models/small-vocab"}, InputError, "tokenized with a 48-token vocabulary but models/small-vocab/ has "
+                                                      "vocab_size 16"),
+        ({"model": "models/short"}, InputError, "32-token blocks, longer than models/short/'s max_position_embeddings 16"),
+        ({"model": "models/reward"}, InputError, "saved as LlamaForSequenceClassification, not as a causal LM"),
+        ({"model": "models/vision"}, InputError, "is a 'vit' model, which has no causal-LM head"),
+        ({"phases": [{"name": "web", "shards": "shards-empty"}]}, InputError, "shards-empty/ has no training blocks"),
+        ({"model": "models/missing"}, PipelineError, "models/missing"),
+        ({"precision": "bf16"}, ConfigError, "precision bf16 needs a CUDA device"),
+        ({"attention": "flash_attention_2"}, ConfigError, "flash_attention_2 needs a CUDA device"),
+        ({"liger_kernels": True}, ConfigError, "liger_kernels needs a CUDA device"),
+    ]
+    for over, exc, match in cases:
+        cfg = load_config("pretrain", _config(tmp_path / "p.yaml", checkpoint_dir=str(tmp_path / "ck"), **over))
+        with pytest.raises(exc, match=match) as info:
+            runner.run_stage("pretrain", cfg, storage, progress=False)
+        print(f"{over}: {info.value}")
+        assert not (run_root / "models" / "pretrain").exists(), over
+        assert not list((tmp_path / "ck").glob("step-*")), over
+
 def test_compile_and_attention_kernels_in_process(run_root, tmp_path):
     """compile: true (inductor on CPU) and attention: eager train the same steps on the same samples as the default
     sdpa run from the same weights, with losses within float tolerance, resume from a checkpoint written by another
