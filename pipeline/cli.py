@@ -41,6 +41,9 @@ def _root(args: argparse.Namespace) -> str:
     return args.root or os.environ.get("LLMPIPE_ROOT") or DEFAULT_ROOT
 
 
+VARIANT_STAGES = ("clean", "pack")  # stages whose config names its output: `<stage>-<variant>.yaml` runs again
+
+
 def _stage_names() -> list[str]:
     """Stages `llmpipe pipeline` runs, in order."""
     from pipeline.stages import ORDER
@@ -110,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pipe.add_argument("--config-dir", required=True, metavar="DIR", help="folder with <stage>.yaml files, e.g. jobs/demo")
+    pipe.add_argument("--config-dir", required=True, metavar="DIR", help="folder with <stage>.yaml files, e.g. jobs/demo; clean-<v>.yaml / pack-<v>.yaml "
+                           "there run after clean / pack (their own `output:`, e.g. the data of a second "
+                           "pretraining phase)")
     pipe.add_argument("--from", dest="start", choices=stages, metavar="STAGE", help="first stage to run")
     pipe.add_argument("--until", dest="stop", choices=stages, metavar="STAGE", help="last stage to run")
     _add_common(pipe)
@@ -125,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("stage", choices=_all_stages(), metavar="STAGE")
     show.add_argument("--root", metavar="URI")
     show.add_argument("--json", action="store_true", help="print the whole manifest")
+    show.add_argument("--output", metavar="NAME", help="the artifact to show when the stage's config renamed it "
+                                                       "(clean and pack take `output:`), e.g. shards-clean")
 
     sub.add_parser("stages", help="list the stages with what they read and write")
 
@@ -249,13 +256,22 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise PipelineError(f"--config-dir {folder} is not a folder")
     selected = stages[lo : hi + 1]
-    configs = {}
+    steps: list[tuple[str, str, object]] = []  # (stage, label, config): the stage, then its variants
     for i, stage in enumerate(selected):  # validate every config before running anything
         path = folder / f"{stage}.yaml"
         if not path.exists():
             hint = f" (or stop before it with --until {selected[i - 1]})" if i else ""
             raise PipelineError(f"{path} is missing: every stage the pipeline runs needs its config{hint}")
-        configs[stage] = _load(stage, str(path), [])
+        steps.append((stage, stage, _load(stage, str(path), [])))
+        if stage in VARIANT_STAGES:  # e.g. clean-strict.yaml, pack-clean.yaml: the data of a second pretraining phase
+            writes = {getattr(steps[-1][2], "output"): path.name}
+            for vpath in sorted(folder.glob(f"{stage}-*.yaml")):
+                cfg = _load(stage, str(vpath), [])
+                if cfg.output in writes:
+                    raise PipelineError(f"{writes[cfg.output]} and {vpath.name} in {folder} both write "
+                                        f"'{cfg.output}/': give each {stage} config its own `output:`")
+                writes[cfg.output] = vpath.name
+                steps.append((stage, vpath.stem, cfg))
     from pipeline import tracking
 
     storage = Storage(_root(args))
@@ -263,12 +279,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     timings = []
     name = f"pipeline {folder.name} {selected[0]}..{selected[-1]}"
     with tracking.pipeline_run(storage, name, {"llmpipe.config_dir": str(folder)}) as parent:
-        for stage in selected:
+        for stage, label, cfg in steps:
             t0 = time.perf_counter()
-            outcome = runner.run_stage(stage, configs[stage], storage, force=args.force, progress=not args.no_progress)
+            outcome = runner.run_stage(stage, cfg, storage, force=args.force, progress=not args.no_progress)
             print(runner.format_summary(outcome), flush=True)
-            timings.append((stage, outcome.status, time.perf_counter() - t0))
-        parent.metrics({f"seconds.{stage}": secs for stage, _, secs in timings})
+            timings.append((label, outcome.status, time.perf_counter() - t0))
+        parent.metrics({f"seconds.{label}": secs for label, _, secs in timings})
     print("== pipeline " + "=" * 48)
     for stage, status, secs in timings:
         print(f"  {stage:<10} {status:<11} {secs:8.1f}s")
@@ -297,7 +313,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from pipeline.storage import Storage
 
     storage = Storage(_root(args))
-    name = runner.output_name(args.stage)
+    name = args.output or runner.output_name(args.stage)
     manifest = storage.manifest(name)
     if manifest is None:
         raise PipelineError(f"no committed '{name}/' under {storage.uri}: run `llmpipe run {args.stage}` first")

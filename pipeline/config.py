@@ -195,7 +195,20 @@ class DedupConfig(StrictModel):
         return self
 
 
+_ARTIFACT_RE = r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$"
+ArtifactName = Annotated[str, Field(pattern=_ARTIFACT_RE, max_length=120)]
+
+
+def _distinct_io(cfg: Any) -> Any:
+    if cfg.input == cfg.output:
+        raise ValueError(f"input and output are both {cfg.output!r}: a stage cannot overwrite what it reads")
+    return cfg
+
+
 class CleanConfig(StrictModel):
+    input: ArtifactName = Field("raw", description="the collected documents to read (an artifact under the run root)")
+    output: ArtifactName = Field("clean", description="where the kept documents go; a second, stricter clean config "
+                                                      "can write e.g. clean-strict for a second pretraining phase")
     workers: int = Field(1, ge=1, le=256, description="local processes sharing the map step (a cluster uses Indexed Job pods)")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     length: LengthConfig = Field(default_factory=LengthConfig)
@@ -207,6 +220,10 @@ class CleanConfig(StrictModel):
     samples_per_reason: int = Field(20, ge=0, description="dropped documents kept per reason for inspection")
     docs_per_part: int = Field(20000, ge=1)
     EXEC_FIELDS: ClassVar[set[str]] = {"workers"}
+
+    @model_validator(mode="after")
+    def _check_io(self) -> "CleanConfig":
+        return _distinct_io(self)
 
     @model_validator(mode="after")
     def _check_overrides(self) -> "CleanConfig":
@@ -295,6 +312,8 @@ class TokenizerConfig(StrictModel):
 
 
 class PackConfig(StrictModel):
+    input: ArtifactName = Field("clean", description="the cleaned documents to pack (e.g. clean-strict)")
+    output: ArtifactName = Field("shards", description="where the shards go (e.g. shards-clean: pretrain phases name it)")
     seq_len: int = Field(2048, ge=32, le=8192, description="tokens per block")
     val_fraction: float = Field(0.01, ge=0, lt=1, description="share of documents routed to validation (by id hash)")
     blocks_per_shard: int = Field(8192, ge=1)
@@ -304,6 +323,10 @@ class PackConfig(StrictModel):
     workers: int = Field(1, ge=1, le=256)
     seed: int = 0
     EXEC_FIELDS: ClassVar[set[str]] = {"workers", "batch_size"}
+
+    @model_validator(mode="after")
+    def _check_io(self) -> "PackConfig":
+        return _distinct_io(self)
 
 
 # ------------------------------------------------------------------------------------ init

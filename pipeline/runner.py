@@ -79,16 +79,23 @@ def get_stage(name: str) -> ModuleType:
     return STAGES[name]()
 
 
-def output_name(stage: str) -> str:
-    return get_stage(stage).OUTPUT
+def stage_output(module: ModuleType, cfg: StrictModel | None = None) -> str:
+    """The artifact a stage writes: ``module.output(cfg)`` where the stage lets its config name it, else OUTPUT."""
+    if cfg is not None and hasattr(module, "output"):
+        return module.output(cfg)
+    return module.OUTPUT
 
 
-def parts_dir(stage: str, world: int) -> str:
-    return f"{output_name(stage)}.parts/w{world:03d}"
+def output_name(stage: str, cfg: StrictModel | None = None) -> str:
+    return stage_output(get_stage(stage), cfg)
 
 
-def part_name(stage: str, rank: int, world: int) -> str:
-    return f"{parts_dir(stage, world)}/rank-{rank:05d}"
+def parts_dir(stage: str, world: int, cfg: StrictModel | None = None) -> str:
+    return f"{output_name(stage, cfg)}.parts/w{world:03d}"
+
+
+def part_name(stage: str, rank: int, world: int, cfg: StrictModel | None = None) -> str:
+    return f"{parts_dir(stage, world, cfg)}/rank-{rank:05d}"
 
 
 def _code_version() -> str:
@@ -140,7 +147,7 @@ def execute(
 
     chash = config_hash(cfg)
     inputs = input_refs(ctx.inputs, module, cfg)
-    track = name == module.OUTPUT  # the stage's output, not one rank's part: one MLflow run per stage
+    track = name == stage_output(module, cfg)  # the stage's output, not one rank's part: one MLflow run per stage
     run_cm = tracking.stage_run(module.NAME, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
     with run_cm as tracker, _accelerate_env():
         manifest = _execute(module, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
@@ -213,10 +220,12 @@ def resolve_inputs(module: ModuleType, storage: Storage, cfg: StrictModel | None
     for name in names:
         manifest = storage.manifest(name)
         if manifest is None:
-            producer = PRODUCER.get(name, name)
+            producer = PRODUCER.get(name)
+            hint = (f"run `llmpipe run {producer}` first (or `llmpipe pipeline`)" if producer else
+                    f"run the stage whose config has `output: {name}` first (clean and pack take one), or check "
+                    "the spelling")
             raise InputError(
-                f"stage {module.NAME} needs '{name}/' under {storage.uri}, which has no committed output yet: "
-                f"run `llmpipe run {producer}` first (or `llmpipe pipeline`)"
+                f"stage {module.NAME} needs '{name}/' under {storage.uri}, which has no committed output yet: {hint}"
             )
         found[name] = Artifact(storage, name, manifest)
     return found
@@ -232,7 +241,7 @@ def run_part(
     if not 0 <= rank < world:
         raise PipelineError(f"--rank {rank} is outside 0..{world - 1} for --world-size {world}")
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress, rank=rank, world=world)
-    name = part_name(stage, rank, world)
+    name = part_name(stage, rank, world, cfg)
     inputs = input_refs(ctx.inputs, module, cfg)
     existing = storage.manifest(name)
     if not force and is_current(existing, config_hash(cfg), inputs):
@@ -253,13 +262,14 @@ def merge_parts(
     ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
     chash = config_hash(cfg)
     inputs = input_refs(ctx.inputs, module, cfg)
-    existing = storage.manifest(module.OUTPUT)
+    output = stage_output(module, cfg)
+    existing = storage.manifest(output)
     if not force and is_current(existing, chash, inputs) and existing.get("world_size") == world:  # type: ignore[union-attr]
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]  # a retried merge Job
     deadline = time.monotonic() + max(0.0, wait)
     last_report = 0.0
     while True:
-        parts, missing = _committed_parts(stage, storage, world, chash, inputs)
+        parts, missing = _committed_parts(stage, cfg, storage, world, chash, inputs)
         now = time.monotonic()
         if not missing or now >= deadline:
             break
@@ -276,11 +286,11 @@ def merge_parts(
         )
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts],
              "parts_duration_s": max((float(p.manifest.get("duration_s") or 0) for p in parts), default=0.0)}
-    manifest = execute(module, "merge", cfg, storage, module.OUTPUT, ctx, extra, parts)
-    storage.remove(parts_dir(stage, world))
+    manifest = execute(module, "merge", cfg, storage, output, ctx, extra, parts)
+    storage.remove(parts_dir(stage, world, cfg))
     if storage.is_local:  # object stores have no empty folders to leave behind
         try:
-            os.rmdir(storage.path(f"{module.OUTPUT}.parts"))
+            os.rmdir(storage.path(f"{output}.parts"))
         except OSError:
             pass
     return Outcome(stage, "done", manifest)
@@ -289,15 +299,16 @@ def merge_parts(
 _WAIT_POLL_S = 5.0
 
 
-def _committed_parts(stage: str, storage: Storage, world: int, chash: str, inputs: dict[str, Any]) -> tuple[list[Artifact], list[int]]:
+def _committed_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, chash: str,
+                     inputs: dict[str, Any]) -> tuple[list[Artifact], list[int]]:
     parts: list[Artifact] = []
     missing = []
     for rank in range(world):
-        manifest = storage.manifest(part_name(stage, rank, world))
+        manifest = storage.manifest(part_name(stage, rank, world, cfg))
         if not is_current(manifest, chash, inputs):
             missing.append(rank)
         else:
-            parts.append(Artifact(storage, part_name(stage, rank, world), manifest))  # type: ignore[arg-type]
+            parts.append(Artifact(storage, part_name(stage, rank, world, cfg), manifest))  # type: ignore[arg-type]
     return parts, missing
 
 
@@ -320,7 +331,8 @@ def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, p
     module = get_stage(stage)
     inputs_art = resolve_inputs(module, storage, cfg)
     inputs = input_refs(inputs_art, module, cfg)
-    existing = storage.manifest(module.OUTPUT)
+    output = stage_output(module, cfg)
+    existing = storage.manifest(output)
     if not force and is_current(existing, config_hash(cfg), inputs):
         from pipeline import tracking
 
@@ -328,7 +340,7 @@ def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, p
         return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
     if not hasattr(module, "run_part"):
         ctx = StageContext(storage, inputs_art, progress=progress)
-        return Outcome(stage, "done", execute(module, "run", cfg, storage, module.OUTPUT, ctx, {}))
+        return Outcome(stage, "done", execute(module, "run", cfg, storage, output, ctx, {}))
     world = int(getattr(cfg, "workers", 1))
     if world == 1:
         run_part(stage, cfg, storage, 0, 1, force=force, progress=progress)

@@ -27,8 +27,16 @@ from pipeline.runner import StageContext
 from pipeline.storage import Artifact, OutputDir
 
 NAME = "clean"
-INPUTS = ["raw"]
+INPUTS = ["raw"]  # the defaults; `inputs(cfg)` / `output(cfg)` follow cfg.input / cfg.output
 OUTPUT = "clean"
+
+
+def inputs(cfg: CleanConfig) -> list[str]:
+    return [cfg.input]
+
+
+def output(cfg: CleanConfig) -> str:
+    return cfg.output
 
 SAMPLE_CHARS = 2000
 DEDUP_STATE = "dedup.npz"
@@ -58,7 +66,7 @@ class _Samples:
 
 
 def run_part(cfg: CleanConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
-    raw = DocumentSet(ctx.inputs["raw"])
+    raw = DocumentSet(ctx.inputs[cfg.input])
     start, stop = split_range(len(raw), ctx.rank, ctx.world)
     doc_filter = DocumentFilter(cfg)
     hasher = MinHasher(cfg.dedup) if cfg.dedup.near else None
@@ -104,7 +112,7 @@ def run_part(cfg: CleanConfig, ctx: StageContext, out: OutputDir) -> dict[str, A
 
 
 def merge(cfg: CleanConfig, ctx: StageContext, out: OutputDir, parts: list[Artifact]) -> dict[str, Any]:
-    raw = ctx.inputs["raw"]
+    raw = ctx.inputs[cfg.input]
     total_in = sum(p["rows"] for p in raw.metrics["parts"])
     covered = sum(p.metrics["documents_in"] for p in parts)
     if covered != total_in:

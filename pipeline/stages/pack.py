@@ -25,8 +25,16 @@ from pipeline.runner import StageContext
 from pipeline.storage import Artifact, OutputDir
 
 NAME = "pack"
-INPUTS = ["clean", "tokenizer"]
+INPUTS = ["clean", "tokenizer"]  # the defaults; `inputs(cfg)` / `output(cfg)` follow cfg.input / cfg.output
 OUTPUT = "shards"
+
+
+def inputs(cfg: PackConfig) -> list[str]:
+    return [cfg.input, "tokenizer"]
+
+
+def output(cfg: PackConfig) -> str:
+    return cfg.output
 PART_INDEX = "index.json"
 
 
@@ -51,7 +59,7 @@ def load_tokenizer(art: Artifact) -> tuple[Tokenizer, dict[str, Any]]:
 
 
 def run_part(cfg: PackConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
-    clean = DocumentSet(ctx.inputs["clean"])
+    clean = DocumentSet(ctx.inputs[cfg.input])
     start, stop = split_range(len(clean), ctx.rank, ctx.world)
     tokenizer, special = load_tokenizer(ctx.inputs["tokenizer"])
     for key in ("bos_id", "eos_id"):
@@ -84,7 +92,7 @@ def merge(cfg: PackConfig, ctx: StageContext, out: OutputDir, parts: list[Artifa
     splits = index["splits"]
     if not splits.get("train", {}).get("blocks"):
         raise InputError(
-            f"pack produced no training block of {cfg.seq_len} tokens from {len(DocumentSet(ctx.inputs['clean'])):,} "
+            f"pack produced no training block of {cfg.seq_len} tokens from {len(DocumentSet(ctx.inputs[cfg.input])):,} "
             "documents; lower seq_len or add data"
         )
     return {

@@ -398,6 +398,10 @@ def test_make_deploy_installs_the_contract_release():
     out = subprocess.run(["make", "-n", "undeploy-pretrain", "K8S_NAMESPACE=ml", "HELM=helm"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "helm uninstall llmpipe-pretrain -n ml --ignore-not-found" in out
+    out = subprocess.run(["make", "-n", "deploy-clean", "VARIANT=strict", "K8S_NAMESPACE=ml", "HELM=helm"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert re.search(r"helm upgrade --install llmpipe-clean-strict charts/llm-pipeline -n ml --set stage=clean "
+                     r"--set-file config=jobs/cluster/clean-strict.yaml", out), out
 
 
 def test_make_deploy_pipeline_runs_the_stages_in_order():
@@ -406,9 +410,14 @@ def test_make_deploy_pipeline_runs_the_stages_in_order():
     out = subprocess.run(["make", "-n", "deploy-pipeline", "K8S_NAMESPACE=ml", "HELM=helm"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     with_config = [s for s in ORDER if (REPO / "jobs" / "cluster" / f"{s}.yaml").is_file()]
+    variants = {s: sorted(p.stem for p in (REPO / "jobs" / "cluster").glob(f"{s}-*.yaml")) for s in ("clean", "pack")}
+    releases = [r for s in with_config for r in [s, *variants.get(s, [])]]
     deployed = re.findall(r"upgrade --install llmpipe-(\S+) ", out)
     waited = re.findall(r"llmpipe k8s wait (\S+) -n ml", out)
-    assert deployed == with_config and waited == with_config
+    assert deployed == releases and waited == [r.split("-")[0] for r in releases]
+    assert variants["clean"] == ["clean-strict"] and variants["pack"] == ["pack-clean"]
+    line = next(ln for ln in out.splitlines() if "upgrade --install llmpipe-pack-clean " in ln)
+    assert "--set stage=pack --set-file config=jobs/cluster/pack-clean.yaml" in line
     # each stage waits before the next deploys
     lines = out.splitlines()
     for a, b in zip(with_config, with_config[1:]):

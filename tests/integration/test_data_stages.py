@@ -205,3 +205,58 @@ def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):
         assert per_tok["ours"] <= per_tok["base"] + 1e-9, lang  # extension never makes fertility worse
     text = "Қазақстан Республикасы"
     assert new.decode(new.encode(text, add_special_tokens=False)) == text
+
+
+def test_clean_and_pack_variants_make_second_phase_data(tmp_path, monkeypatch, capsys):
+    """clean-strict.yaml / pack-clean.yaml beside clean.yaml / pack.yaml: `llmpipe pipeline` runs them after their stage,
+    into their own outputs (clean-strict/, shards-clean/) with their own inputs, sharded runs included."""
+    from pipeline.data.shards import PackedDataset
+
+    jobs = write_configs(tmp_path / "jobs")
+    (jobs / "clean-strict.yaml").write_text("output: clean-strict\nsamples_per_reason: 5\nlength:\n  min_words: 60\n",
+                                            encoding="utf-8")
+    (jobs / "pack-clean.yaml").write_text("input: clean-strict\noutput: shards-clean\nseq_len: 64\nval_fraction: 0.1\n"
+                                          "blocks_per_shard: 40\n", encoding="utf-8")
+    root = tmp_path / "run"
+    assert main(["pipeline", "--config-dir", str(jobs), "--root", str(root), "--until", "pack", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "clean-strict" in out and "pack-clean" in out
+    storage = Storage(str(root))
+    clean, strict = _ids(storage, "clean"), _ids(storage, "clean-strict")
+    assert strict and set(strict) < set(clean)
+    m = storage.manifest("clean-strict")
+    assert m["stage"] == "clean" and set(m["inputs"]) == {"raw"}
+    m = storage.manifest("shards-clean")
+    assert m["stage"] == "pack" and set(m["inputs"]) == {"clean-strict", "tokenizer"}
+    assert m["inputs"]["clean-strict"]["fingerprint"] == storage.manifest("clean-strict")["fingerprint"]
+    assert 0 < len(PackedDataset(str(root / "shards-clean"), "train")) < len(PackedDataset(str(root / "shards"), "train"))
+    # the shipped stage outputs are untouched by the variants
+    assert storage.manifest("shards")["inputs"].keys() == {"clean", "tokenizer"}
+
+    # a variant as an Indexed Job: ranks, then the merge, into shards-clean.parts/ and shards-clean/
+    before = [b["sample_id"] for b in PackedDataset(str(root / "shards-clean"), "train")]
+    common = ["run", "pack", "--config", str(jobs / "pack-clean.yaml"), "--root", str(root), "--no-progress"]
+    for rank in (0, 1):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(rank))
+        assert main([*common, "--world-size", "2", "--force"]) == 0
+        assert (root / "shards-clean.parts" / "w002" / f"rank-{rank:05d}" / "manifest.json").exists()
+    assert main([*common, "--merge", "--world-size", "2", "--force"]) == 0
+    assert not (root / "shards-clean.parts").exists() and not (root / "shards.parts").exists()
+    # the same documents and split; each rank drops its own partial last block
+    assert len(before) - 1 <= len(PackedDataset(str(root / "shards-clean"), "train")) <= len(before)
+    m2 = storage.manifest("shards-clean")
+    assert m2["world_size"] == 2 and set(m2["inputs"]) == {"clean-strict", "tokenizer"}
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+
+    # again: every output up to date; `show --output` reads a variant's manifest
+    assert main(["pipeline", "--config-dir", str(jobs), "--root", str(root), "--until", "pack", "--no-progress"]) == 0
+    assert main(["show", "pack", "--root", str(root), "--output", "shards-clean"]) == 0
+    capsys.readouterr()
+    # bad variants: a name no stage has written, and two configs writing one output
+    assert main(["run", "pack", "--config", str(jobs / "pack-clean.yaml"), "--set", "input=clean-other", "--root",
+                 str(root), "--no-progress"]) == 1
+    assert "run the stage whose config has `output: clean-other` first" in capsys.readouterr().err
+    (jobs / "clean-again.yaml").write_text("output: clean-strict\n", encoding="utf-8")
+    assert main(["pipeline", "--config-dir", str(jobs), "--root", str(root), "--until", "pack", "--no-progress"]) == 1
+    assert "clean-again.yaml and clean-strict.yaml in" in (err := capsys.readouterr().err)
+    assert "both write 'clean-strict/'" in err

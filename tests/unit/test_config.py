@@ -85,12 +85,27 @@ JOBS = sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*/*.yaml"))
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_job_configs_validate(path):
-    """Every config under jobs/ loads against its stage's schema (the file name is the stage)."""
-    load_config(path.stem, path)
+    """Every config under jobs/ loads against its stage's schema (the file name is the stage, or stage-variant)."""
+    load_config(path.stem.split("-")[0], path)
 
 
 def test_every_stage_has_demo_and_cluster_configs():
     from pipeline.stages import ORDER
 
     for folder in ("demo", "cluster"):
-        assert {p.stem for p in JOBS if p.parent.name == folder} == set(ORDER), folder
+        assert {p.stem for p in JOBS if p.parent.name == folder and "-" not in p.stem} == set(ORDER), folder
+
+
+def test_cluster_second_phase_data_is_produced_by_the_shipped_variants():
+    """pretrain's phases name artifacts that the shipped clean/pack configs (and their variants) write."""
+    folder = JOBS[0].parents[1] / "cluster"
+    pre = load_config("pretrain", folder / "pretrain.yaml")
+    writes = {"shards"}
+    cleans = {"clean"}
+    for path in sorted(folder.glob("clean-*.yaml")):
+        cleans.add(load_config("clean", path).output)
+    for path in sorted(folder.glob("pack-*.yaml")):
+        cfg = load_config("pack", path)
+        assert cfg.input in cleans, path
+        writes.add(cfg.output)
+    assert {p.shards for p in pre.phases} <= writes and len(pre.phases) == 2
