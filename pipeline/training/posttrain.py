@@ -683,7 +683,6 @@ LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards
 def _quiet_logs(st: "_Stage", trainer: Any) -> Any:
     """Replace the Trainer's raw dict printing by one line per log on rank 0 (through ctx.log)."""
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
 
     class LineLog(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
@@ -695,8 +694,9 @@ def _quiet_logs(st: "_Stage", trainer: Any) -> Any:
                 st.ctx.log(f"{st.name} step {state.global_step}: " + "  ".join(parts))
 
     from pipeline import tracking
+    from pipeline.training.pretrain import quiet_trainer_logs
 
-    trainer.remove_callback(PrinterCallback)
+    quiet_trainer_logs(trainer)
     trainer.add_callback(LineLog())
     trainer.add_callback(tracking.hf_callback())  # step metrics to the stage's MLflow run, when one is active
     return trainer

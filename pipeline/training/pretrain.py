@@ -106,6 +106,21 @@ def causal_lm_config(model_dir: str, label: str) -> Any:
     return mc
 
 
+def quiet_trainer_logs(trainer: Any) -> None:
+    """Drop the Trainer's raw ``{'loss': ...}`` dicts (PrinterCallback, and ProgressCallback's copy above its bar)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+
+        class BarOnly(ProgressCallback):
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+                pass
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly())
+
+
 def innermost_optimizer(opt: Any) -> str | None:
     """The class doing the update under the wrappers (accelerate's, DeepSpeed's ZeRO): e.g. AdamW, DeepSpeedCPUAdam."""
     name = None
@@ -765,9 +780,7 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                               peak=peak, cuda=cuda, ctx=ctx)
         synced = cfg.zero_stage == 3 and world > 1
         gcb = GenerationCallback(cfg.generation, tokenizer, gen_log, synced)
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # our own log lines replace the raw dicts
+        quiet_trainer_logs(trainer)  # our own log lines replace the raw dicts
         trainer.add_callback(mcb)
         trainer.add_callback(gcb)
 

@@ -244,3 +244,27 @@ def test_failure_line_names_the_first_failed_rank():
         "rank 1: Signal 9 (SIGKILL) received by PID 7 (1 other rank error(s) above)")
     assert _failure_detail(errors[1:], []) == "rank 1/2: ValueError: bad shard"
     assert _failure_detail([], []) == "see the output above"
+
+
+def test_trainer_raw_log_dicts_are_dropped_but_the_bar_stays(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from pipeline.training.pretrain import quiet_trainer_logs
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    args = TrainingArguments(output_dir=str(tmp_path), disable_tqdm=False, report_to="none", use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    quiet_trainer_logs(trainer)
+    cbs = trainer.callback_handler.callbacks
+    bars = [cb for cb in cbs if isinstance(cb, ProgressCallback)]
+    assert len(bars) == 1 and not any(isinstance(cb, PrinterCallback) for cb in cbs)
+    trainer.state.max_steps = 3
+    for cb in (bars[0], ProgressCallback()):  # ours, then the stock one for contrast
+        cb.on_train_begin(args, trainer.state, trainer.control)
+        capsys.readouterr()
+        cb.on_log(args, trainer.state, trainer.control, logs={"loss": 1.0})
+        seen = capsys.readouterr()
+        cb.on_train_end(args, trainer.state, trainer.control)
+        assert ("'loss': 1.0" in seen.out + seen.err) == (cb is not bars[0])
