@@ -361,7 +361,8 @@ def format_summary(outcome: Outcome) -> str:
     module = get_stage(outcome.stage)
     m = outcome.manifest
     metrics = m.get("metrics", {})
-    head = f"== {outcome.stage}: {outcome.status}"
+    renamed = (m.get("config") or {}).get("output")
+    head = f"== {outcome.stage}" + (f" -> {renamed}/" if renamed and renamed != module.OUTPUT else "") + f": {outcome.status}"
     if outcome.status == "done":
         head += f" in {outcome.seconds if outcome.seconds is not None else m.get('duration_s', 0):.1f}s"
     lines = [head + " " + "=" * max(0, 60 - len(head))]

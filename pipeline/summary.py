@@ -51,6 +51,22 @@ def _read_json(storage: Any, *parts: str) -> Any:
         return json.loads(fh.read())
 
 
+def _variants(storage: Any, done: dict[str, Any]) -> dict[str, Any]:
+    """Outputs of clean/pack run under other names (pretrain's data phases and what they were packed from)."""
+    found: dict[str, Any] = {}
+    pre = done.get("models/pretrain") or {}
+    queue = [p["shards"] for p in ((pre.get("metrics") or {}).get("phases") or {}).values()]
+    while queue:
+        name = queue.pop(0)
+        if name in PRODUCER or name in found:
+            continue
+        m = storage.manifest(name)
+        if m and m.get("stage") in ("clean", "pack"):
+            found[name] = m
+            queue.extend(k for k in (m.get("inputs") or {}) if not k.startswith("external:"))
+    return found
+
+
 def render(storage: Any) -> str:
     out: list[str] = [f"== run summary: {storage.uri} " + "=" * 20]
     manifests = {name: storage.manifest(name) for name in PRODUCER}
@@ -62,12 +78,14 @@ def render(storage: Any) -> str:
     out.append("time per stage")
     total = 0.0
     by_stage = {PRODUCER[n]: m for n, m in done.items()}
+    variants = _variants(storage, done)  # clean/pack run again under another config (a second data phase)
     for stage in ORDER:
-        m = by_stage.get(stage)
-        if m:
-            secs = float(m.get("duration_s") or 0) + float(m.get("parts_duration_s") or 0)  # ranks, then the merge
-            total += secs
-            out.append(f"  {stage:<10} {secs:8.1f}s   finished {m.get('ended_at', '')}")
+        runs = [(by_stage.get(stage), "")] + [(vm, f"  -> {n}/") for n, vm in variants.items() if vm.get("stage") == stage]
+        for m, note in runs:
+            if m:
+                secs = float(m.get("duration_s") or 0) + float(m.get("parts_duration_s") or 0)  # ranks, then the merge
+                total += secs
+                out.append(f"  {stage:<10} {secs:8.1f}s   finished {m.get('ended_at', '')}{note}")
     out.append(f"  {'total':<10} {total:8.1f}s   (stage work; installs and start-up not counted)")
 
     clean = done.get("clean")
@@ -82,6 +100,10 @@ def render(storage: Any) -> str:
             out.append(f"    {f'{len(reasons) - 8} more reasons':<30} {_fmt(sum(n for _, n in reasons[8:]))}")
         if m.get("kept_by_language"):
             out.append("  kept by language: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(m["kept_by_language"].items())))
+        for name, vm in variants.items():
+            if vm.get("stage") == "clean":
+                v = vm.get("metrics") or {}
+                out.append(f"  {name}/: kept {_fmt(v.get('kept'))} of {_fmt(v.get('documents_in'))}")
 
     tok = done.get("tokenizer")
     if tok and tok["metrics"].get("fertility"):
@@ -103,6 +125,10 @@ def render(storage: Any) -> str:
             out.append(f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}  {sparkline(losses)}")
         if vals:
             out.append("  val loss   " + "  ".join(f"step {s}: {v:.3f}" for s, v in vals))
+        phases = m.get("phases") or {}
+        if len(phases) > 1:
+            out.append("  phases     " + ", ".join(f"{n} steps {p['steps'][0]}-{p['steps'][1]} on {p['shards']}/"
+                                                 for n, p in phases.items()))
     for name in ("models/sft", "models/dpo", "models/reward"):
         m = (done.get(name) or {}).get("metrics")
         if not m:

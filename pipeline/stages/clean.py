@@ -205,5 +205,5 @@ def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [(f"  {reason}", n) for reason, n in by_count]
     rows += [(f"kept {lang}", n) for lang, n in sorted(m["kept_by_language"].items())]
     rows.append(("characters kept", f"{m['characters_out']:,} of {m['characters_in']:,}"))
-    rows.append(("drop samples", "clean/drops/<reason>.jsonl"))
+    rows.append(("drop samples", "drops/<reason>.jsonl in the output folder"))
     return rows

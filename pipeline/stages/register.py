@@ -129,15 +129,19 @@ def _version_tags(chain: list[dict[str, Any]], metrics: dict[str, float], model_
     tags: dict[str, str] = {"llmpipe.artifact": chain[0]["artifact"], "llmpipe.code_version": str(model_manifest.get("code_version")),
                             "llmpipe.config_hash": str(model_manifest.get("config_hash")),
                             "llmpipe.fingerprint": str(model_manifest.get("fingerprint"))}
+    data: dict[str, list[str]] = {"pack": [], "clean": []}
     for e in chain:
         if not e.get("missing"):
             tags[f"lineage.{e['artifact']}"] = f"{e['fingerprint']} config {e['config_hash']}"
-            if e["stage"] == "pack":  # the training data; a model that saw no shards (init) gets its clean corpus
-                tags["llmpipe.data_fingerprint"] = e["fingerprint"]
-            elif e["stage"] == "clean":
-                tags.setdefault("llmpipe.data_fingerprint", e["fingerprint"])
+            if e["stage"] in data:
+                data[e["stage"]].append(f"{e['artifact']}={e['fingerprint']}")
             if e["stage"] == "tokenizer":
                 tags["llmpipe.tokenizer_fingerprint"] = e["fingerprint"]
+    # the training data (every data phase's shards); a model that saw no shards (init) gets its clean corpus
+    picked = data["pack"] or data["clean"]
+    if picked:
+        tags["llmpipe.data_fingerprint"] = (picked[0].split("=", 1)[1] if len(picked) == 1
+                                            else ";".join(sorted(picked)))
     for k, v in metrics.items():
         tags[f"metric.{k}"] = repr(float(v))
     return tags

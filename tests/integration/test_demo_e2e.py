@@ -23,6 +23,8 @@ DEMO = REPO / "jobs" / "demo"
 SMALL: dict[str, dict] = {
     "init": {"max_position_embeddings": 128},
     "pretrain": {"micro_batch_size": 4, "global_batch_tokens": 512, "max_steps": 12, "warmup_steps": 2,
+                 "phases": [{"name": "broad", "shards": "shards", "until_step": 8},
+                            {"name": "strict", "shards": "shards-clean"}],
                  "checkpoint_every": 6, "eval_every": 6, "eval_max_blocks": 8, "log_every": 2,
                  "generation": {"every": 12, "prompts": ["Қазақстан", "The"], "max_new_tokens": 6}},
     "sft": {"max_steps": 8, "max_length": 128, "micro_batch_size": 8, "log_every": 4,
@@ -57,6 +59,14 @@ def demo_run(tmp_path_factory):
     mp.delenv("LLMPIPE_TRACKING", raising=False)  # the embedded SQLite store, as in `make demo`
     base = tmp_path_factory.mktemp("demo")
     jobs = write_configs(base / "jobs")  # collect, clean, tokenizer, pack over the fixtures
+    # the demo's second-phase data: its strict clean variant, and pack-clean with the small pack settings
+    strict = yaml.safe_load((DEMO / "clean-strict.yaml").read_text(encoding="utf-8"))
+    (jobs / "clean-strict.yaml").write_text(yaml.safe_dump({**strict, "workers": 1}), encoding="utf-8")
+    pack = yaml.safe_load((jobs / "pack.yaml").read_text(encoding="utf-8"))
+    pack.update(yaml.safe_load((DEMO / "pack-clean.yaml").read_text(encoding="utf-8")),
+                seq_len=pack["seq_len"], blocks_per_shard=pack["blocks_per_shard"], val_fraction=pack["val_fraction"],
+                workers=1)
+    (jobs / "pack-clean.yaml").write_text(yaml.safe_dump(pack), encoding="utf-8")
     for stage in ORDER[4:]:
         cfg = yaml.safe_load((DEMO / f"{stage}.yaml").read_text(encoding="utf-8"))
         cfg = _absolute_data(_merge(cfg, SMALL.get(stage, {})))
@@ -71,7 +81,8 @@ def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
     code, root, _ = demo_run
     assert code == 0
     storage = Storage(str(root))
-    for stage_output in ("raw", "clean", "tokenizer", "shards", "models/init", "models/pretrain", "models/sft",
+    for stage_output in ("raw", "clean", "clean-strict", "tokenizer", "shards", "shards-clean", "models/init",
+                         "models/pretrain", "models/sft",
                          "models/dpo", "models/reward", "eval", "quantized", "registry"):
         manifest = storage.manifest(stage_output)
         assert manifest is not None, stage_output
@@ -85,6 +96,12 @@ def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
     client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db")
     champ = client.get_model_version_by_alias("llm-pipeline-demo", "champion")
     assert str(champ.version) == "1"
+    # trained on both data phases: the tag names each phase's shards
+    assert champ.tags["llmpipe.data_fingerprint"] == ";".join(
+        sorted(f"{a}={storage.manifest(a)['fingerprint']}" for a in ("shards", "shards-clean")))
+    phases = storage.manifest("models/pretrain")["metrics"]["phases"]
+    assert phases["broad"]["shards"] == "shards" and phases["strict"]["shards"] == "shards-clean"
+    assert phases["strict"]["steps"] == [8, 12]
     assert float(champ.tags["metric.val_perplexity"]) == pytest.approx(
         storage.manifest("eval")["metrics"]["models"]["dpo"]["val_perplexity"])
     # one parent run with a nested run per stage
@@ -101,7 +118,9 @@ def test_summary_covers_every_part_of_the_run(demo_run, capsys):
     text = capsys.readouterr().out
     for needle in ("time per stage", "documents (clean)", "tokenizer fertility", "pretrain:", "train loss",
                    "evaluation", "generations", "quantized", "gguf-q4_0", "registry: llm-pipeline-demo version 1",
-                   "champion is version 1", "mlflow ui --backend-store-uri sqlite:///"):
+                   "champion is version 1", "mlflow ui --backend-store-uri sqlite:///",
+                   "  clean-strict/: kept ", "-> shards-clean/", "-> clean-strict/",
+                   "phases     broad steps 0-8 on shards/, strict steps 8-12 on shards-clean/"):
         assert needle in text, needle
     for stage in ORDER:
         assert f"  {stage:<10}" in text
@@ -115,6 +134,7 @@ def test_rerun_is_up_to_date_and_lineage_reaches_the_sources(demo_run, capsys):
     assert out.count("up to date") >= len(ORDER)
     assert main(["lineage", "models:/llm-pipeline-demo@champion", "--root", str(root)]) == 0
     text = capsys.readouterr().out
-    for artifact in ("models/dpo", "models/sft", "models/pretrain", "models/init", "shards", "tokenizer", "clean", "raw"):
+    for artifact in ("models/dpo", "models/sft", "models/pretrain", "models/init", "shards", "shards-clean", "tokenizer",
+                     "clean", "clean-strict", "raw"):
         assert f"    {artifact} " in text, artifact
     assert "en-fortunes (" in text
