@@ -173,7 +173,12 @@ def configs(folder: Path) -> dict[str, Path]:
     out = {s: folder / f"{s}.yaml" for s in ("collect", "tokenizer", "pack")}
     out["clean"] = REPO / "jobs" / "demo" / "clean.yaml"
     out["init"] = REPO / "jobs" / "demo" / "init.yaml"
+    # a pack variant (what jobs/*/pack-clean.yaml is) into shards-clean/, the demo's second data phase
+    pack = yaml.safe_load(out["pack"].read_text())
+    (folder / "pack-clean.yaml").write_text(yaml.safe_dump({**pack, "input": "clean", "output": "shards-clean"}))
+    out["pack-clean"] = folder / "pack-clean.yaml"
     pre = yaml.safe_load((REPO / "jobs" / "demo" / "pretrain.yaml").read_text())
+    pre.update(phases=[{"name": "broad", "shards": "shards", "until_step": 2}, {"name": "strict", "shards": "shards-clean"}])
     pre.update(max_steps=4, global_batch_tokens=64 * 4 * 2, warmup_steps=1, checkpoint_every=2, eval_every=2,
                eval_max_blocks=8, log_every=1, generation={"every": 4, "prompts": ["The"], "max_new_tokens": 4})
     (folder / "pretrain.yaml").write_text(yaml.safe_dump(pre, allow_unicode=True))
@@ -237,6 +242,11 @@ def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob
             for stage in ("tokenizer", "pack", "init")}
     for rank, out in enumerate(logs["pack"]["llmpipe-pack-part"]):
         assert f"== pack rank {rank}/2: done" in out
+    # the variant: the same chart and stage with the pack-clean config (its parts and merge go to shards-clean)
+    variant = run_jobs(render("pack", cfgs["pack-clean"], "workers=2", values=[site]), base)
+    (merge_log,) = variant["llmpipe-pack-merge"]
+    assert "== pack -> shards-clean/: done" in merge_log
+    assert manifest(root, "shards-clean")["world_size"] == 2 and not (root / "shards-clean.parts").exists()
     tok, shards, init = manifest(root, "tokenizer"), manifest(root, "shards"), manifest(root, "models/init")
     assert not (root / "shards.parts").exists()
     assert shards["inputs"]["tokenizer"]["fingerprint"] == tok["fingerprint"]
@@ -252,6 +262,8 @@ def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob
     assert m["stage"] == "pretrain"
     assert m["inputs"]["models/init"]["fingerprint"] == init["fingerprint"]
     assert m["metrics"]["world_size"] == 2 and m["metrics"]["steps"] == 4
+    assert m["metrics"]["phases"]["strict"] == {"shards": "shards-clean", "steps": [2, 4],
+                                                "fingerprint": manifest(root, "shards-clean")["fingerprint"]}
     assert m["metrics"]["tokens"] == 4 * 512  # 2 ranks x micro 4 x 64 tokens per step
     assert (root / "models" / "pretrain" / "model.safetensors").is_file()
     assert "--nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr localhost" in master_log
