@@ -336,7 +336,8 @@ def cmd_stages(_: argparse.Namespace) -> int:
         mod = runner.get_stage(stage)
         reads = ", ".join(f"{i}/" for i in mod.INPUTS) or "sources in its config"
         kind = "sharded" if hasattr(mod, "run_part") else "torchrun" if stage in TRAINING else "single"
-        print(f"{stage:<10} {kind:<8} reads {reads:<28} writes {mod.OUTPUT}/")
+        renamable = " (or its config's output:)" if hasattr(mod, "output") else ""
+        print(f"{stage:<10} {kind:<8} reads {reads:<28} writes {mod.OUTPUT}/{renamable}")
     return 0
 
 
