@@ -320,7 +320,7 @@ def test_compile_and_attention_kernels_in_process(run_root, tmp_path):
     m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
     assert m["resumed_from_step"] == 2 and m["steps"] == 4
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
     cfg = _config(tmp_path / "p.yaml", zero_stage=stage, max_steps=6, checkpoint_every=3, eval_every=3,
                   generation={"every": 3, "prompts": ["w3 w4"], "max_new_tokens": 4},
@@ -344,7 +344,7 @@ def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_offload_two_processes_resumes(run_root, tmp_path, stage):
     """The shipped CPU-offload variants (optimizer state, and with ZeRO-3 the parameters, in host memory; DeepSpeed
     builds its CPU Adam the first time, ~1-2 min): 2 ranks train 6 steps and export a model that loads; then, with the
