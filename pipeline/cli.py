@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pipe.add_argument("--config-dir", required=True, metavar="DIR", help="folder with <stage>.yaml files, e.g. jobs/demo; clean-<v>.yaml / pack-<v>.yaml "
-                           "there run after clean / pack (their own `output:`, e.g. the data of a second "
-                           "pretraining phase)")
+    pipe.add_argument("--config-dir", required=True, metavar="DIR",
+                      help="folder with <stage>.yaml files, e.g. jobs/demo; clean-<v>.yaml / pack-<v>.yaml there run "
+                           "after clean / pack (their own `output:`, e.g. the data of a second pretraining phase)")
     pipe.add_argument("--from", dest="start", choices=stages, metavar="STAGE", help="first stage to run")
     pipe.add_argument("--until", dest="stop", choices=stages, metavar="STAGE", help="last stage to run")
     _add_common(pipe)
