@@ -3,24 +3,16 @@ kubeconfig pointing at it, the helm binary, the chart, and the CLI run in-proces
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.helm.chart import find_helm
 from tests.k8s.fakeapi import FakeKube
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE_CHART = Path(__file__).parent / "chart" / "llm-pipeline"
 REAL_CHART = REPO / "charts" / "llm-pipeline"
-
-
-def find_helm() -> str | None:
-    for cand in (os.environ.get("HELM"), str(REPO / ".cache" / "bin" / "helm"), shutil.which("helm")):
-        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
-            return cand
-    return None
+SITE_VALUES = Path(__file__).parent / "site-values.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +25,10 @@ def helm() -> str:
 
 @pytest.fixture
 def chart(helm, monkeypatch) -> Path:
-    """The small contract chart under tests/k8s/chart (tests of the real chart name it themselves)."""
+    """charts/llm-pipeline, what `llmpipe k8s submit` renders by default."""
     monkeypatch.setenv("HELM", helm)
-    monkeypatch.setenv("LLMPIPE_CHART", str(FIXTURE_CHART))
-    return FIXTURE_CHART
+    monkeypatch.setenv("LLMPIPE_CHART", str(REAL_CHART))
+    return REAL_CHART
 
 
 @pytest.fixture
@@ -57,6 +49,8 @@ def llmpipe(capsys):
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
+        if args[:2] == ("k8s", "submit"):  # the test site's values first: a test's own -f / --set win
+            args = (*args[:3], "-f", str(SITE_VALUES), *args[3:])
         rc = main(list(args))
         out, err = capsys.readouterr()
         return rc, out, err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.k8s.client import resolve_namespace
-from tests.k8s.conftest import REPO
+from tests.k8s.conftest import REPO, SITE_VALUES
 
 
 def _one_error(err: str) -> str:
@@ -92,7 +92,8 @@ def test_the_console_script_against_the_fake_cluster(fake, chart, tmp_path):
     if not exe.exists():
         pytest.skip("the llmpipe console script is not installed in this environment")
     env = dict(os.environ)
-    proc = subprocess.run([str(exe), "k8s", "submit", "collect", "--wait", "--interval", "0.1"], capture_output=True,
+    proc = subprocess.run([str(exe), "k8s", "submit", "collect", "-f", str(SITE_VALUES), "--wait", "--interval", "0.1"],
+                          capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "collect succeeded (Job llmpipe-collect) in " in proc.stdout

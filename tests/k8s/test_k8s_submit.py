@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.k8s.conftest import FIXTURE_CHART, REAL_CHART, REPO, error_lines
+from tests.k8s.conftest import REAL_CHART, REPO, error_lines
 
 STAGE_LABEL = "llmpipe.io/stage"
-
-
-def _charts() -> list:
-    params = [pytest.param(FIXTURE_CHART, id="fixture-chart")]
-    params.append(pytest.param(REAL_CHART, id="real-chart", marks=pytest.mark.skipif(
-        not (REAL_CHART / "Chart.yaml").exists(), reason="charts/llm-pipeline is not in this checkout yet")))
-    return params
 
 
 def _completion(objs: list[dict]) -> list[str]:
@@ -23,10 +16,9 @@ def _completion(objs: list[dict]) -> list[str]:
             if (o["metadata"].get("annotations") or {}).get("llmpipe.io/completion") == "true"]
 
 
-@pytest.mark.parametrize("chart_dir", _charts())
-def test_submit_sharded_stage_creates_configmap_indexed_job_and_merge(fake, helm, llmpipe, monkeypatch, chart_dir):
+def test_submit_sharded_stage_creates_configmap_indexed_job_and_merge(fake, helm, llmpipe, monkeypatch):
     monkeypatch.setenv("HELM", helm)
-    rc, out, err = llmpipe("k8s", "submit", "clean", "--chart", str(chart_dir), "--set", "workers=3")
+    rc, out, err = llmpipe("k8s", "submit", "clean", "--chart", str(REAL_CHART), "--set", "workers=3")
     assert rc == 0, err
     jobs = fake.items("jobs")
     assert {j["metadata"]["labels"][STAGE_LABEL] for j in jobs} == {"clean"}
@@ -48,10 +40,9 @@ def test_submit_sharded_stage_creates_configmap_indexed_job_and_merge(fake, helm
         assert obj["metadata"]["annotations"]["meta.helm.sh/release-namespace"] == "llm-pipeline"
 
 
-@pytest.mark.parametrize("chart_dir", _charts())
-def test_submit_training_stage_creates_a_pytorchjob_through_custom_objects(fake, helm, llmpipe, monkeypatch, chart_dir):
+def test_submit_training_stage_creates_a_pytorchjob_through_custom_objects(fake, helm, llmpipe, monkeypatch):
     monkeypatch.setenv("HELM", helm)
-    rc, out, err = llmpipe("k8s", "submit", "pretrain", "--chart", str(chart_dir), "--set", "nnodes=2")
+    rc, out, err = llmpipe("k8s", "submit", "pretrain", "--chart", str(REAL_CHART), "--set", "nnodes=2")
     assert rc == 0, err
     (ptj,) = fake.items("pytorchjobs")
     assert ptj["metadata"]["labels"][STAGE_LABEL] == "pretrain"
@@ -135,7 +126,6 @@ def test_missing_namespace_and_missing_pytorchjob_kind_are_explained(tmp_path, c
                                     "or pick another with -n / $LLMPIPE_NAMESPACE"]
 
 
-@pytest.mark.skipif(not (REAL_CHART / "Chart.yaml").exists(), reason="charts/llm-pipeline is not in this checkout yet")
 @pytest.mark.parametrize("stage,finisher", [("pack", "Job llmpipe-pack-merge"), ("sft", "PyTorchJob llmpipe-sft"),
                                             ("tokenizer", "Job llmpipe-tokenizer")])
 def test_the_real_charts_objects_are_followed_to_the_end(fake, helm, llmpipe, monkeypatch, stage, finisher):

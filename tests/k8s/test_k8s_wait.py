@@ -65,12 +65,12 @@ FAILURES = [
         "error: pretrain failed after ",
         "PyTorchJob llmpipe-pretrain failed: PyTorchJob llm-pipeline/llmpipe-pretrain is failed because 1 Master "
         "replica(s) failed.",
-        "pod llmpipe-pretrain-master-0: container llmpipe exited with code 1; log: RuntimeError: CUDA error: an illegal",
+        "pod llmpipe-pretrain-master-0: container pytorch exited with code 1; log: RuntimeError: CUDA error: an illegal",
     ]),
     ("pretrain", {"llmpipe-pretrain": Scenario(outcome="oom")}, ["nnodes=2"], [
         "error: pretrain failed after ",
         "because 1 Worker replica(s) failed.",
-        "pod llmpipe-pretrain-worker-0: container llmpipe was OOMKilled (memory limit 4Gi)",
+        "pod llmpipe-pretrain-worker-0: container pytorch was OOMKilled (memory limit 4Gi)",
     ]),
 ]
 
@@ -181,7 +181,7 @@ def test_suspended_job_is_reported_as_queued(fake, chart, llmpipe, tmp_path):
     values.write_text("image: {tag: '0.1.0'}\n")
     rc, _, err = llmpipe("k8s", "submit", "collect", "-f", str(values), "--dry-run")
     assert rc == 0
-    # the fixture chart has no kueue switch: suspend the Job the way Kueue does, before the controller sees it
+    # suspend the Job the way Kueue does, before the controller sees it
     job = {"apiVersion": "batch/v1", "kind": "Job",
            "metadata": {"name": "llmpipe-collect", "labels": {"llmpipe.io/stage": "collect",
                                                               "kueue.x-k8s.io/queue-name": "gpu-queue"}},
