@@ -32,22 +32,14 @@ def pick_dtype(dtype: str, device: str) -> Any:
 
 
 def check_model_folder(folder: str, where: str) -> dict[str, Any]:
-    """The folder's config.json as a dict; a clear error when it is not a causal LM with a tokenizer."""
-    import json
+    """The folder's config as a dict; a clear error when it is not a causal LM with a tokenizer."""
+    from pipeline.models.checkpoint import causal_lm_config
 
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise InputError(f"{where} has no config.json: it is not a Hugging Face model folder")
-    with open(cfg_path, encoding="utf-8") as fh:
-        config = json.load(fh)
+    config = causal_lm_config(folder, where).to_dict()
     missing = [f for f in TOKENIZER_FILES if not os.path.exists(os.path.join(folder, f))]
     if missing:
         raise InputError(f"{where} has no tokenizer ({', '.join(missing)} missing); the evaluate stage reads the "
                          "tokenizer saved beside the model (the training stages save it there)")
-    archs = config.get("architectures") or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise InputError(f"{where} is a {', '.join(archs)}, not a causal language model (a reward model?): "
-                         "evaluate measures causal LMs only")
     return config
 
 

@@ -58,7 +58,7 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
     for m in cfg.models:
         art = ctx.inputs[m.path]
         folder = art.download(os.path.join(scratch, "models", m.name))
-        configs[m.name] = loading.check_model_folder(folder, art.url())
+        configs[m.name] = loading.check_model_folder(folder, f"{art.url()}/")
         folders[m.name] = folder
     plan = Plan(folders, configs, chat)
 

@@ -289,10 +289,6 @@ def load_train_eval(cfg: Any, kind: str) -> tuple[list, list]:
 # --------------------------------------------------------------------------- model folder checks
 
 
-def has_tokenizer(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def is_chatml(template: str | None) -> bool:
     return bool(template) and IM_START in template and IM_END in template  # type: ignore[operator]
 
@@ -330,16 +326,15 @@ def stop_token_ids(tok: Any) -> list[int]:
 
 
 def model_folder(ctx: Any, cfg: Any, tmp: str) -> tuple[str, str]:
-    """(model dir, tokenizer dir) as local folders; InputError when the model or its tokenizer is missing."""
-    art = ctx.inputs[cfg.model]
-    model_dir = art.download(os.path.join(tmp, art.name.replace("/", "_")))
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise InputError(f"{cfg.model}/ holds no HF model (config.json is missing)")
+    """(model dir, tokenizer dir) as local folders; InputError when the tokenizer is missing (the model itself is
+    checked by :func:`check_max_length`)."""
+    from pipeline.training.pretrain import has_tokenizer, local_copy
+
+    model_dir = local_copy(ctx.inputs[cfg.model], tmp)
     if has_tokenizer(model_dir):
         return model_dir, model_dir
     if cfg.tokenizer:
-        t = ctx.inputs[cfg.tokenizer]
-        tok_dir = t.download(os.path.join(tmp, t.name.replace("/", "_")))
+        tok_dir = local_copy(ctx.inputs[cfg.tokenizer], tmp)
         if has_tokenizer(tok_dir):
             return model_dir, tok_dir
     raise InputError(f"{cfg.model}/ has no tokenizer (tokenizer.json / tokenizer_config.json) and no tokenizer "
@@ -348,9 +343,9 @@ def model_folder(ctx: Any, cfg: Any, tmp: str) -> tuple[str, str]:
 
 def check_max_length(cfg: Any, model_dir: str) -> Any:
     """The model's config (a causal LM, checked without loading weights) against max_length."""
-    from pipeline.training.pretrain import causal_lm_config
+    from pipeline.models.checkpoint import causal_lm_config
 
-    mc = causal_lm_config(model_dir, cfg.model)
+    mc = causal_lm_config(model_dir, f"{cfg.model}/")
     limit = getattr(mc, "max_position_embeddings", None)
     if limit is not None and cfg.max_length > limit:
         raise InputError(f"max_length {cfg.max_length} is beyond the model's max_position_embeddings {limit} "

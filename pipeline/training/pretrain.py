@@ -84,28 +84,6 @@ def check_kernels(cfg: Any, precision: str, *, cuda: bool | None = None) -> None
             raise ConfigError("compile on CPU needs a C++ compiler for inductor (g++ or clang++); none is on PATH")
 
 
-def causal_lm_config(model_dir: str, label: str) -> Any:
-    """The checkpoint's config, read without its weights; InputError unless it is a causal LM transformers can load."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise InputError(f"{label}/ holds no HF model (config.json is missing)")
-    try:
-        mc = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(f"{label}/config.json cannot be read by transformers: {str(exc).splitlines()[0]}") from None
-    if mc.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise InputError(f"{label}/ is a {mc.model_type!r} model, which has no causal-LM head in transformers; "
-                         "these stages train decoders such as llama (make one with the init stage)")
-    archs = list(getattr(mc, "architectures", None) or [])
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise InputError(f"{label}/ was saved as {', '.join(archs)}, not as a causal LM (a reward or classifier "
-                         "checkpoint?): its language-model head would start from random weights; point `model` at "
-                         "a causal LM such as models/init, models/pretrain or models/sft")
-    return mc
-
-
 def quiet_trainer_logs(trainer: Any) -> None:
     """Drop the Trainer's raw ``{'loss': ...}`` dicts (PrinterCallback, and ProgressCallback's copy above its bar)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -556,11 +534,12 @@ def _callbacks() -> tuple[type, type]:
 # ---------------------------------------------------------------------------------- the stage
 
 
-def _local_dir(art: Any, tmp: str) -> str:
+def local_copy(art: Any, tmp: str) -> str:
+    """An artifact as a local folder under ``tmp`` (itself when the run root is local)."""
     return art.download(os.path.join(tmp, art.name.replace("/", "_")))
 
 
-def _has_tokenizer(folder: str) -> bool:
+def has_tokenizer(folder: str) -> bool:
     return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
@@ -637,8 +616,8 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                 raise InputError(f"phase {ph.name}: {ph.shards}/ has {len(d)} training blocks, fewer than {world} ranks")
 
         # -- model and tokenizer folders (local copies when the root is remote)
-        model_dir = _local_dir(ctx.inputs[cfg.model], tmp)
-        tok_dir = model_dir if _has_tokenizer(model_dir) else _local_dir(ctx.inputs[cfg.tokenizer], tmp)
+        model_dir = local_copy(ctx.inputs[cfg.model], tmp)
+        tok_dir = model_dir if has_tokenizer(model_dir) else local_copy(ctx.inputs[cfg.tokenizer], tmp)
 
         # -- resume point
         start_step, start_index, resume_from = 0, 0, None
@@ -669,7 +648,9 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             model_dir = str(resume_from)
 
         # -- the checkpoint against the data, before any weights load
-        mc = causal_lm_config(model_dir, cfg.model)
+        from pipeline.models.checkpoint import causal_lm_config
+
+        mc = causal_lm_config(model_dir, f"{cfg.model}/")
         vocab = max(d.vocab_size for d in datasets)
         if vocab > mc.vocab_size:
             raise InputError(f"the shards were tokenized with a {vocab}-token vocabulary but {cfg.model}/ has vocab_size "

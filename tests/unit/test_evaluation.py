@@ -184,3 +184,23 @@ def test_config_validation():
     ]:
         with pytest.raises(ValidationError, match=needle):
             EvaluateConfig.model_validate(bad)
+
+
+def test_model_folder_checks_share_the_training_stages_rules(tmp_path):
+    """evaluate refuses a folder that is not a causal LM with a tokenizer, from config.json alone."""
+    from transformers import LlamaConfig
+
+    from pipeline.errors import InputError
+    from pipeline.evaluation.loading import check_model_folder
+
+    with pytest.raises(InputError, match=r"/x/ holds no HF model \(config.json is missing\)"):
+        check_model_folder(str(tmp_path), "/x/")
+    LlamaConfig(vocab_size=16, architectures=["LlamaForSequenceClassification"]).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="saved as LlamaForSequenceClassification, not as a causal LM"):
+        check_model_folder(str(tmp_path), "/x/")
+    LlamaConfig(vocab_size=16, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="has no tokenizer"):
+        check_model_folder(str(tmp_path), "/x/")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text("{}")
+    assert check_model_folder(str(tmp_path), "/x/")["vocab_size"] == 16
