@@ -53,18 +53,12 @@ def _read_json(storage: Any, *parts: str) -> Any:
 
 def _variants(storage: Any, done: dict[str, Any]) -> dict[str, Any]:
     """Outputs of clean/pack run under other names (pretrain's data phases and what they were packed from)."""
-    found: dict[str, Any] = {}
-    pre = done.get("models/pretrain") or {}
-    queue = [p["shards"] for p in ((pre.get("metrics") or {}).get("phases") or {}).values()]
-    while queue:
-        name = queue.pop(0)
-        if name in PRODUCER or name in found:
-            continue
-        m = storage.manifest(name)
-        if m and m.get("stage") in ("clean", "pack"):
-            found[name] = m
-            queue.extend(k for k in (m.get("inputs") or {}) if not k.startswith("external:"))
-    return found
+    if "models/pretrain" not in done:
+        return {}
+    from pipeline.stages.register import lineage_chain
+
+    return {e["artifact"]: storage.manifest(e["artifact"]) for e in lineage_chain(storage, "models/pretrain")
+            if not e.get("missing") and e["stage"] in ("clean", "pack") and e["artifact"] not in PRODUCER}
 
 
 def render(storage: Any) -> str:
