@@ -1,6 +1,6 @@
 """Data-stage throughput against baselines measured in the same run, on the same input.
 
-1. clean: our per-document work (what ``pipeline.stages.clean.run_part`` does to each
+1. clean: our per-document work (what the clean stage's ``run_part`` does to each
    document: normalisation + filters + fastText language ID via ``DocumentFilter.batch``,
    then ``exact_key`` and ``MinHasher.signatures`` for the kept ones) against datatrove's
    Gopher quality + Gopher repetition + fastText language filters and its MinHash signature
@@ -45,7 +45,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from pipeline.config import CleanConfig, PackConfig, TokenizerConfig  # noqa: E402
+from pipeline.data.tokenization import TokenizerConfig  # noqa: E402
+from pipeline.stages.clean import CleanConfig  # noqa: E402
+from pipeline.stages.pack import PackConfig  # noqa: E402
 
 MB = 1_000_000
 LANGS = ("kk", "ru", "en")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import TokenizerConfig, apply_override  # noqa: E402
+from pipeline.config import apply_override  # noqa: E402
+from pipeline.data.tokenization import TokenizerConfig  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 GOALS = {"kk": 0.30, "ru": 0.78, "en": 1.10}  # max fertility of ours / Llama 3

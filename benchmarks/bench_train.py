@@ -5,7 +5,7 @@ so identical initial weights), on the same packed shards in the same order, with
 micro batch, gradient accumulation, sequence length, AdamW hyper-parameters, lr schedule and
 gradient clipping, in fp32 on this CPU, one process.
 
-* ours: ``pipeline.stages.pretrain.run`` driven exactly as ``runner._run_stage`` drives a
+* ours: the pretrain stage's ``run`` driven exactly as ``runner.run_stage`` drives a
   non-sharded stage (``runner.execute`` into ``models/pretrain/`` with a ``StageContext`` from
   ``runner.resolve_inputs``), i.e. :func:`pipeline.training.pretrain.train`: HF Trainer, our
   ``TrainStream`` over ``PackedDataset`` + ``ResumableDistributedSampler``, our callbacks
@@ -185,7 +185,7 @@ def build_root(root: Path, shape: Shape) -> Path:
 
 def pretrain_config(shape: Shape, hyper: Hyper, steps: int, zero: int, ckpt_dir: Path, precision: str = "fp32",
                     **overrides: Any) -> Any:
-    from pipeline.config import PretrainConfig
+    from pipeline.training.config import PretrainConfig
 
     return PretrainConfig(
         micro_batch_size=shape.micro, global_batch_tokens=shape.tokens_per_step, max_steps=steps,
@@ -207,13 +207,14 @@ def run_ours(root: Path, shape: Shape, hyper: Hyper, steps: int, warmup: int, ze
     are further ``PretrainConfig`` fields (e.g. ``compile=True``)."""
     import pipeline.training.pretrain as P
     from pipeline import runner
-    from pipeline.runner import StageContext
-    from pipeline.stages import pretrain as stage
+    from pipeline.stage import StageContext
+    from pipeline.stages import get_stage
     from pipeline.storage import Storage
 
     t_start = time.perf_counter() if t_start is None else t_start
     if zero:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    stage = get_stage("pretrain")
     storage = Storage(str(root))
     ckpt = root / "checkpoints" / f"bench-z{zero}"
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -244,7 +245,7 @@ def run_ours(root: Path, shape: Shape, hyper: Hyper, steps: int, warmup: int, ze
     P._callbacks = timed_callbacks
     try:
         ctx = StageContext(storage, runner.resolve_inputs(stage, storage, cfg), progress=False)
-        manifest = runner.execute(stage, "run", cfg, storage, stage.OUTPUT, ctx, {})
+        manifest = runner.execute(stage, stage.run, cfg, storage, stage.OUTPUT, ctx, {})
     finally:
         P._callbacks = original
     records = P.read_metrics(ckpt / P.METRICS_FILE)

@@ -7,7 +7,7 @@ MFU follows PaLM (Chowdhery et al. 2022, app. B): training FLOPs per token
 
 Sides, each in its own process, alternating within each round (``--rounds``), best and median:
 
-* ``ours``: ``pipeline.stages.pretrain.run`` through ``runner.execute`` exactly as
+* ``ours``: the pretrain stage's ``run`` through ``runner.execute`` exactly as
   ``benchmarks/bench_train.py`` drives it (same timing: a stamp after every optimizer step,
   after the metrics callback's ``cuda.synchronize``; the window starts after ``--warmup``
   steps) on one GPU: ``precision: bf16`` (Trainer autocast over fp32 master weights),

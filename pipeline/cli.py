@@ -41,20 +41,11 @@ def _root(args: argparse.Namespace) -> str:
     return args.root or os.environ.get("LLMPIPE_ROOT") or DEFAULT_ROOT
 
 
-VARIANT_STAGES = ("clean", "pack")  # stages whose config names its output: `<stage>-<variant>.yaml` runs again
-
-
 def _stage_names() -> list[str]:
     """Stages `llmpipe pipeline` runs, in order."""
     from pipeline.stages import ORDER
 
     return ORDER
-
-
-def _all_stages() -> list[str]:
-    from pipeline.stages import STAGES
-
-    return list(STAGES)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -82,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
-    run.add_argument("stage", choices=_all_stages(), metavar="STAGE", help=f"one of: {', '.join(_all_stages())}")
+    run.add_argument("stage", choices=_stage_names(), metavar="STAGE", help=f"one of: {', '.join(_stage_names())}")
     run.add_argument("--config", "-c", metavar="FILE", help="stage config YAML (default: the built-in defaults)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted for nesting, value parsed as YAML (repeatable)")
@@ -121,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pipe)
 
     cfg = sub.add_parser("config", help="print a stage's resolved config (or its JSON schema)")
-    cfg.add_argument("stage", choices=_all_stages(), metavar="STAGE")
+    cfg.add_argument("stage", choices=_stage_names(), metavar="STAGE")
     cfg.add_argument("--config", "-c", metavar="FILE")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of the stage config instead")
 
     show = sub.add_parser("show", help="summarise what a stage produced (its manifest)")
-    show.add_argument("stage", choices=_all_stages(), metavar="STAGE")
+    show.add_argument("stage", choices=_stage_names(), metavar="STAGE")
     show.add_argument("--root", metavar="URI")
     show.add_argument("--json", action="store_true", help="print the whole manifest")
     show.add_argument("--output", metavar="NAME", help="the artifact to show when the stage's config renamed it "
@@ -175,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(stage: str, path: str | None, overrides: list[str]):
-    from pipeline.config import load_config
+def _load(stage: str, path: str | None, overrides: list[str]) -> Any:
+    from pipeline.stages import load_config
 
     return load_config(stage, path, overrides)
 
@@ -204,10 +195,10 @@ def _launch(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import runner
-    from pipeline.stages import TRAINING
+    from pipeline.stages import get_stage
     from pipeline.storage import Storage
 
-    if args.stage in TRAINING:
+    if get_stage(args.stage).distributed:
         wants_launcher = any(getattr(args, n) is not None for n in TOPOLOGY_FLAGS) or any(
             k.startswith("PET_") for k in os.environ
         )
@@ -245,6 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from pipeline import runner
+    from pipeline.stages import get_stage
     from pipeline.storage import Storage
 
     stages = _stage_names()
@@ -263,7 +255,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             hint = f" (or stop before it with --until {selected[i - 1]})" if i else ""
             raise PipelineError(f"{path} is missing: every stage the pipeline runs needs its config{hint}")
         steps.append((stage, stage, _load(stage, str(path), [])))
-        if stage in VARIANT_STAGES:  # e.g. clean-strict.yaml, pack-clean.yaml: the data of a second pretraining phase
+        if get_stage(stage).renamable():  # e.g. clean-strict.yaml, pack-clean.yaml: the data of a second pretraining phase
             writes = {getattr(steps[-1][2], "output"): path.name}
             for vpath in sorted(folder.glob(f"{stage}-*.yaml")):
                 cfg = _load(stage, str(vpath), [])
@@ -297,10 +289,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.config import config_class, config_hash
+    from pipeline.config import config_hash
+    from pipeline.stages import get_stage
 
     if args.schema:
-        print(json.dumps(config_class(args.stage).model_json_schema(), indent=2))
+        print(json.dumps(get_stage(args.stage).config.model_json_schema(), indent=2))
         return 0
     cfg = _load(args.stage, args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
@@ -310,10 +303,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from pipeline import runner
+    from pipeline.stages import get_stage
     from pipeline.storage import Storage
 
     storage = Storage(_root(args))
-    name = args.output or runner.output_name(args.stage)
+    name = args.output or get_stage(args.stage).OUTPUT
     manifest = storage.manifest(name)
     if manifest is None:
         raise PipelineError(f"no committed '{name}/' under {storage.uri}: run `llmpipe run {args.stage}` first")
@@ -329,15 +323,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(_: argparse.Namespace) -> int:
-    from pipeline import runner
-    from pipeline.stages import TRAINING
+    from pipeline.stages import get_stage
 
-    for stage in _all_stages():
-        mod = runner.get_stage(stage)
-        reads = ", ".join(f"{i}/" for i in mod.INPUTS) or "sources in its config"
-        kind = "sharded" if hasattr(mod, "run_part") else "torchrun" if stage in TRAINING else "single"
-        renamable = " (or its config's output:)" if hasattr(mod, "output") else ""
-        print(f"{stage:<10} {kind:<8} reads {reads:<28} writes {mod.OUTPUT}/{renamable}")
+    for name in _stage_names():
+        stage = get_stage(name)
+        reads = ", ".join(f"{i}/" for i in stage.INPUTS) or "sources in its config"
+        kind = "sharded" if stage.sharded else "torchrun" if stage.distributed else "single"
+        renamable = " (or its config's output:)" if stage.renamable() else ""
+        print(f"{name:<10} {kind:<8} reads {reads:<28} writes {stage.OUTPUT}/{renamable}")
     return 0
 
 
@@ -360,12 +353,12 @@ def _tracking_client(args: argparse.Namespace) -> Any:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from pipeline.stages import register
+    from pipeline import registry
 
-    name, pcfg = register.load_promote_config(args.config, args.overrides)
+    cfg = _load("register", args.config, args.overrides)  # its `name` and `promote` section
     client = _tracking_client(args)
-    result = register.promote(client, args.name or name, pcfg, dry_run=args.dry_run)
-    print(json.dumps(result, indent=2) if args.json else register.format_decision(result))
+    result = registry.promote(client, args.name or cfg.name, cfg.promote, dry_run=args.dry_run)
+    print(json.dumps(result, indent=2) if args.json else registry.format_decision(result))
     return 3 if result["decision"] == "rejected" else 0
 
 

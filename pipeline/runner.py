@@ -1,15 +1,8 @@
-"""Runs one stage under the stage contract of DESIGN.md.
+"""Runs stages: the one place that decides "up to date, or execute and commit".
 
-A stage module exposes ``NAME``, ``INPUTS`` (artifact names it reads) and either
-
-* ``run(cfg, ctx, out) -> metrics`` for single-task stages, or
-* ``run_part(cfg, ctx, out) -> metrics`` and ``merge(cfg, ctx, out, parts) -> metrics`` for
-  stages sharded by rank / world size (``ctx.rank``, ``ctx.world``): every rank commits its own
-  part under ``<stage>.parts/``, then one merge step commits ``<stage>/``.
-
-and optionally ``summary(metrics) -> list[(label, value)]`` for the one-screen summary.
-The runner owns everything else: input lookup, the up-to-date check, the manifest, the atomic
-commit, timings, and local worker processes.
+What a stage provides is in :mod:`pipeline.stage`. The runner owns everything else: input lookup,
+the up-to-date check (:func:`_unless_current`, the one such check), the manifest, the atomic commit,
+timings, tracking, and local worker processes for sharded stages.
 """
 
 from __future__ import annotations
@@ -24,43 +17,19 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Iterable
-
-from tqdm.auto import tqdm
+from typing import Any, Callable, Iterator
 
 import pipeline
+from pipeline import tracking
 from pipeline.config import StrictModel, config_hash
 from pipeline.errors import InputError, PipelineError
+from pipeline.stage import ShardedStage, Stage, StageContext
+from pipeline.stages import get_stage, producer
 from pipeline.storage import Artifact, Storage
 
-VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "fasttext", "datasketch", "pyarrow", "fsspec", "numpy")
-
-
-@dataclass
-class StageContext:
-    storage: Storage
-    inputs: dict[str, Artifact]
-    progress: bool = True
-    rank: int = 0
-    world: int = 1
-    notes: list[str] = field(default_factory=list)
-
-    def bar(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
-        """A progress bar; quiet when progress is off, sparse when stderr is not a terminal."""
-        kwargs.setdefault("dynamic_ncols", True)
-        if self.world > 1:
-            kwargs.setdefault("position", self.rank)
-            kwargs["desc"] = f"[{self.rank}/{self.world}] {kwargs.get('desc', '')}".rstrip()
-        if not sys.stderr.isatty():
-            kwargs.setdefault("mininterval", 10.0)
-        return tqdm(iterable, disable=not self.progress, leave=self.world == 1, **kwargs)
-
-    def log(self, message: str) -> None:
-        prefix = f"[{self.rank}/{self.world}] " if self.world > 1 else ""
-        print(f"{prefix}{message}", file=sys.stderr, flush=True)
+VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "fasttext", "pyarrow", "fsspec", "numpy")
 
 
 @dataclass
@@ -71,30 +40,11 @@ class Outcome:
     seconds: float | None = None  # wall time of the whole stage (all ranks and the merge)
 
 
-def get_stage(name: str) -> ModuleType:
-    from pipeline.stages import STAGES
-
-    if name not in STAGES:
-        raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return STAGES[name]()
+def parts_dir(stage: Stage, world: int, cfg: StrictModel | None = None) -> str:
+    return f"{stage.output(cfg)}.parts/w{world:03d}"
 
 
-def stage_output(module: ModuleType, cfg: StrictModel | None = None) -> str:
-    """The artifact a stage writes: ``module.output(cfg)`` where the stage lets its config name it, else OUTPUT."""
-    if cfg is not None and hasattr(module, "output"):
-        return module.output(cfg)
-    return module.OUTPUT
-
-
-def output_name(stage: str, cfg: StrictModel | None = None) -> str:
-    return stage_output(get_stage(stage), cfg)
-
-
-def parts_dir(stage: str, world: int, cfg: StrictModel | None = None) -> str:
-    return f"{output_name(stage, cfg)}.parts/w{world:03d}"
-
-
-def part_name(stage: str, rank: int, world: int, cfg: StrictModel | None = None) -> str:
+def part_name(stage: Stage, rank: int, world: int, cfg: StrictModel | None = None) -> str:
     return f"{parts_dir(stage, world, cfg)}/rank-{rank:05d}"
 
 
@@ -139,25 +89,66 @@ def is_current(manifest: dict[str, Any] | None, chash: str, inputs: dict[str, An
     return had == {k: v["fingerprint"] for k, v in inputs.items()}
 
 
-def execute(
-    module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext, extra: dict[str, Any], *args: Any
-) -> dict[str, Any]:
-    """Run ``module.fn`` into a fresh output named ``name`` and commit it with its manifest."""
-    from pipeline import tracking
+def input_refs(inputs: dict[str, Artifact], stage: Stage | None = None, cfg: StrictModel | None = None) -> dict[str, Any]:
+    """What the manifest records of each input: its fingerprint (lineage) and where it was.
 
+    Files a stage reads from outside the run root (SFT / DPO data files named in its config) come
+    from ``stage.external_inputs(cfg)`` as ``external:<path>`` entries, so editing such a file makes
+    the stage stale like a changed artifact does.
+    """
+    refs = {k: {"fingerprint": a.fingerprint, "uri": a.url()} for k, a in inputs.items()}
+    if stage is not None and cfg is not None:
+        for label, fp in stage.external_inputs(cfg).items():
+            refs[f"external:{label}"] = {"fingerprint": fp, "uri": label}
+    return refs
+
+
+def resolve_inputs(stage: Stage, storage: Storage, cfg: StrictModel | None = None) -> dict[str, Artifact]:
+    """The committed artifacts a stage reads (``stage.inputs(cfg)``; ``INPUTS`` without a config)."""
+    found = {}
+    for name in stage.inputs(cfg) if cfg is not None else stage.INPUTS:
+        manifest = storage.manifest(name)
+        if manifest is None:
+            made_by = producer(name)
+            hint = (f"run `llmpipe run {made_by}` first (or `llmpipe pipeline`)" if made_by else
+                    f"run the stage whose config has `output: {name}` first (clean and pack take one), or check "
+                    "the spelling")
+            raise InputError(
+                f"stage {stage.name} needs '{name}/' under {storage.uri}, which has no committed output yet: {hint}"
+            )
+        found[name] = Artifact(storage, name, manifest)
+    return found
+
+
+def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str, inputs: dict[str, Artifact], *,
+                    force: bool, produce: Callable[[], dict[str, Any] | None],
+                    also: Callable[[dict[str, Any]], bool] = lambda manifest: True) -> Outcome:
+    """The one "up to date? else execute" decision: ``name`` is up to date when its manifest has this
+    config's hash and these inputs' fingerprints (and passes ``also``); otherwise ``produce()`` makes it
+    and returns its manifest."""
+    existing = storage.manifest(name)
+    if not force and is_current(existing, config_hash(cfg), input_refs(inputs, stage, cfg)) and also(existing):  # type: ignore[arg-type]
+        return Outcome(stage.name, "up to date", existing)  # type: ignore[arg-type]
+    return Outcome(stage.name, "done", produce())  # type: ignore[arg-type]
+
+
+def execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictModel, storage: Storage, name: str,
+            ctx: StageContext, extra: dict[str, Any], *args: Any) -> dict[str, Any]:
+    """Run ``fn(cfg, ctx, out, *args)`` (a method of ``stage``) into a fresh output named ``name`` and
+    commit it with its manifest."""
     chash = config_hash(cfg)
-    inputs = input_refs(ctx.inputs, module, cfg)
-    track = name == stage_output(module, cfg)  # the stage's output, not one rank's part: one MLflow run per stage
-    run_cm = tracking.stage_run(module.NAME, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
+    inputs = input_refs(ctx.inputs, stage, cfg)
+    track = name == stage.output(cfg)  # the stage's output, not one rank's part: one MLflow run per stage
+    run_cm = tracking.stage_run(stage.name, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
     with run_cm as tracker, _accelerate_env():
-        manifest = _execute(module, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
+        manifest = _execute(stage, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
         if tracker is not None:
-            tracking.finish_stage(tracker, module, storage, name, manifest)
+            tracking.finish_stage(tracker, stage.ARTIFACTS, storage, name, manifest)
     return manifest
 
 
 @contextlib.contextmanager
-def _accelerate_env() -> Iterable[None]:
+def _accelerate_env() -> Iterator[None]:
     """Stages leave no ACCELERATE_* variables behind: transformers sets ACCELERATE_USE_DEEPSPEED=true
     for a DeepSpeed run and never unsets it, which would put the next stage of the same process
     (`llmpipe pipeline`: pretrain with ZeRO-2, then sft with zero_stage 0) under DeepSpeed too."""
@@ -170,17 +161,18 @@ def _accelerate_env() -> Iterable[None]:
         os.environ.update(before)
 
 
-def _execute(module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, name: str, ctx: StageContext,
-             extra: dict[str, Any], args: tuple[Any, ...], chash: str, inputs: dict[str, Any], tracker: Any) -> dict[str, Any]:
+def _execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictModel, storage: Storage, name: str,
+             ctx: StageContext, extra: dict[str, Any], args: tuple[Any, ...], chash: str, inputs: dict[str, Any],
+             tracker: Any) -> dict[str, Any]:
     started, t0 = _now(), time.perf_counter()
     out = storage.begin(name)
     try:
-        metrics = getattr(module, fn)(cfg, ctx, out, *args) or {}
+        metrics = fn(cfg, ctx, out, *args) or {}
     except BaseException:
         out.abort()
         raise
     manifest = {
-        "stage": module.NAME,
+        "stage": stage.name,
         "format": 1,
         "config": cfg.model_dump(mode="json"),
         "config_hash": chash,
@@ -197,57 +189,24 @@ def _execute(module: ModuleType, fn: str, cfg: StrictModel, storage: Storage, na
     return out.commit(manifest)
 
 
-def input_refs(inputs: dict[str, Artifact], module: ModuleType | None = None, cfg: StrictModel | None = None) -> dict[str, Any]:
-    """What the manifest records of each input: its fingerprint (lineage) and where it was.
-
-    Files a stage reads from outside the run root (SFT / DPO data files named in its config) come
-    from ``module.external_inputs(cfg)`` as ``external:<path>`` entries, so editing such a file makes
-    the stage stale like a changed artifact does.
-    """
-    refs = {k: {"fingerprint": a.fingerprint, "uri": a.url()} for k, a in inputs.items()}
-    if module is not None and cfg is not None and hasattr(module, "external_inputs"):
-        for label, fp in module.external_inputs(cfg).items():
-            refs[f"external:{label}"] = {"fingerprint": fp, "uri": label}
-    return refs
-
-
-def resolve_inputs(module: ModuleType, storage: Storage, cfg: StrictModel | None = None) -> dict[str, Artifact]:
-    """The committed artifacts a stage reads: ``module.inputs(cfg)`` when it has one, else ``INPUTS``."""
-    from pipeline.stages import PRODUCER
-
-    found = {}
-    names = module.inputs(cfg) if cfg is not None and hasattr(module, "inputs") else module.INPUTS
-    for name in names:
-        manifest = storage.manifest(name)
-        if manifest is None:
-            producer = PRODUCER.get(name)
-            hint = (f"run `llmpipe run {producer}` first (or `llmpipe pipeline`)" if producer else
-                    f"run the stage whose config has `output: {name}` first (clean and pack take one), or check "
-                    "the spelling")
-            raise InputError(
-                f"stage {module.NAME} needs '{name}/' under {storage.uri}, which has no committed output yet: {hint}"
-            )
-        found[name] = Artifact(storage, name, manifest)
-    return found
+def _sharded(name: str, why: str) -> ShardedStage:
+    stage = get_stage(name)
+    if not isinstance(stage, ShardedStage):
+        raise PipelineError(f"stage {name!r} is not sharded: {why}")
+    return stage
 
 
 def run_part(
     stage: str, cfg: StrictModel, storage: Storage, rank: int, world: int, *, force: bool = False, progress: bool = True
 ) -> Outcome:
     """One rank's share of a sharded stage (an Indexed Job pod, or a local worker process)."""
-    module = get_stage(stage)
-    if not hasattr(module, "run_part"):
-        raise PipelineError(f"stage {stage!r} is not sharded: run it without --rank")
+    st = _sharded(stage, "run it without --rank")
     if not 0 <= rank < world:
         raise PipelineError(f"--rank {rank} is outside 0..{world - 1} for --world-size {world}")
-    ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress, rank=rank, world=world)
-    name = part_name(stage, rank, world, cfg)
-    inputs = input_refs(ctx.inputs, module, cfg)
-    existing = storage.manifest(name)
-    if not force and is_current(existing, config_hash(cfg), inputs):
-        return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
-    manifest = execute(module, "run_part", cfg, storage, name, ctx, {"rank": rank, "world_size": world})
-    return Outcome(stage, "done", manifest)
+    ctx = StageContext(storage, resolve_inputs(st, storage, cfg), progress=progress, rank=rank, world=world)
+    name = part_name(st, rank, world, cfg)
+    return _unless_current(st, cfg, storage, name, ctx.inputs, force=force, produce=lambda: execute(
+        st, st.run_part, cfg, storage, name, ctx, {"rank": rank, "world_size": world}))
 
 
 def merge_parts(
@@ -258,14 +217,16 @@ def merge_parts(
     ``wait`` > 0 (seconds): a merge Job started beside the Indexed Job polls until every rank's
     part is committed, then merges; it fails with the missing ranks when the time is up.
     """
-    module = get_stage(stage)
-    ctx = StageContext(storage, resolve_inputs(module, storage, cfg), progress=progress)
-    chash = config_hash(cfg)
-    inputs = input_refs(ctx.inputs, module, cfg)
-    output = stage_output(module, cfg)
-    existing = storage.manifest(output)
-    if not force and is_current(existing, chash, inputs) and existing.get("world_size") == world:  # type: ignore[union-attr]
-        return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]  # a retried merge Job
+    st = _sharded(stage, "it has nothing to merge")
+    ctx = StageContext(storage, resolve_inputs(st, storage, cfg), progress=progress)
+    # a retried merge Job finds the output committed by the same number of ranks: up to date
+    return _unless_current(st, cfg, storage, st.output(cfg), ctx.inputs, force=force,
+                           also=lambda manifest: manifest.get("world_size") == world,
+                           produce=lambda: _merge(st, cfg, storage, world, ctx, wait))
+
+
+def _merge(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, ctx: StageContext, wait: float) -> dict[str, Any]:
+    chash, inputs, output = config_hash(cfg), input_refs(ctx.inputs, stage, cfg), stage.output(cfg)
     deadline = time.monotonic() + max(0.0, wait)
     last_report = 0.0
     while True:
@@ -274,101 +235,111 @@ def merge_parts(
         if not missing or now >= deadline:
             break
         if now - last_report >= 60 or not last_report:
-            print(f"{stage} merge: {world - len(missing)}/{world} parts committed; waiting "
+            print(f"{stage.name} merge: {world - len(missing)}/{world} parts committed; waiting "
                   f"(up to {deadline - now:.0f}s more)", file=sys.stderr, flush=True)
             last_report = now
         time.sleep(min(_WAIT_POLL_S, max(0.1, deadline - now)))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise InputError(
-            f"cannot merge {stage}: rank(s) {shown} of {world} have no finished part for this config and input "
-            f"(run `llmpipe run {stage} --rank R --world-size {world}` for each)"
+            f"cannot merge {stage.name}: rank(s) {shown} of {world} have no finished part for this config and input "
+            f"(run `llmpipe run {stage.name} --rank R --world-size {world}` for each)"
         )
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts],
              "parts_duration_s": max((float(p.manifest.get("duration_s") or 0) for p in parts), default=0.0)}
-    manifest = execute(module, "merge", cfg, storage, output, ctx, extra, parts)
+    manifest = execute(stage, stage.merge, cfg, storage, output, ctx, extra, parts)
     storage.remove(parts_dir(stage, world, cfg))
     if storage.is_local:  # object stores have no empty folders to leave behind
         try:
             os.rmdir(storage.path(f"{output}.parts"))
         except OSError:
             pass
-    return Outcome(stage, "done", manifest)
+    return manifest
 
 
 _WAIT_POLL_S = 5.0
 
 
-def _committed_parts(stage: str, cfg: StrictModel, storage: Storage, world: int, chash: str,
+def _committed_parts(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, chash: str,
                      inputs: dict[str, Any]) -> tuple[list[Artifact], list[int]]:
     parts: list[Artifact] = []
     missing = []
     for rank in range(world):
-        manifest = storage.manifest(part_name(stage, rank, world, cfg))
+        name = part_name(stage, rank, world, cfg)
+        manifest = storage.manifest(name)
         if not is_current(manifest, chash, inputs):
             missing.append(rank)
         else:
-            parts.append(Artifact(storage, part_name(stage, rank, world, cfg), manifest))  # type: ignore[arg-type]
+            parts.append(Artifact(storage, name, manifest))  # type: ignore[arg-type]
     return parts, missing
 
 
 def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str, Any], rank: int, world: int, force: bool, progress: bool) -> str:
-    from pipeline.config import config_class
-
-    cfg = config_class(stage).model_validate(cfg_json)
+    cfg = get_stage(stage).config.model_validate(cfg_json)
     return run_part(stage, cfg, Storage(uri, opts), rank, world, force=force, progress=progress).status
 
 
 def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = False, progress: bool = True) -> Outcome:
     """The whole stage locally: for sharded stages, ``cfg.workers`` processes then the merge."""
     t0 = time.perf_counter()
-    outcome = _run_stage(stage, cfg, storage, force=force, progress=progress)
+    st = get_stage(stage)
+    inputs = resolve_inputs(st, storage, cfg)
+    outcome = _unless_current(st, cfg, storage, st.output(cfg), inputs, force=force,
+                              produce=lambda: _produce(st, cfg, storage, inputs, force=force, progress=progress))
+    if outcome.status == "up to date":
+        tracking.note_up_to_date(stage, storage, outcome.manifest)
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
 
-def _run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool, progress: bool) -> Outcome:
-    module = get_stage(stage)
-    inputs_art = resolve_inputs(module, storage, cfg)
-    inputs = input_refs(inputs_art, module, cfg)
-    output = stage_output(module, cfg)
-    existing = storage.manifest(output)
-    if not force and is_current(existing, config_hash(cfg), inputs):
-        from pipeline import tracking
-
-        tracking.note_up_to_date(stage, storage, existing)  # type: ignore[arg-type]
-        return Outcome(stage, "up to date", existing)  # type: ignore[arg-type]
-    if not hasattr(module, "run_part"):
-        ctx = StageContext(storage, inputs_art, progress=progress)
-        return Outcome(stage, "done", execute(module, "run", cfg, storage, output, ctx, {}))
-    world = int(getattr(cfg, "workers", 1))
+def _produce(stage: Stage, cfg: StrictModel, storage: Storage, inputs: dict[str, Artifact], *, force: bool,
+             progress: bool) -> dict[str, Any]:
+    if not isinstance(stage, ShardedStage):
+        ctx = StageContext(storage, inputs, progress=progress)
+        return execute(stage, stage.run, cfg, storage, stage.output(cfg), ctx, {})
+    world = stage.workers(cfg)
     if world == 1:
-        run_part(stage, cfg, storage, 0, 1, force=force, progress=progress)
+        run_part(stage.name, cfg, storage, 0, 1, force=force, progress=progress)
     else:
         payload = cfg.model_dump(mode="json")
         with cf.ProcessPoolExecutor(max_workers=world, mp_context=mp.get_context("spawn")) as pool:
             futures = [
-                pool.submit(_part_worker, stage, payload, storage.uri, storage.storage_options, r, world, force, progress)
+                pool.submit(_part_worker, stage.name, payload, storage.uri, storage.storage_options, r, world, force, progress)
                 for r in range(world)
             ]
             for fut in cf.as_completed(futures):
                 fut.result()
-    return merge_parts(stage, cfg, storage, world, force=force, progress=progress)
+    return merge_parts(stage.name, cfg, storage, world, force=force, progress=progress).manifest
+
+
+def run_rank(stage: str, cfg: StrictModel, storage: Storage, rank: int, world: int, *, force: bool = False,
+             progress: bool = True) -> Outcome:
+    """One rank of a distributed (torchrun) stage: every rank runs the stage, rank 0 commits the output.
+    The other ranks' outcome carries no manifest."""
+    st = get_stage(stage)
+    inputs = resolve_inputs(st, storage, cfg)
+    ctx = StageContext(storage, inputs, progress=progress and rank == 0, rank=rank, world=world)
+
+    def produce() -> dict[str, Any] | None:
+        if rank == 0:
+            return execute(st, st.run, cfg, storage, st.output(cfg), ctx, {"world_size": world})
+        st.run(cfg, ctx, None)
+        return None
+
+    return _unless_current(st, cfg, storage, st.output(cfg), inputs, force=force, produce=produce)
 
 
 def format_summary(outcome: Outcome) -> str:
     """The one-screen summary printed after a stage."""
-    module = get_stage(outcome.stage)
+    stage = get_stage(outcome.stage)
     m = outcome.manifest
     metrics = m.get("metrics", {})
     renamed = (m.get("config") or {}).get("output")
-    head = f"== {outcome.stage}" + (f" -> {renamed}/" if renamed and renamed != module.OUTPUT else "") + f": {outcome.status}"
+    head = f"== {outcome.stage}" + (f" -> {renamed}/" if renamed and renamed != stage.OUTPUT else "") + f": {outcome.status}"
     if outcome.status == "done":
         head += f" in {outcome.seconds if outcome.seconds is not None else m.get('duration_s', 0):.1f}s"
     lines = [head + " " + "=" * max(0, 60 - len(head))]
-    rows = module.summary(metrics) if hasattr(module, "summary") else [
-        (k, v) for k, v in metrics.items() if isinstance(v, (int, float, str))
-    ]
+    rows = stage.summary(metrics)
     width = max((len(k) for k, _ in rows), default=0)
     for key, value in rows:
         if isinstance(value, float):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.stages import ORDER, PRODUCER
+from pipeline.registry import lineage_chain
+from pipeline.stages import ORDER, get_stage
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -51,19 +52,19 @@ def _read_json(storage: Any, *parts: str) -> Any:
         return json.loads(fh.read())
 
 
-def _variants(storage: Any, done: dict[str, Any]) -> dict[str, Any]:
+def _variants(storage: Any, done: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
     """Outputs of clean/pack run under other names (pretrain's data phases and what they were packed from)."""
     if "models/pretrain" not in done:
         return {}
-    from pipeline.stages.register import lineage_chain
-
     return {e["artifact"]: storage.manifest(e["artifact"]) for e in lineage_chain(storage, "models/pretrain")
-            if not e.get("missing") and e["stage"] in ("clean", "pack") and e["artifact"] not in PRODUCER}
+            if not e.get("missing") and e["stage"] in ORDER and get_stage(e["stage"]).renamable()
+            and e["artifact"] not in outputs}
 
 
 def render(storage: Any) -> str:
     out: list[str] = [f"== run summary: {storage.uri} " + "=" * 20]
-    manifests = {name: storage.manifest(name) for name in PRODUCER}
+    outputs = {get_stage(stage).OUTPUT: stage for stage in ORDER}  # each stage's default output -> the stage
+    manifests = {name: storage.manifest(name) for name in outputs}
     done = {n: m for n, m in manifests.items() if m}
     if not done:
         return out[0] + "\n  nothing committed under this root yet"
@@ -71,8 +72,8 @@ def render(storage: Any) -> str:
     # time per stage
     out.append("time per stage")
     total = 0.0
-    by_stage = {PRODUCER[n]: m for n, m in done.items()}
-    variants = _variants(storage, done)  # clean/pack run again under another config (a second data phase)
+    by_stage = {outputs[n]: m for n, m in done.items()}
+    variants = _variants(storage, done, outputs)  # clean/pack run again under another config (a second data phase)
     for stage in ORDER:
         runs = [(by_stage.get(stage), "")] + [(vm, f"  -> {n}/") for n, vm in variants.items() if vm.get("stage") == stage]
         for m, note in runs:

@@ -10,7 +10,7 @@ Where runs go:
 A stage run holds: params = the resolved config (flattened, dotted keys), tags (stage, config hash,
 output fingerprint, code version, run root), metrics = the numeric metrics of the manifest, step
 metrics while training (loss, lr, grad norm, tokens/s ... from the training loops), and the
-stage's report files (``ARTIFACTS`` globs of the stage module) plus ``manifest.json``.
+stage's report files (the stage's ``ARTIFACTS`` globs) plus ``manifest.json``.
 
 Tracking never stops the work: an unreachable server, a bad URI or a failing call prints one
 warning and the stage goes on with its local files (manifest, metrics.jsonl) as the record.
@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 EXPERIMENT_DEFAULT = "llm-pipeline"
 PARENT_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
@@ -279,23 +279,24 @@ def stage_run(stage: str, storage: Any, config: dict[str, Any], chash: str) -> I
         _active = previous
 
 
-def finish_stage(tracker: Tracker, module: Any, storage: Any, name: str, manifest: dict[str, Any]) -> None:
-    """After the commit: metrics, tags and report artefacts of the committed output, then close the run."""
+def finish_stage(tracker: Tracker, artifacts: Iterable[str], storage: Any, name: str, manifest: dict[str, Any]) -> None:
+    """After the commit: metrics, tags and report artefacts (``artifacts``: globs of the stage's report files)
+    of the committed output, then close the run."""
     if not tracker.on:
         return
     try:
-        _log_committed(tracker, module, storage, name, manifest)
+        _log_committed(tracker, artifacts, storage, name, manifest)
     except Exception as exc:  # noqa: BLE001 - the output is committed; tracking must not fail the stage now
         tracker._fail("logging the committed output", exc)
         return
     tracker.end()
 
 
-def _log_committed(tracker: Tracker, module: Any, storage: Any, name: str, manifest: dict[str, Any]) -> None:
+def _log_committed(tracker: Tracker, artifacts: Iterable[str], storage: Any, name: str, manifest: dict[str, Any]) -> None:
     tracker.metrics(numeric_metrics(manifest.get("metrics") or {}))
     tracker.tags({"llmpipe.fingerprint": manifest.get("fingerprint"), "llmpipe.code_version": manifest.get("code_version"),
                   "llmpipe.output": storage.url(name)})
-    patterns = list(getattr(module, "ARTIFACTS", []))
+    patterns = list(artifacts)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "manifest.json")
         with open(path, "w", encoding="utf-8") as fh:

@@ -58,8 +58,29 @@ from typing import IO, Sequence
 
 import numpy as np
 import xxhash
+from pydantic import Field, model_validator
 
-from pipeline.config import DedupConfig
+from pipeline.config import StrictModel
+
+
+class DedupConfig(StrictModel):
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16, le=1024)
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity above which documents are near-duplicates")
+    shingle_words: int = Field(5, ge=1, le=32, description="word n-gram size of the MinHash shingles")
+    seed: int = 1
+    bands: int | None = Field(None, ge=1, description="LSH bands; with `rows`, overrides the (bands, rows) derived from threshold and num_perm")
+    rows: int | None = Field(None, ge=1, description="signature rows per LSH band (set together with `bands`)")
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> "DedupConfig":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both `bands` and `rows`, or neither (then they follow threshold and num_perm)")
+        if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        return self
+
 
 __all__ = [
     "KEEP",

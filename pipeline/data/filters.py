@@ -41,11 +41,95 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pipeline.config import CleanConfig, LengthConfig, RepetitionConfig, ScriptConfig
-from pipeline.data.langid import LanguageIdentifier
-from pipeline.data.normalize import make_normalizer
+from pydantic import Field, ValidationError, model_validator
+
+from pipeline.config import StrictModel
+from pipeline.data.langid import LangIdConfig, LanguageIdentifier
+from pipeline.data.normalize import NormalizeConfig, make_normalizer
+
+
+class LengthConfig(StrictModel):
+    min_chars: int | None = Field(20, ge=0)
+    max_chars: int | None = Field(1_000_000, ge=1)
+    min_words: int | None = Field(3, ge=0)
+    max_words: int | None = Field(200_000, ge=1)
+    min_mean_word_length: float | None = Field(2.0, ge=0)
+    max_mean_word_length: float | None = Field(15.0, ge=0)
+    min_lines: int | None = Field(None, ge=0)
+    max_lines: int | None = Field(None, ge=1)
+    max_paragraph_chars: int | None = Field(50_000, ge=1, description="longest allowed blank-line paragraph")
+
+
+class RepetitionConfig(StrictModel):
+    """Gopher-style repetition filters (Rae et al. 2021, table A1). None disables a check."""
+
+    max_dup_line_frac: float | None = Field(0.30, ge=0, le=1, description="share of lines that are duplicates")
+    max_dup_para_frac: float | None = Field(0.30, ge=0, le=1, description="share of paragraphs that are duplicates")
+    max_dup_line_char_frac: float | None = Field(0.20, ge=0, le=1, description="share of characters in duplicate lines")
+    max_dup_para_char_frac: float | None = Field(0.20, ge=0, le=1, description="share of characters in duplicate paragraphs")
+    max_top_ngram_frac: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> max share of characters covered by the most frequent n-gram",
+    )
+    max_dup_ngram_frac: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max share of word characters in repeated copies of n-grams (first occurrences not counted)",
+    )
+    ngram_min_words: int | None = Field(
+        50, ge=0, description="documents with fewer words skip the n-gram checks (their shares are noise)"
+    )
+
+
+class ScriptConfig(StrictModel):
+    enabled: bool = True
+    expected: dict[str, Literal["cyrillic", "latin"]] = Field(
+        default_factory=lambda: {"kk": "cyrillic", "ru": "cyrillic", "en": "latin"},
+        description="language -> script its letters must mostly be in",
+    )
+    min_share: float = Field(0.6, ge=0, le=1, description="min share of letters in the expected script")
+
+
+class LanguageOverrides(StrictModel):
+    """Per-language threshold overrides, merged over the global ones."""
+
+    length: dict[str, Any] = Field(default_factory=dict)
+    repetition: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterConfig(StrictModel):
+    """What the document filter does: normalisation, language ID, script, length and repetition checks,
+    with per-language overrides (the clean stage's config adds its input, output and dedup)."""
+
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    length: LengthConfig = Field(default_factory=LengthConfig)
+    repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
+    per_language: dict[str, LanguageOverrides] = Field(default_factory=dict)
+    script: ScriptConfig = Field(default_factory=ScriptConfig)
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "FilterConfig":
+        for lang, ov in self.per_language.items():
+            try:
+                LengthConfig(**{**self.length.model_dump(), **ov.length})
+                RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"per_language.{lang}: {loc}: {first['msg']}") from None
+        return self
+
+    def length_for(self, lang: str | None) -> LengthConfig:
+        ov = self.per_language.get(lang or "")
+        return LengthConfig(**{**self.length.model_dump(), **ov.length}) if ov else self.length
+
+    def repetition_for(self, lang: str | None) -> RepetitionConfig:
+        ov = self.per_language.get(lang or "")
+        return RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition}) if ov else self.repetition
+
+
 
 _WORD = re.compile(r"\w+(?:['’\-]\w+)*")
 _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a blank line may hold spaces in unnormalised text
@@ -75,7 +159,7 @@ ALL_REASONS: tuple[str, ...] = (
 """Every reason name except the n-gram ones, whose names depend on the config (see :func:`reason_names`)."""
 
 
-def reason_names(cfg: CleanConfig) -> list[str]:
+def reason_names(cfg: FilterConfig) -> list[str]:
     """All reasons ``DocumentFilter(cfg)`` can give, n-gram ones included (per-language overrides too)."""
     tops: set[int] = set()
     dups: set[int] = set()
@@ -334,7 +418,7 @@ def script_reason(text: str, lang: str | None, cfg: ScriptConfig) -> str | None:
 class DocumentFilter:
     """All checks of the clean stage, configured once; pickles as its config."""
 
-    def __init__(self, cfg: CleanConfig):
+    def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
         self.normalize: Callable[[str], str] = make_normalizer(cfg.normalize)
         self.langid = LanguageIdentifier(cfg.langid) if cfg.langid.enabled else None

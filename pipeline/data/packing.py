@@ -20,10 +20,23 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from pydantic import Field
 from tokenizers import Tokenizer
 
-from pipeline.config import PackConfig
+from pipeline.config import StrictModel
 from pipeline.data.shards import ShardInfo, ShardWriter, dtype_for_vocab, new_index
+
+
+class PackingConfig(StrictModel):
+    """How documents become fixed-length blocks (the pack stage's config adds where they come from and go)."""
+
+    seq_len: int = Field(2048, ge=32, le=8192, description="tokens per block")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="share of documents routed to validation (by id hash)")
+    blocks_per_shard: int = Field(8192, ge=1)
+    add_bos: bool = True
+    add_eos: bool = True
+    seed: int = 0
+
 
 SPLITS = ("train", "val")
 _HASH_SCALE = float(2**64)
@@ -43,7 +56,7 @@ class Packer:
     def __init__(
         self,
         tokenizer: Tokenizer,
-        cfg: PackConfig,
+        cfg: PackingConfig,
         fs: fsspec.AbstractFileSystem,
         dirpath: str,
         rank: int,

@@ -67,13 +67,53 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Literal
 
 import fsspec
+from pydantic import Field, model_validator
 
-from pipeline.config import Source
+from pipeline.config import StrictModel
 from pipeline.errors import InputError
 from pipeline.storage import storage_options_from_env
+
+
+class Source(StrictModel):
+    """One input of the collect stage.
+
+    ``kind: files`` reads local paths or globs (``**`` recurses) and ``s3://`` prefixes;
+    ``kind: hf`` streams a Hugging Face dataset by name or from a local dataset folder.
+    """
+
+    kind: Literal["files", "hf"] = "files"
+    name: str | None = Field(None, description="label stored as each document's `source`; defaults to the path or dataset")
+    paths: list[str] = Field(default_factory=list, description="files, folders, globs or s3:// prefixes (kind: files)")
+    dataset: str | None = Field(None, description="dataset name on the hub, or a local folder (kind: hf)")
+    dataset_config: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    text_field: str = Field("text", description="column holding the text in .jsonl/.parquet/hf rows")
+    id_field: str | None = Field(None, description="column holding a document id; else one is derived")
+    language: str | None = Field(None, description="language hint stored on each document (kk, ru, en, ...)")
+    split_mode: Literal["file", "paragraph", "line", "regex"] = Field(
+        "file", description="how a .txt file becomes documents: whole file, blank-line paragraphs, lines, or a separator regex"
+    )
+    separator: str | None = Field(None, description="separator line regex for split_mode=regex (e.g. '^%$' for fortune files)")
+    max_documents: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Source":
+        if self.kind == "files" and not self.paths:
+            raise ValueError("kind 'files' needs `paths` (files, folders, globs or s3:// prefixes)")
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError("kind 'hf' needs `dataset` (a hub name or a local dataset folder)")
+        if self.split_mode == "regex":
+            if not self.separator:
+                raise ValueError("split_mode 'regex' needs `separator`")
+            try:
+                re.compile(self.separator)
+            except re.error as exc:
+                raise ValueError(f"separator is not a valid regex: {exc}") from None
+        return self
 
 HEAD_BYTES = 8192
 _READ_BUFFER = 1 << 20

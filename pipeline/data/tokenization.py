@@ -28,15 +28,74 @@ import heapq
 import json
 import random
 import re
-import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
+from pydantic import Field, field_validator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from pipeline.config import TokenizerConfig
+from pipeline.config import StrictModel
 from pipeline.errors import ConfigError, InputError
+
+
+class SpecialTokens(StrictModel):
+    bos: str = "<|begin_of_text|>"
+    eos: str = "<|end_of_text|>"
+    pad: str = "<|pad|>"
+    chat: list[str] = Field(
+        default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
+        description="chat-turn markers the SFT chat template uses",
+    )
+    extra: list[str] = Field(default_factory=list)
+
+    def all(self) -> list[str]:
+        seen: list[str] = []
+        for tok in [self.bos, self.eos, self.pad, *self.chat, *self.extra]:
+            if tok not in seen:
+                seen.append(tok)
+        return seen
+
+
+class ExtendConfig(StrictModel):
+    """Extension mode: add tokens learned from our corpus to an existing tokenizer."""
+
+    base: str = Field(..., description="path of the tokenizer.json (or its folder) to extend")
+    new_tokens: int = Field(8000, ge=1, description="how many corpus tokens to add")
+
+
+class TokenizerConfig(StrictModel):
+    vocab_size: int = Field(32000, ge=256, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"kk": 0.45, "ru": 0.25, "en": 0.30},
+        description="language -> share of the training text, reached by sampling (short languages are repeated)",
+    )
+    train_chars: int = Field(30_000_000, ge=1000, description="characters of text sampled for training")
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of documents held out for the fertility report")
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    pretokenizer: Literal["cyrillic-aware", "gpt2", "llama3"] = Field(
+        "cyrillic-aware", description="regex that splits text into words before BPE"
+    )
+    split_digits: bool = Field(False, description="cyrillic-aware only: one digit per pre-token (default: runs of up to 3)")
+    max_token_length: int | None = Field(None, ge=1, description="longest token the trainer may create, in characters (None: no limit)")
+    model_max_length: int = Field(2048, ge=1, description="model_max_length written to tokenizer_config.json")
+    special_tokens: SpecialTokens = Field(default_factory=SpecialTokens)
+    references: dict[str, str] = Field(
+        default_factory=dict, description="name -> local tokenizer.json to compare fertility against"
+    )
+    extend: ExtendConfig | None = None
+    seed: int = 0
+
+    @field_validator("mix")
+    @classmethod
+    def _mix_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("mix needs at least one language")
+        if any(v < 0 for v in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("mix shares must be >= 0 and sum to more than 0")
+        return value
+
 
 # ------------------------------------------------------------------------------ pre-tokenizers
 

@@ -118,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _validate_config(stage: str, path: Path) -> None:
-    from pipeline.config import load_config
+    from pipeline.stages import load_config
 
     load_config(stage, str(path), [])
 

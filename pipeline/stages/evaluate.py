@@ -25,12 +25,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
+from pipeline.stage import Stage, StageContext
+from pipeline.storage import OutputDir
 
-NAME = "evaluate"
-INPUTS = ["models/pretrain", "shards", "clean"]  # the default; `inputs(cfg)` follows the config
-OUTPUT = "eval"
 # files of the output that tracking uploads to MLflow as artefacts
-ARTIFACTS = ["report.md", "report.html", "results.json", "*.png"]
 
 DEFAULT_PROMPTS = [
     "Қазақстанның астанасы",
@@ -142,37 +140,45 @@ class EvaluateConfig(StrictModel):
         return self
 
 
-def inputs(cfg: EvaluateConfig) -> list[str]:
-    """The model artifacts, the shards (validation perplexity, and which documents were held out) and clean/."""
-    names: list[str] = [m.path for m in cfg.models]
-    if cfg.perplexity is not None:
-        names.append(cfg.perplexity.artifact)
-    if cfg.heldout is not None and cfg.heldout.from_run:
-        names += ["shards" if cfg.perplexity is None else cfg.perplexity.artifact, cfg.heldout.clean]
-    return list(dict.fromkeys(names))
+class EvaluateStage(Stage):
+    name = "evaluate"
+    config = EvaluateConfig
+    OUTPUT = "eval"
+    INPUTS = ("models/pretrain", "shards", "clean")  # the default; `inputs(cfg)` follows the config
+    ARTIFACTS = ("report.md", "report.html", "results.json", "*.png")  # report files tracking logs to MLflow
+
+    def inputs(self, cfg: EvaluateConfig) -> list[str]:
+        """The model artifacts, the shards (validation perplexity, and which documents were held out) and clean/."""
+        names: list[str] = [m.path for m in cfg.models]
+        if cfg.perplexity is not None:
+            names.append(cfg.perplexity.artifact)
+        if cfg.heldout is not None and cfg.heldout.from_run:
+            names += ["shards" if cfg.perplexity is None else cfg.perplexity.artifact, cfg.heldout.clean]
+        return list(dict.fromkeys(names))
+
+    def run(self, cfg: EvaluateConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+        from pipeline.evaluation.suite import evaluate
+
+        return evaluate(cfg, ctx, out)
+
+    def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = []
+        for label, per in (m.get("models") or {}).items():
+            parts = []
+            if per.get("val_perplexity") is not None:
+                parts.append(f"val ppl {per['val_perplexity']:,.4g}")
+            bpb = {k[len("bits_per_byte_"):]: v for k, v in per.items() if k.startswith("bits_per_byte_")}
+            if bpb:
+                parts.append("bits/byte " + " ".join(f"{lang} {v:.3f}" for lang, v in bpb.items()))
+            accs = {k[len("lm_eval_"):-len("_acc")]: v for k, v in per.items() if k.startswith("lm_eval_") and k.endswith("_acc")}
+            if accs:
+                top = min(accs, key=len)  # the group when there is one
+                parts.append(f"{top} acc {accs[top]:.3f}")
+            rows.append((label, ", ".join(parts) or "-"))
+        if m.get("best_val_loss_model"):
+            rows.append(("lowest val loss", m["best_val_loss_model"]))
+        rows.append(("report", f"eval/{m.get('report', 'report.md')} (+ report.html)"))
+        return rows
 
 
-def run(cfg: EvaluateConfig, ctx: Any, out: Any) -> dict[str, Any]:
-    from pipeline.evaluation.suite import evaluate
-
-    return evaluate(cfg, ctx, out)
-
-
-def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for label, per in (m.get("models") or {}).items():
-        parts = []
-        if per.get("val_perplexity") is not None:
-            parts.append(f"val ppl {per['val_perplexity']:,.4g}")
-        bpb = {k[len("bits_per_byte_"):]: v for k, v in per.items() if k.startswith("bits_per_byte_")}
-        if bpb:
-            parts.append("bits/byte " + " ".join(f"{lang} {v:.3f}" for lang, v in bpb.items()))
-        accs = {k[len("lm_eval_"):-len("_acc")]: v for k, v in per.items() if k.startswith("lm_eval_") and k.endswith("_acc")}
-        if accs:
-            top = min(accs, key=len)  # the group when there is one
-            parts.append(f"{top} acc {accs[top]:.3f}")
-        rows.append((label, ", ".join(parts) or "-"))
-    if m.get("best_val_loss_model"):
-        rows.append(("lowest val loss", m["best_val_loss_model"]))
-    rows.append(("report", f"eval/{m.get('report', 'report.md')} (+ report.html)"))
-    return rows
+STAGE = EvaluateStage()

@@ -25,17 +25,111 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from pipeline.config import SHAPE_FIELDS, DownScale, InitConfig, UpScale  # noqa: F401  (re-exported)
+from pipeline.config import StrictModel
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.runner import StageContext
+from pipeline.stage import Stage, StageContext
 from pipeline.storage import OutputDir
 
-NAME = "init"
-INPUTS = ["tokenizer"]
-OUTPUT = "models/init"
+
+class DownScale(StrictModel):
+    """Remove layers (0-based indices of the base model's stack)."""
+
+    mode: Literal["down"]
+    drop_layers: list[int] = Field(..., min_length=1, description="0-based layers to remove, e.g. [10, 11]")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _valid(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value):
+            raise ValueError("layer indices are 0-based and non-negative")
+        if len(set(value)) != len(value):
+            raise ValueError(f"drop_layers has repeats: {value}")
+        return sorted(value)
+
+
+class UpScale(StrictModel):
+    """SOLAR depth up-scaling to ``target_layers`` (even, between n+1 and 2n for an n-layer base)."""
+
+    mode: Literal["up"]
+    target_layers: int = Field(..., ge=2, description="layers after up-scaling: 2 x (n - k)")
+    recipe: Literal["solar"] = Field(
+        "solar", validation_alias=AliasChoices("recipe", "copy"),
+        description="how layers are copied (also accepted as `copy`); solar: layers 0..n-k-1 then k..n-1",
+    )
+
+    @field_validator("target_layers")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"SOLAR up-scaling gives 2 x (n - k) layers, an even number; got {value}")
+        return value
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
+
+
+class InitConfig(StrictModel):
+    source: Literal["random", "pretrained"] = "random"
+    preset: Literal["tiny", "125m", "350m", "1b"] | None = Field(
+        None, description="model shape for source: random (tiny is a CPU-test size)"
+    )
+    # explicit overrides of the preset (source: random); the last two also apply to pretrained models
+    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="key/value heads (GQA); = num_heads for plain attention")
+    tie_word_embeddings: bool | None = None
+    max_position_embeddings: int | None = Field(None, ge=16)
+    rope_theta: float | None = Field(None, gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="std of the random init (source: random)")
+    # pretrained weights
+    pretrained_path: str | None = Field(
+        None, description="local folder of a Llama-family HF checkpoint with its tokenizer (a hub id only with allow_hub)"
+    )
+    allow_hub: bool = Field(False, description="let pretrained_path be a Hugging Face hub id that is downloaded")
+    new_token_init: Literal["mean", "random", "forbid"] = Field(
+        "mean", description="rows for our tokens the pretrained vocabulary lacks: mean of the old rows, "
+        "N(0, initializer_range), or refuse to run when there are any"
+    )
+    # vocabulary, depth, numerics
+    pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows = len(tokenizer) rounded up to this")
+    scale: Annotated[Union[DownScale, UpScale], Field(discriminator="mode")] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        if self.source == "random":
+            if self.preset is None:
+                raise ValueError("source 'random' needs a `preset` (tiny, 125m, 350m, 1b); override fields on top of it")
+            if self.pretrained_path is not None:
+                raise ValueError("pretrained_path is only read with source: pretrained")
+            problems = self.shape().problems()
+            if problems:
+                raise ValueError("; ".join(problems))
+        else:
+            if not self.pretrained_path:
+                raise ValueError("source 'pretrained' needs `pretrained_path` (a local model folder)")
+            if self.preset is not None:
+                raise ValueError("preset applies to source: random; a pretrained model keeps its own shape (use `scale` for depth)")
+            given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} cannot change a pretrained model's shape; only max_position_embeddings, "
+                    "rope_theta and `scale` apply to it"
+                )
+        return self
+
+    def shape(self) -> Any:
+        from pipeline.models.llama import resolve_shape
+
+        return resolve_shape(self.preset or "tiny", **{f: getattr(self, f) for f in (*SHAPE_FIELDS, "max_position_embeddings", "rope_theta")})
+
 
 SMOKE_TEXT = "Қазақстан Республикасы. Москва — столица России. The quick brown fox."
 
@@ -158,81 +252,89 @@ def _smoke(model: Any, tokenizer: Any) -> None:
         raise PipelineError("the initialised model produces non-finite logits; check the source weights and dtype")
 
 
-def run(cfg: InitConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
-    import torch
-    from transformers import GenerationConfig
+class InitStage(Stage):
+    name = "init"
+    config = InitConfig
+    OUTPUT = "models/init"
+    INPUTS = ("tokenizer",)
 
-    from pipeline.models import llama as L
+    def run(self, cfg: InitConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+        import torch
+        from transformers import GenerationConfig
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = L.load_tokenizer(ctx.inputs["tokenizer"].download(tmp), "pipeline's")
-    vocab = L.padded_vocab(len(tokenizer), cfg.pad_vocab_multiple)
-    ids = _special_ids(tokenizer)
-    if cfg.source == "random":
-        model, info = _random_model(cfg, vocab, ids)
-    else:
-        model, info = _pretrained_model(cfg, ctx, tokenizer, vocab, ids)
-    scale_info: dict[str, Any] = {"mode": "none"}
-    if cfg.scale is not None:
-        model, scale_info = _scale(cfg, model)
-        ctx.log(f"init: scaled {scale_info['from_layers']} -> {scale_info['to_layers']} layers: {scale_info['layer_map']}")
-    model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
-    )
-    _smoke(model, tokenizer)
-    counts = L.param_counts(model)
-    shape = L.shape_of(model.config)
+        from pipeline.models import llama as L
 
-    with tempfile.TemporaryDirectory() as tmp:
-        target = out.path() if out.storage.is_local else tmp  # save big checkpoints in place when we can
-        model.save_pretrained(target, safe_serialization=True)
-        tokenizer.save_pretrained(target)
-        for name in os.listdir(target):  # safetensors writes 0600; other pods (other users) read this
-            path = os.path.join(target, name)
-            os.chmod(path, os.stat(path).st_mode | 0o044)
-        if not out.storage.is_local:
-            out.put_local(tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = L.load_tokenizer(ctx.inputs["tokenizer"].download(tmp), "pipeline's")
+        vocab = L.padded_vocab(len(tokenizer), cfg.pad_vocab_multiple)
+        ids = _special_ids(tokenizer)
+        if cfg.source == "random":
+            model, info = _random_model(cfg, vocab, ids)
+        else:
+            model, info = _pretrained_model(cfg, ctx, tokenizer, vocab, ids)
+        scale_info: dict[str, Any] = {"mode": "none"}
+        if cfg.scale is not None:
+            model, scale_info = _scale(cfg, model)
+            ctx.log(f"init: scaled {scale_info['from_layers']} -> {scale_info['to_layers']} layers: {scale_info['layer_map']}")
+        model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32).eval()
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
+        )
+        _smoke(model, tokenizer)
+        counts = L.param_counts(model)
+        shape = L.shape_of(model.config)
 
-    metrics: dict[str, Any] = {
-        "source": cfg.source,
-        "preset": cfg.preset,
-        "pretrained_path": cfg.pretrained_path,
-        "params_total": counts["total"],
-        "params_embedding": counts["embedding"],
-        "params_lm_head": counts["lm_head"],
-        "params_non_embedding": counts["non_embedding"],
-        "layers": shape.num_layers,
-        "hidden_size": shape.hidden_size,
-        "intermediate_size": shape.intermediate_size,
-        "heads": shape.num_heads,
-        "kv_heads": shape.num_kv_heads,
-        "max_position_embeddings": shape.max_position_embeddings,
-        "rope_theta": shape.rope_theta,
-        "tie_word_embeddings": shape.tie_word_embeddings,
-        "vocab_size": vocab,
-        "tokenizer_size": len(tokenizer),
-        **{k: v for k, v in ids.items()},
-        "dtype": cfg.dtype,
-        "scale": scale_info,
-        **info,
-    }
-    return metrics
+        with tempfile.TemporaryDirectory() as tmp:
+            target = out.path() if out.storage.is_local else tmp  # save big checkpoints in place when we can
+            model.save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+            for name in os.listdir(target):  # safetensors writes 0600; other pods (other users) read this
+                path = os.path.join(target, name)
+                os.chmod(path, os.stat(path).st_mode | 0o044)
+            if not out.storage.is_local:
+                out.put_local(tmp)
+
+        metrics: dict[str, Any] = {
+            "source": cfg.source,
+            "preset": cfg.preset,
+            "pretrained_path": cfg.pretrained_path,
+            "params_total": counts["total"],
+            "params_embedding": counts["embedding"],
+            "params_lm_head": counts["lm_head"],
+            "params_non_embedding": counts["non_embedding"],
+            "layers": shape.num_layers,
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "heads": shape.num_heads,
+            "kv_heads": shape.num_kv_heads,
+            "max_position_embeddings": shape.max_position_embeddings,
+            "rope_theta": shape.rope_theta,
+            "tie_word_embeddings": shape.tie_word_embeddings,
+            "vocab_size": vocab,
+            "tokenizer_size": len(tokenizer),
+            **{k: v for k, v in ids.items()},
+            "dtype": cfg.dtype,
+            "scale": scale_info,
+            **info,
+        }
+        return metrics
+
+    def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
+        src = m["source"] + (f" ({m['preset']})" if m.get("preset") else f" ({m['pretrained_path']})")
+        rows: list[tuple[str, Any]] = [
+            ("source", src),
+            ("parameters", f"{m['params_total']:,} ({m['params_non_embedding']:,} non-embedding)"),
+            ("layers / hidden / ffn", f"{m['layers']} / {m['hidden_size']} / {m['intermediate_size']}"),
+            ("heads / kv heads", f"{m['heads']} / {m['kv_heads']}"),
+            ("vocab", f"{m['vocab_size']:,} rows for {m['tokenizer_size']:,} tokens"),
+            ("dtype", m["dtype"] + (", tied embeddings" if m["tie_word_embeddings"] else "")),
+        ]
+        if "vocab_matched" in m:
+            rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, {m['vocab_new']:,} new"))
+        sc = m.get("scale") or {}
+        if sc.get("mode", "none") != "none":
+            rows.append((f"scaled {sc['mode']}", f"{sc['from_layers']} -> {sc['to_layers']} layers {sc['layer_map']}"))
+        return rows
 
 
-def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    src = m["source"] + (f" ({m['preset']})" if m.get("preset") else f" ({m['pretrained_path']})")
-    rows: list[tuple[str, Any]] = [
-        ("source", src),
-        ("parameters", f"{m['params_total']:,} ({m['params_non_embedding']:,} non-embedding)"),
-        ("layers / hidden / ffn", f"{m['layers']} / {m['hidden_size']} / {m['intermediate_size']}"),
-        ("heads / kv heads", f"{m['heads']} / {m['kv_heads']}"),
-        ("vocab", f"{m['vocab_size']:,} rows for {m['tokenizer_size']:,} tokens"),
-        ("dtype", m["dtype"] + (", tied embeddings" if m["tie_word_embeddings"] else "")),
-    ]
-    if "vocab_matched" in m:
-        rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, {m['vocab_new']:,} new"))
-    sc = m.get("scale") or {}
-    if sc.get("mode", "none") != "none":
-        rows.append((f"scaled {sc['mode']}", f"{sc['from_layers']} -> {sc['to_layers']} layers {sc['layer_map']}"))
-    return rows
+STAGE = InitStage()

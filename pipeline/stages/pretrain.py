@@ -11,46 +11,50 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import DataPhase, GenerationConfig, PretrainConfig  # noqa: F401  (re-exported)
-from pipeline.runner import StageContext
+from pipeline.stage import Stage, StageContext
 from pipeline.storage import OutputDir
-
-NAME = "pretrain"
-INPUTS = ["shards", "models/init", "tokenizer"]  # the default; `inputs(cfg)` adds every phase's shards
-OUTPUT = "models/pretrain"
+from pipeline.training.config import PretrainConfig
 
 
-def inputs(cfg: PretrainConfig) -> list[str]:
-    """Artifacts this config reads: every phase's shards, the initial model and the tokenizer."""
-    names: list[str] = []
-    for name in [*(p.shards for p in cfg.phases), cfg.model, cfg.tokenizer]:
-        if name not in names:
-            names.append(name)
-    return names
+class PretrainStage(Stage):
+    name = "pretrain"
+    config = PretrainConfig
+    OUTPUT = "models/pretrain"
+    INPUTS = ("shards", "models/init", "tokenizer")  # the default; `inputs(cfg)` adds every phase's shards
+    distributed = True
+
+    def inputs(self, cfg: PretrainConfig) -> list[str]:
+        """Artifacts this config reads: every phase's shards, the initial model and the tokenizer."""
+        names: list[str] = []
+        for name in [*(p.shards for p in cfg.phases), cfg.model, cfg.tokenizer]:
+            if name not in names:
+                names.append(name)
+        return names
+
+    def run(self, cfg: PretrainConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
+        from pipeline.training.pretrain import train
+
+        return train(cfg, ctx, out)
+
+    def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = [
+            ("steps", m.get("steps")),
+            ("tokens", m.get("tokens")),
+            ("world size", f"{m.get('world_size')} (grad accum {m.get('grad_accum')}, micro batch {m.get('micro_batch_size')})"),
+            ("zero / precision", f"{m.get('zero_stage')} / {m.get('precision')}"),
+            ("final train loss", m.get("train_loss")),
+            ("val loss", m.get("val_loss")),
+            ("val perplexity", m.get("val_perplexity")),
+            ("tokens/s", m.get("tokens_per_s")),
+        ]
+        if m.get("mfu") is not None:
+            rows.append(("MFU", m["mfu"]))
+        kernels = [k for k, on in (("compile", m.get("compile")), ("liger", m.get("liger_kernels"))) if on]
+        if m.get("attention") not in (None, "sdpa") or kernels:
+            rows.append(("kernels", ", ".join([f"attention {m.get('attention')}", *kernels])))
+        if m.get("resumed_from_step"):
+            rows.append(("resumed from step", m["resumed_from_step"]))
+        return [(k, v) for k, v in rows if v is not None]
 
 
-def run(cfg: PretrainConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
-    from pipeline.training.pretrain import train
-
-    return train(cfg, ctx, out)
-
-
-def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [
-        ("steps", m.get("steps")),
-        ("tokens", m.get("tokens")),
-        ("world size", f"{m.get('world_size')} (grad accum {m.get('grad_accum')}, micro batch {m.get('micro_batch_size')})"),
-        ("zero / precision", f"{m.get('zero_stage')} / {m.get('precision')}"),
-        ("final train loss", m.get("train_loss")),
-        ("val loss", m.get("val_loss")),
-        ("val perplexity", m.get("val_perplexity")),
-        ("tokens/s", m.get("tokens_per_s")),
-    ]
-    if m.get("mfu") is not None:
-        rows.append(("MFU", m["mfu"]))
-    kernels = [k for k, on in (("compile", m.get("compile")), ("liger", m.get("liger_kernels"))) if on]
-    if m.get("attention") not in (None, "sdpa") or kernels:
-        rows.append(("kernels", ", ".join([f"attention {m.get('attention')}", *kernels])))
-    if m.get("resumed_from_step"):
-        rows.append(("resumed from step", m["resumed_from_step"]))
-    return [(k, v) for k, v in rows if v is not None]
+STAGE = PretrainStage()

@@ -19,16 +19,14 @@ perplexity_delta_pct, path, ...}}, ...}``. The work is done by :mod:`pipeline.qu
 from __future__ import annotations
 
 import difflib
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import ExecField, StrictModel
+from pipeline.stage import Stage, StageContext
+from pipeline.storage import OutputDir
 
-NAME = "quantize"
-INPUTS = ["models/dpo", "shards"]  # the default; `inputs(cfg)` follows cfg.model / cfg.shards / cfg.tokenizer
-OUTPUT = "quantized"
-ARTIFACTS = ["report.md"]
 VARIANTS = ("int8", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
 
 
@@ -61,14 +59,13 @@ class QuantizeConfig(StrictModel):
     # -- how quality is measured
     split: str = Field("val", description="shard split the perplexity is measured on")
     max_blocks: int | None = Field(64, ge=1, description="blocks of that split used (evenly spread); None: all")
-    batch_size: int = Field(4, ge=1, description="blocks per forward pass of the HF models")
+    batch_size: int = ExecField(4, ge=1, description="blocks per forward pass of the HF models")
     llamacpp: Literal["auto", "off", "require"] = Field(
         "auto", description="also measure the GGUF files with llama.cpp (llama-cpp-python): auto = when importable")
     prompt: str = Field("Қазақстанның астанасы", description="greedy-decoding check prompt (tokenised by the HF tokenizer)")
     greedy_tokens: int = Field(16, ge=1, le=512, description="tokens generated for the greedy check")
     # -- how it runs
-    threads: int | None = Field(None, ge=1, description="llama.cpp threads (None: all cores)")
-    EXEC_FIELDS: ClassVar[set[str]] = {"threads", "batch_size"}
+    threads: int | None = ExecField(None, ge=1, description="llama.cpp threads (None: all cores)")
 
     @field_validator("llamacpp", mode="before")
     @classmethod
@@ -91,35 +88,43 @@ class QuantizeConfig(StrictModel):
         return value
 
 
-def inputs(cfg: QuantizeConfig) -> list[str]:
-    extra = [cfg.tokenizer] if cfg.tokenizer and cfg.tokenizer not in (cfg.model, cfg.shards) else []
-    return [cfg.model, cfg.shards, *extra]
-
-
-def run(cfg: QuantizeConfig, ctx: Any, out: Any) -> dict[str, Any]:
-    from pipeline.quantization.workflow import quantize
-
-    return quantize(cfg, ctx, out)
-
-
 def _size(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.2f} MB"
 
 
-def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    orig = m.get("original") or {}
-    rows: list[tuple[str, Any]] = [
-        ("model", m.get("model")),
-        ("eval blocks x tokens", f"{m.get('eval_blocks')} x {m.get('seq_len')}"),
-        ("original", f"{_size(orig.get('size_bytes'))}, perplexity {orig.get('perplexity', float('nan')):.3f}"),
-    ]
-    for name, v in (m.get("variants") or {}).items():
-        text = (f"{_size(v.get('size_bytes'))} ({v.get('size_ratio', 0):.2f}x), perplexity {v.get('perplexity', float('nan')):.3f} "
-                f"({v.get('perplexity_delta_pct', 0):+.2f}%)")
-        if v.get("llamacpp_perplexity") is not None:
-            text += f", llama.cpp {v['llamacpp_perplexity']:.3f}"
-        if v.get("llamacpp_greedy_match") is not None:
-            text += f", greedy {'matches' if v['llamacpp_greedy_match'] else 'DIFFERS'}"
-        rows.append((name, text))
-    rows.append(("llama.cpp", m.get("llamacpp") or "not installed (make test-llamacpp)"))
-    return rows
+class QuantizeStage(Stage):
+    name = "quantize"
+    config = QuantizeConfig
+    OUTPUT = "quantized"
+    INPUTS = ("models/dpo", "shards")  # the default; `inputs(cfg)` follows cfg.model / cfg.shards / cfg.tokenizer
+    ARTIFACTS = ("report.md",)  # report files tracking logs to MLflow
+
+    def inputs(self, cfg: QuantizeConfig) -> list[str]:
+        extra = [cfg.tokenizer] if cfg.tokenizer and cfg.tokenizer not in (cfg.model, cfg.shards) else []
+        return [cfg.model, cfg.shards, *extra]
+
+    def run(self, cfg: QuantizeConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+        from pipeline.quantization.workflow import quantize
+
+        return quantize(cfg, ctx, out)
+
+    def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
+        orig = m.get("original") or {}
+        rows: list[tuple[str, Any]] = [
+            ("model", m.get("model")),
+            ("eval blocks x tokens", f"{m.get('eval_blocks')} x {m.get('seq_len')}"),
+            ("original", f"{_size(orig.get('size_bytes'))}, perplexity {orig.get('perplexity', float('nan')):.3f}"),
+        ]
+        for name, v in (m.get("variants") or {}).items():
+            text = (f"{_size(v.get('size_bytes'))} ({v.get('size_ratio', 0):.2f}x), perplexity {v.get('perplexity', float('nan')):.3f} "
+                    f"({v.get('perplexity_delta_pct', 0):+.2f}%)")
+            if v.get("llamacpp_perplexity") is not None:
+                text += f", llama.cpp {v['llamacpp_perplexity']:.3f}"
+            if v.get("llamacpp_greedy_match") is not None:
+                text += f", greedy {'matches' if v['llamacpp_greedy_match'] else 'DIFFERS'}"
+            rows.append((name, text))
+        rows.append(("llama.cpp", m.get("llamacpp") or "not installed (make test-llamacpp)"))
+        return rows
+
+
+STAGE = QuantizeStage()

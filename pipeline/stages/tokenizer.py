@@ -14,9 +14,9 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-from pipeline.config import TokenizerConfig
 from pipeline.data.documents import DocumentSet
 from pipeline.data.tokenization import (
+    TokenizerConfig,
     extend_tokenizer,
     fertility_report,
     format_report_markdown,
@@ -25,12 +25,8 @@ from pipeline.data.tokenization import (
     train_bpe,
 )
 from pipeline.errors import InputError
-from pipeline.runner import StageContext
+from pipeline.stage import Stage, StageContext
 from pipeline.storage import OutputDir
-
-NAME = "tokenizer"
-INPUTS = ["clean"]
-OUTPUT = "tokenizer"
 
 HELDOUT_DOCS_PER_LANG = 5000
 
@@ -68,35 +64,6 @@ def _split_corpus(cfg: TokenizerConfig, ctx: StageContext) -> tuple[dict[str, li
     return dict(train), dict(heldout)
 
 
-def run(cfg: TokenizerConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
-    references = {name: load_reference(path) for name, path in cfg.references.items()}
-    train, heldout = _split_corpus(cfg, ctx)
-    ctx.log("tokenizer: training on " + ", ".join(f"{k} {sum(map(len, v)):,} chars" for k, v in sorted(train.items())))
-    added: list[str] = []
-    if cfg.extend:
-        base = load_reference(cfg.extend.base)
-        tokenizer, added = extend_tokenizer(base, train, cfg)
-        compared = {"ours": tokenizer, "base": base, **references}
-    else:
-        tokenizer = train_bpe(train, cfg)
-        compared = {"ours": tokenizer, **references}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(tokenizer, cfg, tmp)
-        out.put_local(tmp)
-    report = fertility_report(compared, heldout)
-    out.write_json("fertility.json", report)
-    out.write_text("fertility.md", format_report_markdown(report))
-    if added:
-        out.write_json("added_tokens.json", added)  # tokens may hold newlines: JSON, not lines
-    return {
-        "vocab_size": tokenizer.get_vocab_size(),
-        "train_characters": {k: sum(map(len, v)) for k, v in sorted(train.items())},
-        "heldout_documents": {k: len(v) for k, v in sorted(heldout.items())},
-        "added_tokens": len(added),
-        "fertility": _fertility_table(report),
-    }
-
-
 def _fertility_table(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """language -> tokenizer -> tokens per word, from the report."""
     table: dict[str, dict[str, float]] = {}
@@ -105,16 +72,53 @@ def _fertility_table(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     return table
 
 
-def summary(m: dict[str, Any]) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [("vocab size", m["vocab_size"])]
-    rows += [(f"trained on {k}", f"{v:,} chars") for k, v in m["train_characters"].items()]
-    if m["added_tokens"]:
-        rows.append(("tokens added", m["added_tokens"]))
-    for lang, per_tok in m["fertility"].items():
-        ours = per_tok.get("ours")
-        shown = ", ".join(
-            f"{name} {val:.2f}" + (f" ({ours / val:.2f}x)" if ours and name != "ours" and val else "")
-            for name, val in per_tok.items()
-        )
-        rows.append((f"tokens/word {lang}", shown))
-    return rows
+class TokenizerStage(Stage):
+    name = "tokenizer"
+    config = TokenizerConfig
+    OUTPUT = "tokenizer"
+    INPUTS = ("clean",)
+
+    def run(self, cfg: TokenizerConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+        references = {name: load_reference(path) for name, path in cfg.references.items()}
+        train, heldout = _split_corpus(cfg, ctx)
+        ctx.log("tokenizer: training on " + ", ".join(f"{k} {sum(map(len, v)):,} chars" for k, v in sorted(train.items())))
+        added: list[str] = []
+        if cfg.extend:
+            base = load_reference(cfg.extend.base)
+            tokenizer, added = extend_tokenizer(base, train, cfg)
+            compared = {"ours": tokenizer, "base": base, **references}
+        else:
+            tokenizer = train_bpe(train, cfg)
+            compared = {"ours": tokenizer, **references}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(tokenizer, cfg, tmp)
+            out.put_local(tmp)
+        report = fertility_report(compared, heldout)
+        out.write_json("fertility.json", report)
+        out.write_text("fertility.md", format_report_markdown(report))
+        if added:
+            out.write_json("added_tokens.json", added)  # tokens may hold newlines: JSON, not lines
+        return {
+            "vocab_size": tokenizer.get_vocab_size(),
+            "train_characters": {k: sum(map(len, v)) for k, v in sorted(train.items())},
+            "heldout_documents": {k: len(v) for k, v in sorted(heldout.items())},
+            "added_tokens": len(added),
+            "fertility": _fertility_table(report),
+        }
+
+    def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
+        rows: list[tuple[str, Any]] = [("vocab size", m["vocab_size"])]
+        rows += [(f"trained on {k}", f"{v:,} chars") for k, v in m["train_characters"].items()]
+        if m["added_tokens"]:
+            rows.append(("tokens added", m["added_tokens"]))
+        for lang, per_tok in m["fertility"].items():
+            ours = per_tok.get("ours")
+            shown = ", ".join(
+                f"{name} {val:.2f}" + (f" ({ours / val:.2f}x)" if ours and name != "ours" and val else "")
+                for name, val in per_tok.items()
+            )
+            rows.append((f"tokens/word {lang}", shown))
+        return rows
+
+
+STAGE = TokenizerStage()

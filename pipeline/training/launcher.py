@@ -338,7 +338,7 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     """Inside torchrun: run the stage on this rank. Rank 0 commits the output and its manifest."""
     from pipeline import runner
     from pipeline.cli import DEFAULT_ROOT
-    from pipeline.config import config_hash, load_config
+    from pipeline.stages import load_config
     from pipeline.storage import Storage
 
     env = dict(os.environ if env is None else env)
@@ -346,19 +346,10 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     try:
         cfg = load_config(args.stage, args.config, args.overrides)
         storage = Storage(args.root or env.get("LLMPIPE_ROOT") or DEFAULT_ROOT)
-        module = runner.get_stage(args.stage)
-        inputs = runner.resolve_inputs(module, storage, cfg)
-        ctx = runner.StageContext(storage, inputs, progress=not args.no_progress and rank == 0, rank=rank, world=world)
-        existing = storage.manifest(module.OUTPUT)
-        if not args.force and runner.is_current(existing, config_hash(cfg), runner.input_refs(inputs, module, cfg)):
-            if rank == 0:
-                print(f"== {args.stage}: up to date")
-            return 0
+        outcome = runner.run_rank(args.stage, cfg, storage, rank, world, force=args.force, progress=not args.no_progress)
         if rank == 0:
-            manifest = runner.execute(module, "run", cfg, storage, module.OUTPUT, ctx, {"world_size": world})
-            print(runner.format_summary(runner.Outcome(args.stage, "done", manifest)), flush=True)
-        else:
-            module.run(cfg, ctx, None)
+            print(f"== {args.stage}: up to date" if outcome.status == "up to date" else runner.format_summary(outcome),
+                  flush=True)
         return 0
     except BaseException as exc:  # noqa: BLE001 - one line that the launcher relays, then the traceback
         if isinstance(exc, KeyboardInterrupt):

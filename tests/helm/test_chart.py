@@ -41,7 +41,10 @@ def rendered() -> dict[tuple[str, str], list[dict]]:
 
 
 def test_chart_knows_exactly_the_pipeline_stages():
-    from pipeline.stages import ORDER, TRAINING as TRAIN
+    from pipeline.stages import ORDER, get_stage
+
+    TRAIN = [s for s in ORDER if get_stage(s).distributed]
+    assert SHARDED == [s for s in ORDER if get_stage(s).sharded]
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["stage"]["enum"] == ORDER

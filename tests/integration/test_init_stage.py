@@ -28,7 +28,7 @@ def commit_bpe_tokenizer(root: str, vocab_size: int, seed: int = 0, langs: tuple
     """Train a small byte-level BPE with the project's trainer and commit it as ``tokenizer/``."""
     import tempfile
 
-    from pipeline.config import TokenizerConfig
+    from pipeline.data.tokenization import TokenizerConfig
     from pipeline.data.tokenization import save_hf, train_bpe
     from pipeline.storage import Storage
 

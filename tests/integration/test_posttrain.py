@@ -30,7 +30,7 @@ def template_root(tmp_path_factory) -> Path:
 
 
 def _cfg(stage: str, **over):
-    from pipeline.config import config_class
+    from pipeline.stages import get_stage
 
     base = {"max_length": 128, "micro_batch_size": 8, "warmup_ratio": 0.0, "log_every": 5, "seed": 0}
     if stage == "sft":
@@ -39,7 +39,7 @@ def _cfg(stage: str, **over):
         base.update(data=[{"path": str(FIX / "preferences.jsonl")}], model="models/pretrain", eval_fraction=0.2,
                     max_steps=30, lr=5e-4 if stage == "dpo" else 1e-3)
     base.update(over)
-    return config_class(stage).model_validate(base)
+    return get_stage(stage).config.model_validate(base)
 
 
 def _run(stage: str, root: Path, cfg):

@@ -185,7 +185,7 @@ def _assert_loads(model_dir: Path) -> None:
 def test_pretrain_in_process_learns_and_exports(run_root, tmp_path):
     """Two data phases, no DeepSpeed, one process: val loss falls far below its random-init value."""
     from pipeline import runner
-    from pipeline.config import load_config
+    from pipeline.stages import load_config
     from pipeline.storage import Storage
 
     cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=40, checkpoint_every=20, eval_every=20,
@@ -241,7 +241,7 @@ def test_bad_inputs_fail_before_any_weights_load(run_root, tmp_path, monkeypatch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from pipeline import runner
-    from pipeline.config import load_config
+    from pipeline.stages import load_config
     from pipeline.errors import ConfigError, InputError, PipelineError
     from pipeline.storage import Storage
 
@@ -287,7 +287,7 @@ def test_compile_and_attention_kernels_in_process(run_root, tmp_path):
     from safetensors import safe_open
 
     from pipeline import runner
-    from pipeline.config import load_config
+    from pipeline.stages import load_config
     from pipeline.storage import Storage
 
     storage = Storage(str(run_root))

@@ -17,7 +17,8 @@ from tests.conftest import FIXTURES
 
 pytest.importorskip("datatrove", reason="datatrove is not installed (it comes with the `bench` extra: pip install -e '.[bench]')")
 
-from pipeline.config import CleanConfig, PackConfig  # noqa: E402
+from pipeline.stages.clean import CleanConfig  # noqa: E402
+from pipeline.stages.pack import PackConfig  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 

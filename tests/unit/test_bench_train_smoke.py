@@ -88,7 +88,7 @@ def test_gpu_args_and_no_cuda_exit(gpu, monkeypatch, capsys):
     both = gpu.parse(["--compile", "on", "--liger", "on"])
     assert gpu.sides_for(both) == ["ours", "plain", "ours+compile", "plain+compile", "ours+liger", "plain+liger"]
     assert [gpu.twin(s) for s in ("ours", "ours+compile", "ours+liger")] == ["plain", "plain+compile", "plain+liger"]
-    from pipeline.config import PretrainConfig
+    from pipeline.training.config import PretrainConfig
 
     for side, fields in gpu.OURS_KERNELS.items():  # every ours side is a valid stage config
         PretrainConfig(max_steps=1, **fields)

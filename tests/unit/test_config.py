@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import CleanConfig, config_hash, load_config
+from pipeline.config import config_hash
+from pipeline.stages import load_config
+from pipeline.stages.clean import CleanConfig
 from pipeline.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from pipeline.config import DedupConfig
+from pipeline.data.dedup import DedupConfig
 from pipeline.data import dedup
 from pipeline.data.dedup import (
     EXACT,

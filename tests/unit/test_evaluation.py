@@ -168,7 +168,9 @@ def test_markdown_cells_stay_on_one_line_and_html_is_escaped(tmp_path):
 def test_config_validation():
     from pydantic import ValidationError
 
-    from pipeline.stages.evaluate import EvaluateConfig, inputs
+    from pipeline.stages.evaluate import STAGE, EvaluateConfig
+
+    inputs = STAGE.inputs
 
     cfg = EvaluateConfig(models=[{"path": "models/pretrain"}, {"path": "models/sft", "label": "chat"}])
     assert [m.name for m in cfg.models] == ["pretrain", "chat"]

@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 
-from pipeline.config import CleanConfig, LengthConfig, RepetitionConfig, ScriptConfig
+from pipeline.data.filters import LengthConfig, RepetitionConfig, ScriptConfig
+from pipeline.stages.clean import CleanConfig
 from pipeline.data.filters import (
     ALL_REASONS,
     DocumentFilter,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import LangIdConfig
+from pipeline.data.langid import LangIdConfig
 from pipeline.data import langid
 from pipeline.data.langid import LanguageIdentifier, default_model_path, kazakh_by_letters
 from pipeline.errors import ConfigError

@@ -146,7 +146,7 @@ def test_precision_auto():
 def test_gpu_only_kernels_are_refused_on_cpu(monkeypatch):
     import importlib.util
 
-    from pipeline.config import PretrainConfig
+    from pipeline.training.config import PretrainConfig
 
     def cfg(**kw):
         return PretrainConfig(max_steps=1, **kw)
@@ -198,7 +198,7 @@ def test_mfu_palm_formula():
 
 
 def test_phase_plan():
-    from pipeline.stages.pretrain import DataPhase
+    from pipeline.training.config import DataPhase
 
     plan = plan_phases([DataPhase(name="a", shards="shards", until_step=30), DataPhase(name="b", shards="shards-clean")], 100)
     assert [(p.start, p.end) for p in plan] == [(0, 30), (30, 100)]
@@ -208,7 +208,10 @@ def test_phase_plan():
 def test_pretrain_config_validation():
     from pydantic import ValidationError
 
-    from pipeline.stages.pretrain import PretrainConfig, inputs
+    from pipeline.stages.pretrain import STAGE
+    from pipeline.training.config import PretrainConfig
+
+    inputs = STAGE.inputs
 
     cfg = PretrainConfig(max_steps=10, phases=[{"shards": "shards", "until_step": 4, "name": "p1"},
                                                {"shards": "shards-clean", "name": "p2"}])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import NormalizeConfig
+from pipeline.data.normalize import NormalizeConfig
 from pipeline.data.normalize import make_normalizer
 
 NORM = make_normalizer(NormalizeConfig())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.stages.sft import DataSource, SFTConfig
+from pipeline.training.config import DataSource, SFTConfig
 from pipeline.training import posttrain as pt
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "posttrain"
@@ -165,8 +165,10 @@ def test_sft_labels_cover_only_assistant_turns(tiny, tmp_path):
 def test_edited_data_file_makes_a_posttraining_stage_stale(tmp_path):
     """Data files outside the run root are inputs too: their sha256 goes into the manifest's inputs."""
     from pipeline import runner
-    from pipeline.config import config_hash, load_config
-    from pipeline.stages import dpo, sft
+    from pipeline.config import config_hash
+    from pipeline.stages import get_stage, load_config
+
+    sft, dpo = get_stage("sft"), get_stage("dpo")
 
     data = tmp_path / "alpaca.jsonl"
     data.write_text('{"instruction": "Say hi", "output": "hi"}\n', encoding="utf-8")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import Source
+from pipeline.data.readers import Source
 from pipeline.data.readers import Document, Problem, expand_paths, iter_source, source_name
 from pipeline.errors import InputError
 

@@ -10,7 +10,7 @@ import json
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-from pipeline.config import ExtendConfig, SpecialTokens, TokenizerConfig
+from pipeline.data.tokenization import ExtendConfig, SpecialTokens, TokenizerConfig
 from pipeline.data.tokenization import (
     build_pretokenizer,
     count_words,
