@@ -20,7 +20,7 @@ FAMILIES = {
 }
 # libraries a family's stages import lazily (inside functions), imported here up front
 LIBRARIES = {
-    "base": ["torch", "transformers", "tokenizers", "datasets", "fasttext", "datasketch", "pyarrow", "s3fs", "mlflow", "kubernetes"],
+    "base": ["torch", "transformers", "tokenizers", "datasets", "fasttext", "pyarrow", "s3fs", "mlflow", "kubernetes"],
     "data": [],
     "train": ["deepspeed", "trl", "peft"],
     "eval": ["lm_eval", "gguf", "optimum.quanto"],

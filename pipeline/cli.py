@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
+from pipeline import DEFAULT_ROOT, __version__, default_root
 from pipeline.errors import PipelineError
-
-DEFAULT_ROOT = "runs/local"
 
 EPILOG = """\
 examples:
@@ -38,7 +36,7 @@ MLflow: $MLFLOW_TRACKING_URI, else SQLite under a local run root; LLMPIPE_TRACKI
 
 
 def _root(args: argparse.Namespace) -> str:
-    return args.root or os.environ.get("LLMPIPE_ROOT") or DEFAULT_ROOT
+    return default_root(args.root)
 
 
 def _stage_names() -> list[str]:

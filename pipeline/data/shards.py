@@ -35,12 +35,12 @@ import posixpath
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import fsspec
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.errors import CorruptShardError, InputError
@@ -93,15 +93,144 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return path
 
 
-@dataclass
-class ShardInfo:
-    file: str  # name relative to the shard folder
+# ------------------------------------------------------------------------------- index model
+#
+# One definition of ``index.json`` for the writer (new_index / write_index / ShardWriter) and the
+# reader (read_index): pydantic models, strict (JSON types, no coercion) and closed (unknown keys
+# are errors). Values that are absent on disk stay absent when dumped (``exclude_unset``), so an
+# index reads back, and is rewritten, with the same keys and values.
+
+
+class _IndexModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object as stored (keys that were never given are left out)."""
+        return self.model_dump(exclude_unset=True)
+
+
+class ShardInfo(_IndexModel):
+    """One shard of a split: its file (relative to the shard folder), blocks, bytes and sha256."""
+
+    file: str
     blocks: int
     bytes: int
     sha256: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if "/" in v or v in ("", ".", ".."):
+            raise ValueError(f"{v!r} must be a plain file name")
+        return v
+
+
+class SplitIndex(_IndexModel):
+    """One split: its shards in order, totals, and the packer's per-split counters."""
+
+    shards: list[ShardInfo]
+    blocks: int | None = None
+    tokens: int | None = None
+    documents: int | None = None
+    empty_documents: int | None = None
+    document_tokens: int | None = None
+    stream_tokens: int | None = None
+    dropped_tail_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _blocks_add_up(self) -> "SplitIndex":
+        total = sum(s.blocks for s in self.shards)
+        if self.blocks is not None and self.blocks != total:
+            raise ValueError(f"blocks {self.blocks} != sum over its shards {total}")
+        return self
+
+
+class ShardIndex(_IndexModel):
+    """``index.json`` of a shard folder (see the module docstring)."""
+
+    format: Literal["llmpipe-token-shards"]
+    version: Literal[1]
+    seq_len: int
+    dtype: Literal["uint16", "uint32"]
+    byteorder: Literal["little"] = "little"
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    splits: dict[str, SplitIndex]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_and_version(cls, data: Any) -> Any:
+        # checked before any field: another format or version may have other fields altogether
+        if isinstance(data, ShardIndex):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('version')!r} is not supported "
+                             f"(this code reads version {FORMAT_VERSION})")
+        return data
+
+    @field_validator("seq_len", "vocab_size", mode="before")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"must be a positive integer, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> "ShardIndex":
+        dtype = DTYPES[self.dtype]
+        if np.iinfo(dtype).max < self.vocab_size - 1:
+            raise ValueError(f"dtype {self.dtype} cannot hold vocab_size {self.vocab_size}")
+        block_bytes = self.seq_len * dtype.itemsize
+        for name, split in self.splits.items():
+            for s in split.shards:
+                if s.bytes != s.blocks * block_bytes:
+                    raise ValueError(f"split {name!r}: {s.file} lists {s.bytes} bytes but {s.blocks} blocks of "
+                                     f"{self.seq_len} x {self.dtype} are {s.blocks * block_bytes} bytes")
+        return self
+
+
+def _loc(loc: tuple[Any, ...]) -> tuple[str, str]:
+    """A pydantic error location as the user reads it: ``("split 'train'", "shards[0].file")``."""
+    parts = list(loc)
+    head = ""
+    if len(parts) >= 2 and parts[0] == "splits":
+        head, parts = f"split {parts[1]!r}", parts[2:]
+    tail = ""
+    for p in parts:
+        tail += f"[{p}]" if isinstance(p, int) else (f".{p}" if tail else str(p))
+    return head, tail
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first problem of a ValidationError as one line (pydantic's own text spans several)."""
+    errors = exc.errors(include_url=False)
+    e = errors[0]
+    head, tail = _loc(e["loc"])
+    if e["type"] == "value_error":  # our validators; a field's message follows its name
+        problem = f"{tail} {e['ctx']['error']}" if tail else str(e["ctx"]["error"])
+    elif e["type"] == "missing":
+        problem = f"{tail} is missing"
+    elif e["type"] == "extra_forbidden":
+        problem = f"unknown key {tail!r} (value {e['input']!r})"
+    else:
+        msg = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {e['input']!r}"
+        problem = f"{tail}: {msg}" if tail else msg
+    line = f"{head}: {problem}" if head else problem
+    more = len(errors) - 1
+    return line + (f" (and {more} more problem(s))" if more else "")
+
+
+def parse_index(index: Any, where: str) -> ShardIndex:
+    """Validate an index (a JSON object or a :class:`ShardIndex`); :class:`InputError` ``"{where}: ..."``."""
+    try:
+        return ShardIndex.model_validate(index)
+    except ValidationError as exc:
+        raise InputError(f"{where}: {_one_line(exc)}") from None
 
 
 # ------------------------------------------------------------------------------------ writer
@@ -213,7 +342,7 @@ class ShardWriter:
     def _finish(self) -> None:
         self._fh.close()
         self._fh = None
-        self._infos.append(ShardInfo(self._name, self._blocks, self._bytes, self._hash.hexdigest()))
+        self._infos.append(ShardInfo(file=self._name, blocks=self._blocks, bytes=self._bytes, sha256=self._hash.hexdigest()))
         self._blocks = 0
         self._bytes = 0
 
@@ -223,8 +352,16 @@ class ShardWriter:
 
 def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int | None,
               splits: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """An index with the global fields filled in and the given splits (totals recomputed)."""
-    index: dict[str, Any] = {
+    """An index with the global fields filled in and the given splits (totals recomputed).
+
+    Built as a :class:`ShardIndex`, so a bad split or shard entry is an error here already."""
+    entries: dict[str, dict[str, Any]] = {}
+    for name, split in (splits or {}).items():
+        shards = [dict(s) for s in split.get("shards", [])]
+        blocks = sum(int(s["blocks"]) for s in shards)
+        entries[name] = {**{k: v for k, v in split.items() if k != "shards"}, "blocks": blocks,
+                         "tokens": blocks * int(seq_len), "shards": shards}
+    index = parse_index({
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "seq_len": int(seq_len),
@@ -233,23 +370,17 @@ def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int 
         "vocab_size": int(vocab_size),
         "bos_id": bos_id,
         "eos_id": eos_id,
-        "splits": {},
-    }
-    for name, split in (splits or {}).items():
-        shards = [dict(s) for s in split.get("shards", [])]
-        blocks = sum(int(s["blocks"]) for s in shards)
-        entry = {**{k: v for k, v in split.items() if k != "shards"}, "blocks": blocks, "tokens": blocks * int(seq_len),
-                 "shards": shards}
-        index["splits"][name] = entry
-    return index
+        "splits": entries,
+    }, "new shard index")
+    return index.to_dict()
 
 
-def write_index(fs: fsspec.AbstractFileSystem, dirpath: str, index: dict[str, Any]) -> None:
+def write_index(fs: fsspec.AbstractFileSystem, dirpath: str, index: dict[str, Any] | ShardIndex) -> None:
     """Write ``index.json`` (validated first, so a bad index is never written)."""
-    _validate_index(index, _display(fs, posixpath.join(dirpath, INDEX)))
+    model = parse_index(index, _display(fs, posixpath.join(dirpath, INDEX)))
     if _is_local(fs):
         fs.makedirs(dirpath, exist_ok=True)
-    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    data = (json.dumps(model.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
     with fs.open(posixpath.join(dirpath.rstrip("/"), INDEX), "wb") as fh:
         fh.write(data)
 
@@ -266,49 +397,7 @@ def read_index(fs: fsspec.AbstractFileSystem, dirpath: str) -> dict[str, Any]:
         index = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where} is not valid JSON: {exc}") from None
-    _validate_index(index, where)
-    return index
-
-
-def _validate_index(index: Any, where: str) -> None:
-    def bad(msg: str) -> InputError:
-        return InputError(f"{where}: {msg}")
-
-    if not isinstance(index, dict):
-        raise bad("expected a JSON object")
-    if index.get("format") != FORMAT:
-        raise bad(f"format is {index.get('format')!r}, expected {FORMAT!r}")
-    if index.get("version") != FORMAT_VERSION:
-        raise bad(f"format version {index.get('version')!r} is not supported (this code reads version {FORMAT_VERSION})")
-    for key in ("seq_len", "vocab_size"):
-        if not isinstance(index.get(key), int) or index[key] < 1:
-            raise bad(f"{key} must be a positive integer, got {index.get(key)!r}")
-    if index.get("dtype") not in DTYPES:
-        raise bad(f"dtype must be one of {sorted(DTYPES)}, got {index.get('dtype')!r}")
-    if np.iinfo(DTYPES[index["dtype"]]).max < index["vocab_size"] - 1:
-        raise bad(f"dtype {index['dtype']} cannot hold vocab_size {index['vocab_size']}")
-    for key in ("bos_id", "eos_id"):
-        if index.get(key) is not None and not isinstance(index.get(key), int):
-            raise bad(f"{key} must be an integer or null")
-    splits = index.get("splits")
-    if not isinstance(splits, dict):
-        raise bad("`splits` must be an object of split name -> shards")
-    itemsize = DTYPES[index["dtype"]].itemsize
-    for name, split in splits.items():
-        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
-            raise bad(f"split {name!r} has no `shards` list")
-        total = 0
-        for s in split["shards"]:
-            if not isinstance(s, dict) or not all(k in s for k in ("file", "blocks", "bytes", "sha256")):
-                raise bad(f"split {name!r}: shard entry {s!r} needs file, blocks, bytes, sha256")
-            if not isinstance(s["file"], str) or "/" in s["file"] or s["file"] in ("", ".", ".."):
-                raise bad(f"split {name!r}: shard file {s['file']!r} must be a plain file name")
-            if s["bytes"] != s["blocks"] * index["seq_len"] * itemsize:
-                raise bad(f"split {name!r}: {s['file']} lists {s['bytes']} bytes but {s['blocks']} blocks of "
-                          f"{index['seq_len']} x {index['dtype']} are {s['blocks'] * index['seq_len'] * itemsize} bytes")
-            total += s["blocks"]
-        if split.get("blocks", total) != total:
-            raise bad(f"split {name!r}: blocks {split.get('blocks')} != sum over its shards {total}")
+    return parse_index(index, where).to_dict()
 
 
 # ------------------------------------------------------------------------------------ verify

@@ -19,28 +19,44 @@ One entry, two roles::
   runner's manifest/commit path; the other ranks run the same stage function with ``out=None``.
 
 A rank that fails makes torchrun stop the others; the launcher exits non-zero and its last
-stderr line names the failing rank and its error.
+stderr line names the failing rank and its error. That rank is torchelastic's root cause, read
+from the JSON error file each torchrun agent writes (``TORCHELASTIC_ERROR_FILE``, see
+:class:`RankErrorHandler`), not from torchrun's printed summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+# torch at the top is fine: pipeline.cli imports this module only when a training stage runs
+# (never for `llmpipe --help`), and every role of this module starts torchrun or runs under it.
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+
+from pipeline import default_root, runner
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.stages import load_config
+from pipeline.storage import Storage
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 ERROR_PREFIX = "llmpipe-rank-error:"  # a worker's one-line error, picked out of its output
-_SUMMARY_RE = __import__("re").compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchelastic's JSON error file (agent and worker)
+# torchrun's printed summary of a failure: only the fallback for a rank with no error file (see _run_agents)
+_SUMMARY_RE = re.compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -240,13 +256,11 @@ def launch(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> in
 
 def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
     """Run node agents, relay their output, stop all when one fails; return the exit status."""
-    import threading
-
     procs: list[subprocess.Popen[bytes]] = []
     errors: list[str] = []
     lock = threading.Lock()
 
-    root_causes: list[str] = []
+    printed_causes: list[tuple[str, str]] = []  # fallback: torchrun's printed root cause (see relay)
 
     def relay(proc: subprocess.Popen[bytes], tag: str) -> None:
         assert proc.stdout is not None
@@ -256,6 +270,11 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             if ERROR_PREFIX in line:
                 with lock:
                     errors.append(line.split(ERROR_PREFIX, 1)[1].strip())
+            # Fallback only (used when no error file names the root cause): a worker killed by a signal
+            # writes no error file, so the agent has none to copy (torch/distributed/elastic/multiprocessing/
+            # errors/__init__.py: record() skips dump_error_file when the failure's error_file is "<N/A>"), and
+            # its rank and "Signal N (SIG...) received by PID p" (ProcessFailure.__post_init__) exist only in
+            # the "Root Cause" block torchrun prints (ChildFailedError.format_msg).
             if "Root Cause" in line:
                 cause = {"root": "1"}
             m = _SUMMARY_RE.match(line)
@@ -265,7 +284,7 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
                     tb = cause["traceback"]
                     detail = tb if tb.startswith("Signal") else f"exitcode {cause.get('exitcode', '?').split()[0]}"
                     with lock:
-                        root_causes.append((cause["rank"].split()[0], detail))
+                        printed_causes.append((cause["rank"].split()[0], detail))
                     cause = {}
             sys.stderr.write(f"{tag}{line}" if tag else line)
             sys.stderr.flush()
@@ -275,11 +294,17 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Each agent gets its own error file: when a worker fails, torchrun's @record copies the first
+    # failed worker's error file there (ErrorHandler.dump_error_file); the workers get per-rank files
+    # from the agent (DefaultLogsSpecs.reify in torch/distributed/elastic/multiprocessing/api.py).
+    tmp = tempfile.mkdtemp(prefix="llmpipe-launch-")
+    error_files = [os.path.join(tmp, f"node-{i}.json") for i in range(len(cmds))]
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     threads = []
     try:
         for i, cmd in enumerate(cmds):
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, env={**env, ERROR_FILE_ENV: error_files[i]},
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append(proc)
             t = threading.Thread(target=relay, args=(proc, f"[node {i}] " if len(cmds) > 1 else ""), daemon=True)
             t.start()
@@ -305,23 +330,60 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             t.join(timeout=10)
         codes = [p.wait() for p in procs]
         status = status or next((c for c in codes if c != 0), 0)
+        causes = (_root_causes(error_files) or printed_causes) if status != 0 else []
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        shutil.rmtree(tmp, ignore_errors=True)
     if status != 0:
-        detail = _failure_detail(errors, root_causes)
+        detail = _failure_detail(errors, causes)
         print(f"error: distributed launch failed (exit {status}): {detail}", file=sys.stderr, flush=True)
         return status if 0 < status < 256 else 1
     return 0
 
 
-def _failure_detail(errors: list[str], root_causes: list[tuple[str, str]]) -> str:
+def _read_root_cause(path: str) -> tuple[int, tuple[str, str, str]] | None:
+    """``(timestamp, (rank, detail, error line))`` of the failed worker in a torchrun agent's error file.
+
+    None when there is no file (no failure, or the root cause left none) or it is not a worker's
+    file written by :class:`RankErrorHandler` (e.g. the agent's own error when it was stopped)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    message = data.get("message")
+    info = message.get("extraInfo") if isinstance(message, dict) else data
+    if not isinstance(info, dict) or "llmpipe_rank" not in info:
+        return None
+    # errorCode: the worker's exit code, set by the agent (ErrorHandler.dump_error_file)
+    code = message.get("errorCode") if isinstance(message, dict) else None
+    detail = f"exitcode {code}" if code is not None else "failed"
+    try:
+        stamp = int(info.get("timestamp") or 0)
+    except (TypeError, ValueError):
+        stamp = 0
+    return stamp, (str(info["llmpipe_rank"]), detail, str(info.get("llmpipe_error") or ""))
+
+
+def _root_causes(error_files: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The failed workers named by the agents' error files, first failure first (torchelastic's rule:
+    the smallest timestamp, ChildFailedError.get_first_failure); agents in order on a tie."""
+    found = [c for c in (_read_root_cause(f) for f in error_files) if c is not None]
+    return [cause for _, cause in sorted(found, key=lambda c: c[0])]
+
+
+def _failure_detail(errors: list[str], root_causes: Sequence[tuple[str, ...]]) -> str:
     """One line on the rank that failed first (torchrun's root cause), with its own error line if it wrote one.
 
-    Other ranks' errors (e.g. 'connection closed by peer' after the first one died) are only counted."""
+    A root cause is ``(rank, detail)`` or ``(rank, detail, error line)``; without the error line it is
+    looked up in ``errors``. Other ranks' errors (e.g. 'connection closed by peer' after the first one
+    died) are only counted."""
     if root_causes:
-        rank, detail = root_causes[0]
-        own = [e for e in errors if e.startswith(f"rank {rank}/")]
+        rank, detail, *own_line = root_causes[0]
+        own = [e for e in own_line if e] or [e for e in errors if e.startswith(f"rank {rank}/")]
         line = own[0] if own else f"rank {rank}: {detail}"
     elif errors:
         line = errors[0]
@@ -334,18 +396,58 @@ def _failure_detail(errors: list[str], root_causes: list[tuple[str, str]]) -> st
 # ------------------------------------------------------------------------------------- worker
 
 
+def error_line(exc: BaseException, rank: int, world: int) -> str:
+    """A worker's one-line error: ``rank R/W: Type: first line of the message``."""
+    text = str(exc).strip()
+    msg = text.splitlines()[0].strip() if text else type(exc).__name__
+    return f"rank {rank}/{world}: {type(exc).__name__}: {msg}"
+
+
+class RankErrorHandler(ErrorHandler):
+    """torchelastic's error file for a worker, plus which rank failed and its one-line error.
+
+    torchrun sets ``TORCHELASTIC_ERROR_FILE`` for every worker; :func:`record` writes an uncaught
+    exception there (``ErrorHandler.record_exception``), and the agent copies the first failed
+    worker's file into its own error file (``ChildFailedError`` -> ``ErrorHandler.dump_error_file``,
+    torch/distributed/elastic/multiprocessing/errors/__init__.py). torch's JSON does not say which
+    rank it came from: this handler adds ``llmpipe_rank`` and ``llmpipe_error`` to its
+    ``extraInfo``, which is what the launcher reads (:func:`_read_root_cause`)."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        super().__init__()
+        self._env = env
+
+    def _environ(self) -> Mapping[str, str]:
+        return os.environ if self._env is None else self._env
+
+    def _get_error_file_path(self) -> str | None:
+        return self._environ().get(ERROR_FILE_ENV) or None
+
+    def record_exception(self, e: BaseException) -> None:
+        super().record_exception(e)  # type: ignore[arg-type]
+        env, path = self._environ(), self._get_error_file_path()
+        if not path or not under_torchrun(env):
+            return
+        try:
+            rank, world, _ = worker_rank(env)
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            message = data.get("message")
+            info = message.setdefault("extraInfo", {}) if isinstance(message, dict) else data
+            info.update(llmpipe_rank=str(rank), llmpipe_error=error_line(e, rank, world))
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+        except (OSError, ValueError, AttributeError, PipelineError):
+            pass  # torch's own file stays; the launcher falls back to torchrun's summary
+
+
 def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     """Inside torchrun: run the stage on this rank. Rank 0 commits the output and its manifest."""
-    from pipeline import runner
-    from pipeline.cli import DEFAULT_ROOT
-    from pipeline.stages import load_config
-    from pipeline.storage import Storage
-
     env = dict(os.environ if env is None else env)
     rank, world, _ = worker_rank(env)
     try:
         cfg = load_config(args.stage, args.config, args.overrides)
-        storage = Storage(args.root or env.get("LLMPIPE_ROOT") or DEFAULT_ROOT)
+        storage = Storage(default_root(args.root))
         outcome = runner.run_rank(args.stage, cfg, storage, rank, world, force=args.force, progress=not args.no_progress)
         if rank == 0:
             print(f"== {args.stage}: up to date" if outcome.status == "up to date" else runner.format_summary(outcome),
@@ -354,10 +456,12 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     except BaseException as exc:  # noqa: BLE001 - one line that the launcher relays, then the traceback
         if isinstance(exc, KeyboardInterrupt):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{ERROR_PREFIX} rank {rank}/{world}: {type(exc).__name__}: {msg}", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX} {error_line(exc, rank, world)}", file=sys.stderr, flush=True)
         if isinstance(exc, PipelineError):
+            RankErrorHandler(env).record_exception(exc)  # returned, not raised: @record never sees it
             return exc.exit_code
+        if not isinstance(exc, Exception):
+            RankErrorHandler(env).record_exception(exc)  # @record writes only an Exception (SystemExit passes)
         raise
 
 
@@ -373,6 +477,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    sys.exit(record(main)())
+    sys.exit(record(main, error_handler=RankErrorHandler())())

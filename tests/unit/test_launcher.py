@@ -271,3 +271,37 @@ def test_trainer_raw_log_dicts_are_dropped_but_the_bar_stays(tmp_path, capsys):
         seen = capsys.readouterr()
         cb.on_train_end(args, trainer.state, trainer.control)
         assert ("'loss': 1.0" in seen.out + seen.err) == (cb is not bars[0])
+
+
+def test_root_cause_comes_from_torchelastic_error_files(tmp_path, monkeypatch):
+    """A worker's error file carries its rank and one-line error; the agent's copy (torch's
+    dump_error_file) is what the launcher reads. Files without a rank (the agent's own error) are skipped."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    from pipeline.errors import ConfigError
+    from pipeline.training.launcher import RankErrorHandler, _failure_detail, _read_root_cause, _root_causes
+
+    child, agent = tmp_path / "child.json", tmp_path / "agent.json"
+    worker_env = {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_ERROR_FILE": str(child)}
+    try:
+        raise ConfigError("global_batch_tokens 384 is not a whole multiple\nsecond line")
+    except ConfigError as exc:
+        RankErrorHandler(worker_env).record_exception(exc)
+    data = json.loads(child.read_text())
+    assert data["message"]["message"].startswith("ConfigError: global_batch_tokens 384")  # torch's own fields stay
+    assert "Traceback" in data["message"]["extraInfo"]["py_callstack"]
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(agent))
+    ErrorHandler().dump_error_file(str(child), error_code=2)  # what torchrun's @record does for the root cause
+    stamp, cause = _read_root_cause(str(agent))
+    assert cause == ("1", "exitcode 2", "rank 1/2: ConfigError: global_batch_tokens 384 is not a whole multiple")
+    errors = ["rank 0/2: RuntimeError: Connection closed by peer", cause[2]]
+    assert _failure_detail(errors, [cause]) == cause[2] + " (1 other rank error(s) above)"
+
+    stopped = tmp_path / "stopped.json"  # an agent stopped by the launcher records its own SignalException
+    try:
+        raise RuntimeError("Process 7 got signal: 15")
+    except RuntimeError as exc:
+        RankErrorHandler({"TORCHELASTIC_ERROR_FILE": str(stopped)}).record_exception(exc)
+    assert stopped.exists() and _read_root_cause(str(stopped)) is None
+    assert _read_root_cause(str(tmp_path / "missing.json")) is None
+    assert _root_causes([str(stopped), str(tmp_path / "missing.json"), str(agent)]) == [cause]

@@ -323,3 +323,48 @@ def test_sampler_padding_and_state_dict():
     assert got[:36] == g4 and len(got) == 38  # world 2 drops nothing of 50, world 4 dropped the last 2
     with pytest.raises(ValueError, match="too few"):
         ResumableDistributedSampler(3, world_size=4)
+
+
+def test_index_model_errors_are_one_line_naming_file_and_field(tmp_path):
+    _, index = make_folder(LOCAL, str(tmp_path / "ok"))
+    where = str(tmp_path / "index.json")
+    cases = [
+        (lambda i: i.update(seq_len=0), "seq_len must be a positive integer, got 0"),
+        (lambda i: i.update(dtype="int8"), "dtype: input should be 'uint16' or 'uint32', got 'int8'"),
+        (lambda i: i.update(vocab_size=70_000), "dtype uint16 cannot hold vocab_size 70000"),
+        (lambda i: i.update(extra=1), "unknown key 'extra'"),
+        (lambda i: i["splits"]["train"].pop("shards"), "split 'train': shards is missing"),
+        (lambda i: i["splits"]["train"].update(blocks=11), "split 'train': blocks 11 != sum over its shards 10"),
+        (lambda i: i["splits"]["val"]["shards"][0].pop("sha256"), "split 'val': shards[0].sha256 is missing"),
+        (lambda i: i["splits"]["val"]["shards"][0].update(file="../x.bin"), "'../x.bin' must be a plain file name"),
+        (lambda i: i["splits"]["val"]["shards"][0].update(blocks="3"), "shards[0].blocks: input should be a valid integer"),
+    ]
+    for change, message in cases:
+        bad = json.loads(json.dumps(index))
+        change(bad)
+        (tmp_path / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError) as err:
+            read_index(LOCAL, str(tmp_path))
+        text = str(err.value)
+        assert text.startswith(f"{where}: ") and message in text and "\n" not in text, text
+        with pytest.raises(InputError, match="index.json: "):  # the writer refuses the same index
+            write_index(LOCAL, str(tmp_path / "w"), bad)
+    with pytest.raises(InputError, match="shards\\[0\\].file 'a/b.bin' must be a plain file name"):
+        new_index(seq_len=8, vocab_size=1000, bos_id=1, eos_id=2,
+                  splits={"train": {"shards": [{"file": "a/b.bin", "blocks": 1, "bytes": 16, "sha256": "0"}]}})
+
+
+def test_index_json_keeps_its_bytes(tmp_path):
+    """An index.json as this format has always been written (sorted keys, indent 2, null ids, packer
+    counters) reads back to the same values and is rewritten byte for byte."""
+    _, index = make_folder(LOCAL, str(tmp_path))
+    old = json.loads((tmp_path / "index.json").read_text())
+    old["bos_id"] = None
+    old["splits"]["train"].update(documents=7, empty_documents=1, document_tokens=70, stream_tokens=80,
+                                  dropped_tail_tokens=3)
+    raw = json.dumps(old, indent=2, sort_keys=True) + "\n"
+    (tmp_path / "index.json").write_text(raw)
+    assert read_index(LOCAL, str(tmp_path)) == old
+    write_index(LOCAL, str(tmp_path / "again"), read_index(LOCAL, str(tmp_path)))
+    assert (tmp_path / "again" / "index.json").read_text() == raw
+    assert sorted(old) == ["bos_id", "byteorder", "dtype", "eos_id", "format", "seq_len", "splits", "version", "vocab_size"]
