@@ -2,8 +2,8 @@
 
 ``kind: files`` takes local files, folders (recursive), globs (``**`` recurses) and ``s3://``
 prefixes or globs, all through fsspec. Formats are chosen by extension, after an optional
-compression suffix (``.gz``, ``.bz2``, ``.xz`` through fsspec, ``.zst``/``.zstd`` through
-``zstandard``):
+compression suffix (``.gz``, ``.bz2``, ``.xz``, ``.lzma`` through fsspec, ``.zst``/``.zstd`` through
+``zstandard``: see :data:`COMPRESSIONS`):
 
 * ``.jsonl`` / ``.json`` / ``.ndjson``: one JSON object per line, text in ``source.text_field``
   (a ``.json`` file whose first character is ``[`` is read as one JSON array, whole);
@@ -57,19 +57,19 @@ without the field falls back to the derived id). hf rows without ``id_field`` ge
 
 from __future__ import annotations
 
-import bz2
 import codecs
-import gzip
+import contextlib
 import io
 import json
-import lzma
 import os
 import posixpath
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Literal
 
 import fsspec
+import zstandard
 from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
@@ -115,6 +115,7 @@ class Source(StrictModel):
                 raise ValueError(f"separator is not a valid regex: {exc}") from None
         return self
 
+
 HEAD_BYTES = 8192
 _READ_BUFFER = 1 << 20
 _PARQUET_BATCH = 4096
@@ -126,7 +127,14 @@ _BINARY_SHARE = 0.10
 
 JSON_EXT = {".jsonl", ".json", ".ndjson"}
 PARQUET_EXT = {".parquet"}
-COMPRESSION_EXT = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+# Compression is fsspec's: its inference from the name (fsspec.utils.infer_compression: .gz, .bz2, .xz, .lzma, .zst)
+# and its decompressors (fsspec.compression.compr), with three exceptions kept here. (1) zstd: fsspec's zstandard
+# wrapper (fsspec/compression.py, zstandard_file) stops after the first frame, and `zstd -c a b > c` writes several,
+# so zstd is read with read_across_frames=True (see _decompress). (2) Two spellings fsspec does not infer, .gzip and
+# .zstd. (3) zip, which fsspec infers, is not a compression here: an archive of several files, of which fsspec would
+# read only the first, silently.
+COMPRESSIONS = ("gzip", "bz2", "xz", "lzma", "zstd")
+_MORE_COMPRESSION_EXT = {".gzip": "gzip", ".zstd": "zstd"}
 
 REASONS = ("invalid_utf8", "binary", "empty_file", "unreadable", "bad_record", "empty_document")
 
@@ -147,7 +155,9 @@ class Problem:
 
 
 @dataclass(slots=True)
-class _File:
+class DataFile:
+    """One file found by :func:`list_files` (or a collect source's paths)."""
+
     url: str  # what the user would recognise: an absolute local path or proto://bucket/key
     path: str  # the path inside ``fs``
     rel: str  # path relative to the pattern's folder, used in ids
@@ -184,7 +194,7 @@ def source_name(source: Source) -> str:
 
 def _strip_extensions(name: str) -> str:
     stem, ext = os.path.splitext(name)
-    if ext.lower() in COMPRESSION_EXT:
+    if compression_of(name):
         stem, ext = os.path.splitext(stem)
     return stem if ext else name
 
@@ -203,56 +213,74 @@ def _is_hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
-def _expand(source: Source, storage_options: dict[str, Any] | None) -> list[_File]:
+def _list(pattern: str, opts: dict[str, Any], *, globs: bool = True) -> tuple[Any, list[tuple[str, str]]]:
+    """(filesystem, sorted ``(path, rel)``) of one entry of a source's ``paths``: a folder (recursively), a glob
+    (unless ``globs`` is false: then ``*?[`` are plain characters), or a file; hidden names are skipped (see
+    :func:`expand_paths`). InputError when it cannot be opened or listed."""
+    raw = os.path.expanduser(pattern) if "://" not in pattern else pattern
+    try:
+        fs, root = fsspec.core.url_to_fs(raw, **opts)
+    except Exception as exc:  # unknown protocol, missing optional dependency, bad options
+        raise InputError(f"cannot open {pattern!r}: {type(exc).__name__}: {exc}") from None
+    root = root.rstrip("/") or root
+    found: list[tuple[str, str]] = []  # (path, rel)
+    try:
+        if globs and _GLOB_CHARS.search(root):
+            parts = root.split("/")
+            first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+            base = "/".join(parts[:first])
+            # like the shell, wildcards do not match hidden names unless the pattern spells a dot
+            dots = any(part.startswith(".") for part in parts[first:])
+            hits = fs.glob(root, detail=True)
+            for path, info in hits.items():
+                rel = _rel(path, base)
+                if info.get("type") == "file" and (dots or not _is_hidden(rel)):
+                    found.append((path, rel))
+        elif fs.isdir(root):
+            for path in fs.find(root):
+                rel = _rel(path, root)
+                if not _is_hidden(rel):  # .git, .DS_Store, editor swap files
+                    found.append((path, rel))
+        elif fs.isfile(root):
+            found.append((root, posixpath.basename(root)))
+    except (FileNotFoundError, PermissionError, OSError) as exc:
+        raise InputError(f"cannot list {pattern!r}: {type(exc).__name__}: {exc}") from None
+    return fs, sorted(found)
+
+
+def _expand(source: Source, storage_options: dict[str, Any] | None) -> list[DataFile]:
     if source.kind != "files":
         raise InputError(f"expand_paths: source {source_name(source)!r} is kind {source.kind!r}, not 'files'")
     opts = storage_options_from_env() if storage_options is None else dict(storage_options)
-    out: list[_File] = []
+    out: list[DataFile] = []
     seen_paths: set[str] = set()
     seen_rel: set[str] = set()
     for pattern in source.paths:
-        raw = os.path.expanduser(pattern) if "://" not in pattern else pattern
-        try:
-            fs, root = fsspec.core.url_to_fs(raw, **opts)
-        except Exception as exc:  # unknown protocol, missing optional dependency, bad options
-            raise InputError(f"cannot open {pattern!r}: {type(exc).__name__}: {exc}") from None
-        root = root.rstrip("/") or root
-        found: list[tuple[str, str]] = []  # (path, rel)
-        try:
-            if _GLOB_CHARS.search(root):
-                parts = root.split("/")
-                first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
-                base = "/".join(parts[:first])
-                # like the shell, wildcards do not match hidden names unless the pattern spells a dot
-                dots = any(part.startswith(".") for part in parts[first:])
-                hits = fs.glob(root, detail=True)
-                for path, info in hits.items():
-                    rel = _rel(path, base)
-                    if info.get("type") == "file" and (dots or not _is_hidden(rel)):
-                        found.append((path, rel))
-            elif fs.isdir(root):
-                for path in fs.find(root):
-                    rel = _rel(path, root)
-                    if not _is_hidden(rel):  # .git, .DS_Store, editor swap files
-                        found.append((path, rel))
-            elif fs.isfile(root):
-                found.append((root, posixpath.basename(root)))
-        except (FileNotFoundError, PermissionError, OSError) as exc:
-            raise InputError(f"cannot list {pattern!r}: {type(exc).__name__}: {exc}") from None
+        fs, found = _list(pattern, opts)
         if not found:
             raise InputError(
                 f"path {pattern!r} matched no files (source {source_name(source)!r}); "
                 "check the path, the glob (use ** to recurse) or the s3 prefix and credentials"
             )
-        for path, rel in sorted(found):
+        for path, rel in found:
             if path in seen_paths:
                 continue
             seen_paths.add(path)
             if rel in seen_rel:
                 rel = path.lstrip("/")
             seen_rel.add(rel)
-            out.append(_File(url=_url(fs, path), path=path, rel=rel, fs=fs))
+            out.append(DataFile(url=_url(fs, path), path=path, rel=rel, fs=fs))
     return out
+
+
+def list_files(path: str, *, storage_options: dict[str, Any] | None = None, globs: bool = True) -> list[DataFile]:
+    """The files of one path -- a folder (recursively), a glob or a file -- in reading order, hidden names
+    skipped, exactly as one entry of a collect source's ``paths`` is expanded; ``[]`` when it matches nothing.
+    ``globs=False``: the path is a file or folder name, even with ``*?[`` in it. Post-training reads its data
+    files and folders through this. ``storage_options=None``: those in ``LLMPIPE_STORAGE_OPTIONS``."""
+    opts = storage_options_from_env() if storage_options is None else dict(storage_options)
+    fs, found = _list(path, opts, globs=globs)
+    return [DataFile(url=_url(fs, p), path=p, rel=rel, fs=fs) for p, rel in found]
 
 
 def _rel(path: str, base: str) -> str:
@@ -300,11 +328,17 @@ class _Prefixed(io.RawIOBase):
         return n
 
 
-def _split_ext(path: str) -> tuple[str, str | None]:
-    """(format extension, compression) of a file name, both lower case."""
+def compression_of(name: str) -> str | None:
+    """The compression a file name says (one of :data:`COMPRESSIONS`), or None."""
+    found = fsspec.utils.infer_compression(name) or _MORE_COMPRESSION_EXT.get(posixpath.splitext(name)[1].lower())
+    return found if found in COMPRESSIONS else None
+
+
+def split_ext(path: str) -> tuple[str, str | None]:
+    """(format extension, compression) of a file name, both lower case: ``a.JSONL.gz`` -> ``(".jsonl", "gzip")``."""
     name = posixpath.basename(path).lower()
     stem, ext = posixpath.splitext(name)
-    compression = COMPRESSION_EXT.get(ext)
+    compression = compression_of(name)
     if compression:
         stem, ext = posixpath.splitext(stem)
     return ext, compression
@@ -313,15 +347,44 @@ def _split_ext(path: str) -> tuple[str, str | None]:
 def _decompress(raw: IO[bytes], compression: str | None) -> IO[bytes]:
     if compression is None:
         return raw
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "bz2":
-        return bz2.BZ2File(raw, mode="rb")
-    if compression == "xz":
-        return lzma.LZMAFile(raw, mode="rb")
-    import zstandard
+    if compression == "zstd":  # every frame, not only the first (see COMPRESSIONS)
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return fsspec.compression.compr[compression](raw, mode="rb")
 
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+@contextlib.contextmanager
+def open_bytes(f: DataFile, compression: str | None) -> Iterator[IO[bytes]]:
+    """The decompressed bytes of a file, closed (with the file) on exit."""
+    raw = f.fs.open(f.path, "rb")
+    closers: list[Any] = [raw]
+    try:
+        stream = _decompress(raw, compression)
+        if stream is not raw:
+            closers.append(stream)
+        yield stream
+    finally:
+        _close_all(closers)
+
+
+@contextlib.contextmanager
+def open_parquet(f: DataFile, compression: str | None) -> Iterator[Any]:
+    """A ``pyarrow.parquet.ParquetFile`` of a parquet file; a compressed one is spooled, decompressed, to a
+    temporary file first (parquet needs seeks). :class:`SkippedFile` (``empty_file``) when there are no bytes."""
+    import pyarrow.parquet as pq  # heavy: only when a parquet file is read
+
+    if not f.fs.size(f.path):
+        raise SkippedFile("empty_file", "file has no bytes")
+    with f.fs.open(f.path, "rb") as raw:
+        if compression:
+            with tempfile.TemporaryFile() as tmp, _decompress(raw, compression) as dec:
+                while chunk := dec.read(_READ_BUFFER):
+                    tmp.write(chunk)
+                if not tmp.tell():
+                    raise SkippedFile("empty_file", "no bytes after decompression")
+                tmp.seek(0)
+                yield pq.ParquetFile(tmp)
+        else:
+            yield pq.ParquetFile(raw)
 
 
 def _read_head(stream: IO[bytes]) -> bytes:
@@ -354,8 +417,9 @@ def _close_all(closers: list[Any]) -> None:
             pass
 
 
-class _Skip(Exception):
-    """A whole-file problem found while opening (empty, binary)."""
+class SkippedFile(Exception):
+    """A whole-file problem found while opening (empty, binary): a :class:`Problem` in collect, an error in
+    post-training."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -375,17 +439,17 @@ class _Reader:
         self.sep = re.compile(source.separator) if source.split_mode == "regex" and source.separator else None
 
     # -- helpers
-    def _doc(self, f: _File, n: int, text: str, rid: Any = None) -> Document:
+    def _doc(self, f: DataFile, n: int, text: str, rid: Any = None) -> Document:
         if rid is not None and rid != "":
             return Document(f"{self.name}/{rid}", text, self.name, self.lang)
         return Document(f"{self.name}/{f.rel}#{n}", text, self.name, self.lang)
 
-    def _empty(self, f: _File, what: str) -> Problem:
+    def _empty(self, f: DataFile, what: str) -> Problem:
         return Problem(f.url, "empty_document", f"{what}: empty after strip()")
 
     # -- entry point per file
-    def read_file(self, f: _File) -> Iterator[Document | Problem]:
-        ext, compression = _split_ext(f.path)
+    def read_file(self, f: DataFile) -> Iterator[Document | Problem]:
+        ext, compression = split_ext(f.path)
         state = {"docs": 0}
         try:
             if ext in PARQUET_EXT:
@@ -393,14 +457,14 @@ class _Reader:
             else:
                 gen = self._text_like(f, ext, compression, state)
             yield from gen
-        except _Skip as skip:
+        except SkippedFile as skip:
             yield Problem(f.url, skip.reason, skip.detail)
         except _Invalid as bad:
             yield Problem(f.url, "invalid_utf8", f"{bad.detail}{_kept(state['docs'])}")
         except Exception as exc:  # noqa: BLE001 - OSError/EOFError (gzip), ZstdError, ArrowInvalid, fs backends
             yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
 
-    def _open_stream(self, f: _File, compression: str | None) -> tuple[IO[bytes], list[Any]]:
+    def _open_stream(self, f: DataFile, compression: str | None) -> tuple[IO[bytes], list[Any]]:
         raw = f.fs.open(f.path, "rb")
         closers: list[Any] = [raw]
         try:
@@ -410,10 +474,10 @@ class _Reader:
             head = _read_head(stream)
             if not head:
                 what = "no bytes after decompression" if compression else "file has no bytes"
-                raise _Skip("empty_file", what)
+                raise SkippedFile("empty_file", what)
             why = _binary_reason(head)
             if why:
-                raise _Skip("binary", f"looks binary: {why}")
+                raise SkippedFile("binary", f"looks binary: {why}")
         except BaseException:
             _close_all(closers)
             raise
@@ -421,7 +485,7 @@ class _Reader:
         closers.append(buffered)
         return buffered, closers
 
-    def _text_like(self, f: _File, ext: str, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
+    def _text_like(self, f: DataFile, ext: str, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
         stream, closers = self._open_stream(f, compression)
         try:
             if ext in JSON_EXT:
@@ -452,7 +516,7 @@ class _Reader:
                 text = text[:-2] if text.endswith("\r\n") else text[:-1]
             yield offset, text
 
-    def _txt(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
+    def _txt(self, f: DataFile, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
         mode = self.source.split_mode
         if mode == "file":
             text = _decode_whole(stream.read()).strip()
@@ -518,7 +582,7 @@ class _Reader:
                 yield self._empty(f, f"chunk #{n} at end of file")
 
     # -- json lines
-    def _record(self, f: _File, n: int, obj: Any, where: str) -> Document | Problem:
+    def _record(self, f: DataFile, n: int, obj: Any, where: str) -> Document | Problem:
         if not isinstance(obj, dict):
             return Problem(f.url, "bad_record", f"{where}: not a JSON object ({type(obj).__name__})")
         text = obj.get(self.text_field)
@@ -535,7 +599,7 @@ class _Reader:
         rid = obj.get(self.id_field) if self.id_field else None
         return self._doc(f, n, text, rid)
 
-    def _jsonl(self, f: _File, stream: IO[bytes], state: dict[str, int], ext: str) -> Iterator[Document | Problem]:
+    def _jsonl(self, f: DataFile, stream: IO[bytes], state: dict[str, int], ext: str) -> Iterator[Document | Problem]:
         if ext == ".json":
             first = stream.peek(64)[:64].lstrip(codecs.BOM_UTF8).lstrip()  # type: ignore[attr-defined]
             if first.startswith(b"["):
@@ -576,7 +640,7 @@ class _Reader:
             else:
                 yield self._record(f, n, obj, f"line {n + 1}")
 
-    def _json_array(self, f: _File, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
+    def _json_array(self, f: DataFile, stream: IO[bytes], state: dict[str, int]) -> Iterator[Document | Problem]:
         text = _decode_whole(stream.read())
         try:
             rows = json.loads(text)
@@ -590,31 +654,15 @@ class _Reader:
             yield item
 
     # -- parquet
-    def _parquet(self, f: _File, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
-        import tempfile
+    def _parquet(self, f: DataFile, compression: str | None, state: dict[str, int]) -> Iterator[Document | Problem]:
+        with open_parquet(f, compression) as pf:
+            yield from self._parquet_rows(f, pf, state)
 
-        import pyarrow.parquet as pq
-
-        size = f.fs.size(f.path)
-        if not size:
-            raise _Skip("empty_file", "file has no bytes")
-        with f.fs.open(f.path, "rb") as raw:
-            if compression:  # parquet needs seeks: spool the decompressed bytes to a temp file
-                with tempfile.TemporaryFile() as tmp, _decompress(raw, compression) as dec:
-                    while chunk := dec.read(_READ_BUFFER):
-                        tmp.write(chunk)
-                    if not tmp.tell():
-                        raise _Skip("empty_file", "no bytes after decompression")
-                    tmp.seek(0)
-                    yield from self._parquet_rows(f, pq.ParquetFile(tmp), state)
-            else:
-                yield from self._parquet_rows(f, pq.ParquetFile(raw), state)
-
-    def _parquet_rows(self, f: _File, pf: Any, state: dict[str, int]) -> Iterator[Document | Problem]:
+    def _parquet_rows(self, f: DataFile, pf: Any, state: dict[str, int]) -> Iterator[Document | Problem]:
         names = pf.schema_arrow.names
         if self.text_field not in names:
             rows = pf.metadata.num_rows
-            raise _Skip(
+            raise SkippedFile(
                 "unreadable",
                 f"no column {self.text_field!r} (columns: {', '.join(names[:20])}); {rows} rows skipped; set text_field",
             )
@@ -675,7 +723,7 @@ def _hf_local_format(folder: str) -> str | None:
         for name in files:
             if name.startswith("."):
                 continue
-            ext, _ = _split_ext(name)
+            ext, _ = split_ext(name)
             if ext in _HF_FORMATS:
                 found.add(_HF_FORMATS[ext])
     if len(found) > 1:
@@ -707,7 +755,7 @@ def _hf_load(source: Source) -> Any:
             return datasets.load_dataset(fmt, data_dir=local, **kwargs)
         return datasets.load_dataset(local, source.dataset_config, **kwargs)
     if os.path.isfile(local):
-        ext, _ = _split_ext(local)
+        ext, _ = split_ext(local)
         fmt = _HF_FORMATS.get(ext)
         if fmt is None:
             raise InputError(f"hf dataset {name!r} is a file of unknown format; use kind: files")

@@ -26,7 +26,7 @@ def generate(model: Any, tok: Any, prompts: list[str], *, chat: bool, system: st
     import torch
     from transformers import set_seed
 
-    from pipeline.training.posttrain import stop_token_ids
+    from pipeline.training.posttrain.templates import stop_token_ids
 
     stops = stop_token_ids(tok)
     records: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.stage import Stage
 from pipeline.training.config import PostTrainConfig
+from pipeline.training.posttrain.data import data_fingerprints
 
 
 class PostTrainStage(Stage):
@@ -19,8 +20,6 @@ class PostTrainStage(Stage):
 
     def external_inputs(self, cfg: PostTrainConfig) -> dict[str, str]:
         """The local data files' sha256 (a hub dataset: its name and split), so edited data makes the stage stale."""
-        from pipeline.training.posttrain import data_fingerprints  # torch and transformers: only when a stage runs
-
         out: dict[str, Any] = {}
         for src in [*cfg.data, *cfg.eval_data]:
             found = data_fingerprints([src])

@@ -6,7 +6,7 @@ assistant message). The reference model is a frozen copy of the starting model, 
 the held-out pairs and on (up to 64 of) the training pairs, the policy's log-probability margin
 chosen - rejected and the DPO implicit reward margin / accuracy
 ``beta * (log pi/pi_ref (chosen) - log pi/pi_ref (rejected))`` (0 before training by definition).
-The work is done by :func:`pipeline.training.posttrain.train_dpo`.
+The work is done by :func:`pipeline.training.posttrain.trainers.train_dpo`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class DPOStage(PostTrainStage):
     INPUTS = ("models/sft",)
 
     def run(self, cfg: DPOConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
-        from pipeline.training.posttrain import train_dpo
+        from pipeline.training.posttrain.trainers import train_dpo
 
         return train_dpo(cfg, ctx, out)
 

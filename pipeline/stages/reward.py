@@ -4,7 +4,7 @@ The causal LM checkpoint is loaded as ``AutoModelForSequenceClassification`` wit
 new scalar head on the last non-pad token) and trained on the chosen/rejected pairs
 (Bradley-Terry loss). Metrics: pairwise accuracy (reward(chosen) > reward(rejected)) and mean
 margin on the held-out pairs and on the training pairs, before and after. The work is done by
-:func:`pipeline.training.posttrain.train_reward`.
+:func:`pipeline.training.posttrain.trainers.train_reward`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class RewardStage(PostTrainStage):
     INPUTS = ("models/sft",)
 
     def run(self, cfg: RewardConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
-        from pipeline.training.posttrain import train_reward
+        from pipeline.training.posttrain.trainers import train_reward
 
         return train_reward(cfg, ctx, out)
 

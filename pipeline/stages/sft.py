@@ -7,7 +7,7 @@ conversation rendered by the tokenizer's ChatML template; the loss is on assista
 (each assistant turn's content and its ``<|im_end|>``). Full fine-tuning or LoRA (merged into a
 full model on export; the adapter is kept under ``adapter/``). Distributed through
 :mod:`pipeline.training.launcher` with the shipped DeepSpeed configs, like pretrain. The work is
-done by :func:`pipeline.training.posttrain.train_sft`.
+done by :func:`pipeline.training.posttrain.trainers.train_sft`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class SFTStage(PostTrainStage):
     INPUTS = ("models/pretrain",)  # the default; `inputs(cfg)` follows cfg.model / cfg.tokenizer
 
     def run(self, cfg: SFTConfig, ctx: StageContext, out: OutputDir | None) -> dict[str, Any]:
-        from pipeline.training.posttrain import train_sft
+        from pipeline.training.posttrain.trainers import train_sft
 
         return train_sft(cfg, ctx, out)
 

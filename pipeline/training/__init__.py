@@ -1,8 +1,11 @@
-"""Distributed training: the launcher (PyTorchJob env -> torchrun), shipped DeepSpeed configs, and the
-pretraining loop library (:mod:`pipeline.training.pretrain`)."""
+"""Distributed training: the launcher (PyTorchJob env -> torchrun, an entry point), the shipped DeepSpeed
+configs, the stages' configs (:mod:`.config`), and the libraries the training stages run:
+:mod:`.pretrain`, :mod:`.posttrain` (sft / dpo / reward on TRL), :mod:`.checkpoint` (where checkpoints
+are written) and :mod:`.common` (precision, DeepSpeed, TrainingArguments, export). Light to import."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -13,3 +16,10 @@ def deepspeed_config_path(stage: int, offload: bool = False) -> Path:
     if stage not in (1, 2, 3):
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
     return DEEPSPEED_DIR / f"zero{stage}{'-offload' if offload else ''}.json"
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a process group of this machine only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -33,7 +33,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from pipeline import default_root, runner
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.stages import load_config
 from pipeline.storage import Storage
+from pipeline.training import free_port
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -178,12 +178,6 @@ def under_torchrun(env: Mapping[str, str]) -> bool:
 def worker_rank(env: Mapping[str, str]) -> tuple[int, int, int]:
     """(global rank, world size, local rank) of a torchrun worker."""
     return _int(env.get("RANK", 0), "RANK"), _int(env.get("WORLD_SIZE", 1), "WORLD_SIZE"), _int(env.get("LOCAL_RANK", 0), "LOCAL_RANK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -160,11 +160,11 @@ def _no_output(root: Path, stage: str) -> bool:
 
 
 def test_bad_inputs_fail_before_compute(run_root, tmp_path, monkeypatch):
+    import transformers
+
     from pipeline.errors import InputError
     from pipeline.storage import Storage
     from tests.fixtures.posttrain.tiny import commit_model
-
-    import transformers
 
     def _no_weights(*a, **k):
         raise AssertionError("weights were loaded before the input checks")

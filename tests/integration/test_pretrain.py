@@ -241,8 +241,8 @@ def test_bad_inputs_fail_before_any_weights_load(run_root, tmp_path, monkeypatch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from pipeline import runner
-    from pipeline.stages import load_config
     from pipeline.errors import ConfigError, InputError, PipelineError
+    from pipeline.stages import load_config
     from pipeline.storage import Storage
 
     storage = Storage(str(run_root))
@@ -461,7 +461,7 @@ def test_killed_rank_resumes_exactly(template_root, tmp_path):
     last = (tmp_path / "killed.log").read_text().strip().splitlines()[-1]
     assert last.startswith("error: distributed launch failed") and "rank 1" in last and "Signal 9" in last, last
     assert not (run_root / "models" / "pretrain").exists()
-    from pipeline.training.pretrain import latest_checkpoint
+    from pipeline.training.checkpoint import latest_checkpoint
 
     resume_step = latest_checkpoint(run_root / "checkpoints" / "pretrain")[0]
     assert resume_step in (4, 8, 12)

@@ -9,6 +9,8 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.training import deepspeed_config_path
+from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints
+from pipeline.training.common import resolve_precision
 from pipeline.training.launcher import (
     build_parser,
     topology_from,
@@ -22,12 +24,9 @@ from pipeline.training.pretrain import (
     cosine_lr,
     flops_per_token,
     grad_accum_steps,
-    latest_checkpoint,
-    list_checkpoints,
     mfu,
     phase_at,
     plan_phases,
-    resolve_precision,
     wsd_lr,
 )
 
@@ -253,7 +252,7 @@ def test_trainer_raw_log_dicts_are_dropped_but_the_bar_stays(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from pipeline.training.pretrain import quiet_trainer_logs
+    from pipeline.training.common import quiet_trainer_logs
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))

@@ -13,8 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.data.readers import Source
-from pipeline.data.readers import Document, Problem, expand_paths, iter_source, source_name
+from pipeline.data.readers import Document, Problem, Source, expand_paths, iter_source, source_name
 from pipeline.errors import InputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -368,3 +367,13 @@ def test_errors_raise_at_call_not_at_first_next(tmp_path):
         iter_source(Source(paths=[f"{tmp_path}/nothing/*.txt"]))
     with pytest.raises(InputError, match="could not be read"):
         iter_source(Source(kind="hf", dataset="no-such-org/no-such-dataset"))
+
+
+def test_compression_is_inferred_as_fsspec_does():
+    from pipeline.data.readers import compression_of, split_ext
+
+    assert [compression_of(n) for n in ("a.txt.gz", "a.TXT.GZ", "a.bz2", "a.xz", "a.lzma", "a.zst")] == [
+        "gzip", "gzip", "bz2", "xz", "lzma", "zstd"]
+    assert compression_of("a.gzip") == "gzip" and compression_of("a.zstd") == "zstd"  # spellings fsspec does not know
+    assert compression_of("a.zip") is None and compression_of("a.jsonl") is None  # an archive is not a compression
+    assert split_ext("dir/x.JSONL.gz") == (".jsonl", "gzip") and split_ext("x.parquet") == (".parquet", None)

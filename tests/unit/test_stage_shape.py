@@ -1,13 +1,18 @@
 """Every stage has the one declared shape of pipeline/stage.py; configs mark their execution-only fields
-themselves."""
+themselves; imports point down (core <- library <- stages <- runner / CLI)."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import StrictModel, config_hash, execution_only
 from pipeline.stage import ShardedStage, Stage
 from pipeline.stages import ORDER, get_stage, producer
+
+PKG = Path(__file__).resolve().parents[2] / "pipeline"
 
 
 @pytest.mark.parametrize("name", ORDER)
@@ -63,3 +68,62 @@ def test_an_execution_only_field_does_not_change_the_hash_but_another_does():
     base = load_config("pack")
     assert config_hash(load_config("pack", None, ["workers=7", "batch_size=3"])) == config_hash(base)
     assert config_hash(load_config("pack", None, ["seq_len=64"])) != config_hash(base)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+CORE = {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.storage", "pipeline.stage"}
+# entry points: they may import anything (they run stages); nothing below imports them
+ENTRY = {"pipeline.runner", "pipeline.cli", "pipeline.summary", "pipeline.k8s.cli", "pipeline.training.launcher"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every pipeline module imported anywhere in the file (function bodies too), except under TYPE_CHECKING."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pipeline"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def _layer(module: str) -> str:
+    if module in CORE:
+        return "core"
+    if module in ENTRY:
+        return "entry"
+    if module == "pipeline.stages" or module.startswith("pipeline.stages."):
+        return "stages"
+    return "library"
+
+
+def test_imports_point_down():
+    known = {_module_name(p) for p in PKG.rglob("*.py")}
+    allowed = {"core": {"core"}, "library": {"core", "library"}, "stages": {"core", "library", "stages"},
+               "entry": {"core", "library", "stages", "entry"}}
+    wrong = []
+    for path in sorted(PKG.rglob("*.py")):
+        me = _module_name(path)
+        for target in _imports(path):
+            if target not in known:  # `from pipeline.x import name`: the name, not a module
+                continue
+            if _layer(target) not in allowed[_layer(me)]:
+                wrong.append(f"{me} ({_layer(me)}) imports {target} ({_layer(target)})")
+    assert wrong == []

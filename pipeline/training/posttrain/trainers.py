@@ -1,0 +1,303 @@
+"""The three post-training stages on one rank: :func:`train_sft`, :func:`train_dpo`, :func:`train_reward`.
+
+Each reads its data (:mod:`.data`), opens a :class:`PostTrainRun` (every check before any weights load, the
+DeepSpeed process group, the TrainingArguments fields, the export: :mod:`pipeline.training.common`, as pretrain),
+builds its TRL trainer, measures before and after training (:mod:`.measures`) and exports the model. Rank 0 gets
+the output folder, the others ``None``. No checkpoints are written
+(:func:`pipeline.training.checkpoint.no_checkpoints`): the Trainer's folder is scratch, deleted with the run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import datasets
+import torch
+import transformers
+import trl
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig, TrainerCallback
+
+from pipeline import tracking
+from pipeline.errors import InputError
+from pipeline.training.checkpoint import no_checkpoints
+from pipeline.training.common import (
+    Export,
+    load_deepspeed_config,
+    quiet_libraries,
+    quiet_trainer_logs,
+    resolve_precision,
+    start_deepspeed,
+    training_arguments,
+)
+from pipeline.training.posttrain.data import data_fingerprints, load_train_eval
+from pipeline.training.posttrain.measures import (
+    completion_logps,
+    generate_samples,
+    heldout_loss,
+    pair_stats,
+    reward_scores,
+)
+from pipeline.training.posttrain.templates import check_max_length, model_folder, prepare_tokenizer, stop_token_ids
+
+GENERATIONS_FILE = "generations.json"
+METRICS_FILE = "train_metrics.jsonl"
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards/margins", "accuracy", "margin",
+            "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy")
+
+
+# ------------------------------------------------------------------------------- set-up
+
+
+def trainer_kwargs(cfg: Any, ctx: Any, output_dir: str, precision: str, ds_cfg: dict | None, has_eval: bool) -> dict:
+    """TrainingArguments fields of the three TRL configs: the shared ones, no checkpoints, and post-training's own."""
+    return training_arguments(
+        cfg, ctx, precision=precision, ds_cfg=ds_cfg, checkpoints=no_checkpoints(output_dir),
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_ratio=cfg.warmup_ratio,
+        eval_strategy="steps" if (cfg.eval_every and has_eval) else "no",
+        eval_steps=cfg.eval_every or None,
+        data_seed=cfg.seed,
+        dataset_num_proc=None,
+    )
+
+
+def lora_config(cfg: Any, task_type: str) -> LoraConfig | None:
+    if cfg.lora is None:
+        return None
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, task_type=task_type,
+                      target_modules=lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules))
+
+
+def _final_loss(history: list[dict[str, Any]]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return float(losses[-1]) if losses else None
+
+
+class PostTrainRun:
+    """What the three trainers share around the TRL trainer: a scratch folder, the checks, the process group, the
+    TrainingArguments fields and the export. A context manager: the scratch folder goes on exit."""
+
+    def __init__(self, cfg: Any, ctx: Any, out: Any, name: str):
+        quiet_libraries(transformers.logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"trl.*")
+        self.cfg, self.ctx, self.out, self.name = cfg, ctx, out, name
+        self.main = ctx.rank == 0
+        self._scratch = tempfile.TemporaryDirectory(prefix=f"llmpipe-{name}-r{ctx.rank}-", ignore_cleanup_errors=True)
+        self.tmp = self._scratch.name
+        try:
+            self.precision = resolve_precision(cfg.precision)
+            self.ds_cfg = load_deepspeed_config(cfg)
+            # -- every check before any weights are loaded
+            self.model_dir, self.tok_dir = model_folder(ctx, cfg, self.tmp)
+            self.model_config = check_max_length(cfg, self.model_dir)
+            self.tok = prepare_tokenizer(self.tok_dir, cfg.chat_template)
+            if len(self.tok) > self.model_config.vocab_size:
+                raise InputError(f"the tokenizer has {len(self.tok)} tokens but the model's vocab_size is "
+                                 f"{self.model_config.vocab_size}")
+        except BaseException:
+            self._scratch.cleanup()
+            raise
+        self.synced = cfg.zero_stage == 3 and ctx.world > 1
+        self.export = Export(out, self.tmp, main=self.main)
+
+    def __enter__(self) -> "PostTrainRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._scratch.cleanup()
+
+    def arguments(self, has_eval: bool) -> dict[str, Any]:
+        """DeepSpeed started (when zero_stage > 0), then the TrainingArguments fields: before any
+        ``from_pretrained``, so that ZeRO-3 partitions the weights as they load."""
+        start_deepspeed(self.ds_cfg, self.ctx.world)
+        return trainer_kwargs(self.cfg, self.ctx, os.path.join(self.tmp, "trainer"), self.precision, self.ds_cfg, has_eval)
+
+    def quiet(self, trainer: Any) -> Any:
+        """Replace the Trainer's raw dict printing by one line per log on rank 0 (through ctx.log); step metrics to
+        the stage's MLflow run, when one is active."""
+        quiet_trainer_logs(trainer)
+        trainer.add_callback(_LineLog(self))
+        trainer.add_callback(tracking.hf_callback())
+        return trainer
+
+    def log(self, message: str) -> None:
+        if self.main:
+            self.ctx.log(message)
+
+    def metrics(self, trainer: Any, n_train: int, n_eval: int) -> dict[str, Any]:
+        return {
+            "train_examples": n_train,
+            "eval_examples": n_eval,
+            "steps": trainer.state.global_step,
+            "world_size": self.ctx.world,
+            "zero_stage": self.cfg.zero_stage,
+            "precision": self.precision,
+            "mode": "lora" if self.cfg.lora is not None else "full",
+            "train_loss": _final_loss(trainer.state.log_history),
+            "data_sha256": data_fingerprints([*self.cfg.data, *self.cfg.eval_data]),
+        }
+
+    def save(self, trainer: Any, files: dict[str, Any], *, causal: bool = True) -> str:
+        """Export the full model (LoRA merged, adapter under adapter/), its generation config (a causal LM: stops at
+        <|im_end|> and EOS), tokenizer and ``files``; rank 0 writes."""
+        self.export.save_weights(trainer, lora=self.cfg.lora is not None)
+        if self.export.writes and causal:
+            write_generation_config(self.export.dir, self.tok)
+        self.export.finish(self.tok, files)
+        return self.export.dir
+
+
+class _LineLog(TrainerCallback):
+    def __init__(self, run: PostTrainRun):
+        self.run = run
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if not self.run.main or not logs:
+            return
+        parts = [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in LOG_KEYS
+                 if isinstance(logs.get(k), (int, float))]
+        if parts:
+            self.run.ctx.log(f"{self.run.name} step {state.global_step}: " + "  ".join(parts))
+
+
+def write_generation_config(export: str, tok: Any) -> None:
+    """generation_config.json that stops at <|im_end|> and EOS, pads with the pad token."""
+    try:
+        gc = GenerationConfig.from_pretrained(export)
+    except OSError:
+        gc = GenerationConfig()
+    gc.eos_token_id = stop_token_ids(tok)
+    gc.pad_token_id = tok.pad_token_id
+    if tok.bos_token_id is not None:
+        gc.bos_token_id = tok.bos_token_id
+    gc.save_pretrained(export)
+
+
+def _causal_lm(model_dir: str) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+# ------------------------------------------------------------------------------------- sft
+
+
+def sft_trainer(cfg: Any, model: Any, tok: Any, train: list, held: list, args_kwargs: dict) -> trl.SFTTrainer:
+    """A TRL SFTTrainer on conversational examples with the loss on assistant tokens only."""
+    args = trl.SFTConfig(**args_kwargs, max_length=cfg.max_length, packing=cfg.packing, assistant_only_loss=True,
+                         padding_free=False, eval_packing=False)
+    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                          eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tok,
+                          peft_config=lora_config(cfg, "CAUSAL_LM"))
+
+
+def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
+    train, held = load_train_eval(cfg, "sft")
+    with PostTrainRun(cfg, ctx, out, "sft") as run:
+        kw = run.arguments(bool(held))
+        model = _causal_lm(run.model_dir)
+        run.log(f"sft: {len(train)} train / {len(held)} held-out conversations, {'LoRA' if cfg.lora else 'full'}, "
+                f"world {ctx.world}, ZeRO {cfg.zero_stage}, {run.precision}")
+        trainer = run.quiet(sft_trainer(cfg, model, run.tok, train, held, kw))
+        eval_rows = [dict(r) for r in trainer.eval_dataset] if held else []
+        measure = cfg.zero_stage != 3
+        before = heldout_loss(trainer.model, eval_rows) if measure else None
+        trainer.train()
+        after = heldout_loss(trainer.model, eval_rows) if measure else None
+        gens = generate_samples(trainer.model, run.tok, cfg.generation, synced=run.synced) if (run.main or run.synced) else []
+        metrics = run.metrics(trainer, len(train), len(held))
+        metrics.update(eval_loss_before=before, eval_loss_after=after, packing=cfg.packing,
+                       generations_stopped=sum(g["stopped"] for g in gens) if gens else None)
+        if before is not None and after is not None:
+            run.log(f"sft: held-out loss {before:.4f} -> {after:.4f}")
+        run.save(trainer, {GENERATIONS_FILE: gens, METRICS_FILE: trainer.state.log_history})
+        return metrics
+
+
+# ------------------------------------------------------------------------------------- dpo
+
+
+def _dpo_measure(run: PostTrainRun, model: Any, train: list, held: list) -> dict[str, list]:
+    return {"eval": completion_logps(model, run.tok, held, run.cfg.max_length),
+            "train": completion_logps(model, run.tok, train[:64], run.cfg.max_length)}
+
+
+def train_dpo(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
+    train, held = load_train_eval(cfg, "preference")
+    with PostTrainRun(cfg, ctx, out, "dpo") as run:
+        args = trl.DPOConfig(**run.arguments(bool(held)), max_length=cfg.max_length, beta=cfg.beta,
+                             loss_type=[cfg.loss_type])
+        model = _causal_lm(run.model_dir)
+        ref = None
+        if cfg.lora is None:
+            ref = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
+            ref.requires_grad_(False).eval()
+        run.log(f"dpo: {len(train)} train / {len(held)} held-out pairs, {'LoRA' if cfg.lora else 'full'}, "
+                f"reference {'adapters disabled' if cfg.lora else 'frozen copy'}, beta {cfg.beta}")
+        measure = cfg.zero_stage != 3
+        before = _dpo_measure(run, model, train, held) if measure else None
+        trainer = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(train),
+                                 eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=run.tok,
+                                 peft_config=lora_config(cfg, "CAUSAL_LM"))
+        run.quiet(trainer)
+        trainer.train()
+        metrics = run.metrics(trainer, len(train), len(held))
+        metrics.update(reference="adapters disabled" if cfg.lora else "frozen copy", beta=cfg.beta)
+        if measure:
+            after = _dpo_measure(run, trainer.model, train, held)
+            for split in ("eval", "train"):
+                acc_b, mar_b = pair_stats(before[split])  # type: ignore[index]
+                acc_a, mar_a = pair_stats(after[split])
+                # implicit reward r = beta * log(pi/pi_ref); the reference is the starting policy
+                rewards = [(cfg.beta * (ca - cb), cfg.beta * (ra - rb))
+                           for (cb, rb), (ca, ra) in zip(before[split], after[split])]  # type: ignore[index]
+                r_acc, r_mar = pair_stats(rewards)
+                metrics.update({f"{split}_logp_accuracy_before": acc_b, f"{split}_logp_accuracy_after": acc_a,
+                                f"{split}_logp_margin_before": mar_b, f"{split}_logp_margin_after": mar_a,
+                                f"{split}_reward_accuracy_before": 0.0 if rewards else None,
+                                f"{split}_reward_margin_before": 0.0 if rewards else None,
+                                f"{split}_reward_accuracy_after": r_acc, f"{split}_reward_margin_after": r_mar})
+            run.log(f"dpo: held-out logp margin {metrics['eval_logp_margin_before']} -> {metrics['eval_logp_margin_after']}, "
+                    f"reward accuracy {metrics['eval_reward_accuracy_after']}, margin {metrics['eval_reward_margin_after']}")
+        gens = generate_samples(trainer.model, run.tok, cfg.generation, synced=run.synced) if (run.main or run.synced) else []
+        run.save(trainer, {GENERATIONS_FILE: gens, METRICS_FILE: trainer.state.log_history})
+        return metrics
+
+
+# ---------------------------------------------------------------------------------- reward
+
+
+def train_reward(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
+    train, held = load_train_eval(cfg, "preference")
+    with PostTrainRun(cfg, ctx, out, "reward") as run:
+        args = trl.RewardConfig(**run.arguments(bool(held)), max_length=cfg.max_length,
+                                center_rewards_coefficient=cfg.center_rewards)
+        model = AutoModelForSequenceClassification.from_pretrained(run.model_dir, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = run.tok.pad_token_id
+        model.config.use_cache = False
+        run.log(f"reward: {len(train)} train / {len(held)} held-out pairs, {'LoRA' if cfg.lora else 'full'}")
+        measure = cfg.zero_stage != 3
+        ev_b = reward_scores(model, run.tok, held, cfg.max_length) if measure else []
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                                    eval_dataset=datasets.Dataset.from_list(held) if held else None,
+                                    processing_class=run.tok, peft_config=lora_config(cfg, "SEQ_CLS"))
+        run.quiet(trainer)
+        trainer.train()
+        metrics = run.metrics(trainer, len(train), len(held))
+        if measure:
+            ev_a = reward_scores(trainer.model, run.tok, held, cfg.max_length)
+            tr_a = reward_scores(trainer.model, run.tok, train[:64], cfg.max_length)
+            (acc_b, mar_b), (acc_a, mar_a), (tacc, tmar) = pair_stats(ev_b), pair_stats(ev_a), pair_stats(tr_a)
+            metrics.update(eval_accuracy_before=acc_b, eval_margin_before=mar_b, eval_accuracy_after=acc_a,
+                           eval_margin_after=mar_a, train_accuracy_after=tacc, train_margin_after=tmar)
+            run.log(f"reward: held-out accuracy {acc_b} -> {acc_a}, train accuracy {tacc}")
+        run.save(trainer, {METRICS_FILE: trainer.state.log_history}, causal=False)
+        return metrics
