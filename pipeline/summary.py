@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.registry import lineage_chain
 from pipeline.stages import ORDER, get_stage
+from pipeline.tracking import ui_command
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -187,7 +188,5 @@ def render(storage: Any) -> str:
         out.append(line)
         out.append(f"  lineage:  llmpipe lineage models:/{m.get('name')}@{'champion' if m.get('promoted') else m.get('alias')} --root {storage.uri}")
         uri = m.get("tracking_uri") or ""
-        from pipeline.tracking import ui_command
-
         out.append(f"  MLflow UI: {ui_command(uri)}   (then http://127.0.0.1:5000)")
     return "\n".join(out)

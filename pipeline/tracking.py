@@ -26,7 +26,13 @@ import os
 import re
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from typing import Any, Iterable, Iterator
+
+# mlflow (~1.5 s to import) and transformers (hf_callback) are imported where they are used: the
+# runner imports this module for every stage, tracking can be off, and most stages never train.
 
 EXPERIMENT_DEFAULT = "llm-pipeline"
 PARENT_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
@@ -73,9 +79,6 @@ def reachable(uri: str, timeout: float = 3.0) -> str | None:
     """None when the tracking server answers; else why not (one line). Non-HTTP URIs are local."""
     if not uri.startswith(("http://", "https://")):
         return None
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
             if resp.status >= 400:
@@ -197,8 +200,6 @@ class Tracker:
         if not self.on or not metrics:
             return
         try:
-            import time
-
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import fasttext
 from pydantic import Field
 
 from pipeline.config import StrictModel
@@ -114,8 +115,6 @@ def load_model(path: str) -> Any:
     if model is None:
         if not os.path.isfile(path):
             raise ConfigError(f"fastText language-ID model {path} does not exist (clean.langid.model_path)")
-        import fasttext
-
         with _quiet_stderr():
             model = fasttext.load_model(path)
         _MODELS[path] = model

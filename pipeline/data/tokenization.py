@@ -38,6 +38,9 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from pipeline.config import StrictModel
 from pipeline.errors import ConfigError, InputError
 
+# transformers (save_hf) stays imported where it is used: the tokenizer stage imports this module, so
+# `llmpipe config tokenizer` and `llmpipe stages` would otherwise pay its ~3 s import.
+
 
 class SpecialTokens(StrictModel):
     bos: str = "<|begin_of_text|>"

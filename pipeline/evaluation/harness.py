@@ -15,11 +15,18 @@ name fails with the closest known names.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import yaml
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 
 from pipeline.errors import InputError
 
@@ -28,8 +35,6 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 def materialize(include_paths: list[str], dest: str) -> list[str]:
     """Copies of the task folders under ``dest`` with relative data_files made absolute."""
-    import yaml
-
     out = []
     for n, src in enumerate([str(TASKS_DIR), *include_paths]):
         if not os.path.isdir(src):
@@ -64,8 +69,6 @@ def materialize(include_paths: list[str], dest: str) -> list[str]:
 
 
 def _builtin_cache() -> Path:
-    import importlib.metadata
-
     base = os.environ.get("LLMPIPE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmpipe")
     return Path(base) / f"lm_eval-{importlib.metadata.version('lm_eval')}-tasks.json"
@@ -75,10 +78,6 @@ def builtin_task_names(folders: list[str] | None = None, ours: set[str] | frozen
                        ) -> tuple[set[str], Any]:
     """lm_eval's built-in task/group/tag names, cached per lm_eval version (indexing them takes tens of
     seconds); with the TaskManager when it had to be built (None when the names came from the cache)."""
-    import json
-
-    from lm_eval.tasks import TaskManager
-
     cache = _builtin_cache()
     try:
         return set(json.loads(cache.read_text(encoding="utf-8"))), None
@@ -98,8 +97,6 @@ def builtin_task_names(folders: list[str] | None = None, ours: set[str] | frozen
 
 def task_manager(tasks: list[str], folders: list[str]) -> Any:
     """A TaskManager that knows every name in ``tasks``; InputError naming close matches otherwise."""
-    from lm_eval.tasks import TaskManager
-
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     ours = TaskManager(include_path=folders, include_defaults=False)
     if all(t in ours.all_tasks for t in tasks):
@@ -118,8 +115,6 @@ def task_manager(tasks: list[str], folders: list[str]) -> Any:
 
 
 def shipped_tasks() -> list[str]:
-    import yaml
-
     names = []
     for yml in sorted(TASKS_DIR.glob("*.yaml")):
         doc = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
@@ -130,9 +125,6 @@ def shipped_tasks() -> list[str]:
 def evaluate(model: Any, tok: Any, tasks: list[str], tm: Any, *, limit: float | None, num_fewshot: int | None,
              batch_size: int, max_length: int, seed: int, chat: bool = False) -> dict[str, Any]:
     """lm_eval's ``simple_evaluate`` on an already loaded HF model: ``{"results", "n_samples", "versions"}``."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": on purpose
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from pipeline.errors import InputError
+from pipeline.models.checkpoint import causal_lm_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -22,8 +25,6 @@ def pick_device(device: str) -> str:
 
 
 def pick_dtype(dtype: str, device: str) -> Any:
-    import torch
-
     if dtype == "auto":
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -33,8 +34,6 @@ def pick_dtype(dtype: str, device: str) -> Any:
 
 def check_model_folder(folder: str, where: str) -> dict[str, Any]:
     """The folder's config as a dict; a clear error when it is not a causal LM with a tokenizer."""
-    from pipeline.models.checkpoint import causal_lm_config
-
     config = causal_lm_config(folder, where).to_dict()
     missing = [f for f in TOKENIZER_FILES if not os.path.exists(os.path.join(folder, f))]
     if missing:
@@ -54,8 +53,6 @@ class Loaded:
 
 
 def load(label: str, folder: str, device: str, dtype: Any) -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -90,8 +87,6 @@ def check_against_shards(tok: Any, model_config: dict[str, Any], index: dict[str
     if sample is not None:
         ids = [int(i) for i in sample if int(i) not in set(tok.all_special_ids)]
         if len(ids) >= 16:
-            import difflib
-
             again = tok(tok.decode(ids), add_special_tokens=False)["input_ids"]
             same = difflib.SequenceMatcher(None, ids, again, autojunk=False).ratio()
             if same < 0.5:

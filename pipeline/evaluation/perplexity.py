@@ -12,12 +12,19 @@ the number that stays comparable between tokenizers of different granularity.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Iterable
 
+import fsspec
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from pipeline.data.documents import DocumentSet
+from pipeline.data.packing import route_to_val
 from pipeline.errors import InputError
+from pipeline.storage import storage_options_from_env
 
 LN2 = math.log(2.0)
 
@@ -31,9 +38,6 @@ def spread_indices(n: int, k: int | None) -> list[int]:
 
 def _sum_nll(model: Any, ids: Any, mask: Any, targets_mask: Any) -> tuple[float, int]:
     """Summed next-token loss over positions whose *target* is marked in ``targets_mask``."""
-    import torch
-    import torch.nn.functional as F
-
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     target = ids[:, 1:]
@@ -46,8 +50,6 @@ def _sum_nll(model: Any, ids: Any, mask: Any, targets_mask: Any) -> tuple[float,
 def shard_loss(model: Any, dataset: Any, *, max_blocks: int | None, batch_size: int, device: str,
                bar: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Mean token loss and perplexity over blocks of a :class:`~pipeline.data.shards.PackedDataset`."""
-    import torch
-
     picks = spread_indices(len(dataset), max_blocks)
     if not picks:
         raise InputError(f"{dataset.uri} has no {dataset.split} blocks to measure (pack with val_fraction > 0)")
@@ -78,8 +80,6 @@ def _windows(seq: list[int], width: int) -> list[list[int]]:
 def text_perplexity(model: Any, tok: Any, texts: list[str], *, max_length: int, batch_size: int, device: str,
                     bar: Callable[..., Any] | None = None, desc: str = "text") -> dict[str, Any]:
     """Tokens, perplexity and bits per byte of ``texts`` under ``model`` (see the module docstring)."""
-    import torch
-
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise InputError("no held-out text to measure")
@@ -128,9 +128,6 @@ def text_perplexity(model: Any, tok: Any, texts: list[str], *, max_length: int, 
 def heldout_from_run(clean: Any, pack_config: dict[str, Any], languages: list[str], max_documents: int,
                      bar: Callable[..., Any] | None = None) -> dict[str, list[str]]:
     """Documents of ``clean/`` that the pack stage routed to validation (never trained on), per language."""
-    from pipeline.data.documents import DocumentSet
-    from pipeline.data.packing import route_to_val
-
     fraction, seed = float(pack_config.get("val_fraction", 0.0)), int(pack_config.get("seed", 0))
     if fraction <= 0:
         raise InputError("the shards were packed with val_fraction 0, so no clean document is held out: set "
@@ -150,12 +147,6 @@ def heldout_from_run(clean: Any, pack_config: dict[str, Any], languages: list[st
 
 def read_text_files(paths: list[str]) -> list[str]:
     """Documents from local or fsspec paths: .jsonl (a ``text`` field per line) or plain text (blank-line separated)."""
-    import json
-
-    import fsspec
-
-    from pipeline.storage import storage_options_from_env
-
     out: list[str] = []
     for path in paths:
         opts = storage_options_from_env() if "://" in path and not path.startswith("file://") else {}

@@ -16,6 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 METRICS_FILE = "train_metrics.jsonl"
 
 
@@ -142,11 +145,9 @@ def read_curves(model_folder: str, manifest_metrics: dict[str, Any] | None = Non
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
+    # Agg is chosen here, when a plot is drawn, not at import: importing pyplot picks no backend,
+    # and whoever imports this module keeps theirs until then.
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
     return plt
 
 

@@ -11,6 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.data.shards import PackedDataset
 from pipeline.errors import InputError
 from pipeline.evaluation import generation, harness, loading, perplexity, report
 
@@ -29,8 +34,6 @@ class Plan:
 
 
 def _read_prompts(path: str) -> list[str]:
-    import fsspec
-
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as fh:
             lines = fh.read().splitlines()
@@ -50,10 +53,6 @@ def _read_prompts(path: str) -> list[str]:
 
 def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
     """Fail fast: every input, tokenizer, prompt and task name is checked here, before any compute."""
-    from transformers import AutoTokenizer
-
-    from pipeline.data.shards import PackedDataset
-
     folders, configs, chat = {}, {}, {}
     for m in cfg.models:
         art = ctx.inputs[m.path]
@@ -122,8 +121,6 @@ def _modes(g: Any) -> dict[str, dict[str, Any]]:
 
 
 def evaluate(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
-    import torch
-
     device = loading.pick_device(cfg.device)
     dtype = loading.pick_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.k8s import CHART, release_name
+from pipeline.k8s.client import Kube, resolve_namespace  # light: client imports kubernetes inside its functions
+from pipeline.stages import ORDER, load_config
+
+# The modules behind each action are imported by the action: render (PyYAML, ~30 ms) and submit, wait,
+# logs, status (dataclasses and inspect through state/explain, ~20 ms) would about double the ~45 ms
+# of imports of `llmpipe --help`, which builds this parser.
 
 EPILOG = """\
 examples:
@@ -31,8 +37,6 @@ wait exits 0 on success, 1 when the stage failed, 124 on --timeout.
 
 
 def _stages() -> list[str]:
-    from pipeline.stages import ORDER
-
     return ORDER
 
 
@@ -118,21 +122,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _validate_config(stage: str, path: Path) -> None:
-    from pipeline.stages import load_config
-
     load_config(stage, str(path), [])
 
 
 def _kube(args: argparse.Namespace):
-    from pipeline.k8s.client import Kube
-
     return Kube(args.namespace, args.kubeconfig, args.context)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.k8s.client import resolve_namespace
     from pipeline.k8s.render import default_config, find_chart, render
     from pipeline.k8s.submit import ordered, submit
 

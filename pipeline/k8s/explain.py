@@ -17,12 +17,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from pipeline.k8s.client import K8sError, Kube
 from pipeline.k8s.state import Snapshot, Workload, duration, meta
-
-if TYPE_CHECKING:
-    from pipeline.k8s.client import Kube
 
 IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable")
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -141,8 +138,6 @@ def group(problems: list[Problem]) -> list[str]:
 
 
 def _last_error_line(kube: "Kube", pod: str, container: str | None) -> str | None:
-    from pipeline.k8s.client import K8sError
-
     try:
         text = kube.pod_log(pod, container, tail=50)
     except K8sError:
@@ -156,8 +151,6 @@ def _last_error_line(kube: "Kube", pod: str, container: str | None) -> str | Non
 def _pull_error(kube: "Kube", pod: str, image: str) -> str | None:
     """The kubelet's own words for a failed pull (the pod's 'Failed to pull image' event), without
     the gRPC wrapping and the image name it repeats."""
-    from pipeline.k8s.client import K8sError
-
     try:
         events = kube.warning_events(pod)
     except K8sError:
@@ -195,8 +188,6 @@ def _with_details(problems: list[Problem], kube: "Kube | None", limit: int = 3) 
 def _events(kube: "Kube | None", w: Workload) -> list[str]:
     if kube is None:
         return []
-    from pipeline.k8s.client import K8sError
-
     try:
         events = kube.warning_events(w.name)
     except K8sError:

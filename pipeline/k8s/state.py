@@ -7,6 +7,8 @@ Running, Succeeded, Failed.
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,9 +181,6 @@ def snapshot(kube: Kube, stage: str | None) -> Snapshot:
 
 def age(timestamp: Any, now: float | None = None) -> str:
     """'3m12s' since an RFC 3339 timestamp (or a datetime)."""
-    import datetime as dt
-    import time
-
     if not timestamp:
         return "-"
     if isinstance(timestamp, str):

@@ -7,6 +7,7 @@ Polling (every ``interval`` seconds, a few list calls) rather than watches: it n
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import sys
 import time
@@ -16,7 +17,6 @@ from pipeline.errors import PipelineError
 from pipeline.k8s.client import K8sError, Kube, NotFound
 from pipeline.k8s.explain import explain_failure, explain_stuck
 from pipeline.k8s.state import Snapshot, duration, snapshot
-
 
 API_GRACE = 300.0  # seconds the API may be unreachable during a wait before wait gives up
 
@@ -160,8 +160,6 @@ def wait_for(kube: Kube, stage: str, timeout: float | None = None, interval: flo
 
 
 def _seconds(timestamp: str | None) -> float | None:
-    import datetime as dt
-
     try:
         return dt.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp() if timestamp else None
     except ValueError:

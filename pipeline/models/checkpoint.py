@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
 from pipeline.errors import InputError
 
 
@@ -16,9 +19,6 @@ def causal_lm_config(folder: str, where: str) -> Any:
 
     ``where`` names the folder in messages (``models/init/``, or the artifact's URL).
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"{where} holds no HF model (config.json is missing)")
     try:

@@ -55,8 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import gguf
 import numpy as np
+import torch
+from transformers import AutoTokenizer
 
+from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN
 from pipeline.errors import InputError
 
 ARCH = "llama"
@@ -152,8 +156,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def tensor_name(member: str, layer: int | None = None) -> str:
-    import gguf
-
     base = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, member)]
     return (base.format(bid=layer) if layer is not None else base) + ".weight"
 
@@ -179,16 +181,12 @@ def gguf_to_hf_names(n_layers: int) -> dict[str, tuple[str, str | None]]:
 
 
 def _qtype(name: str) -> Any:
-    import gguf
-
     return getattr(gguf.GGMLQuantizationType, name)
 
 
 def choose_type(gguf_name: str, shape: tuple[int, ...], target: str, *, tied: bool = False,
                 q4_keep_head_q8: bool = True) -> str:
     """The GGML type a tensor gets in a ``target`` (F16 / Q8_0 / Q4_0) file."""
-    import gguf
-
     if len(shape) == 1:
         return "F32"
     want = target
@@ -207,8 +205,6 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], target: str, *, tied: bo
 
 def _pre_name(tokenizer_json: dict[str, Any]) -> tuple[str, str]:
     """(tokenizer.ggml.pre, how it was chosen) from a tokenizer.json's pre-tokenizer."""
-    from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN
-
     text = json.dumps(tokenizer_json.get("pre_tokenizer"), ensure_ascii=False)
     for kind, pattern in (("gpt2", GPT2_PATTERN), ("llama3", LLAMA3_PATTERN)):
         if json.dumps(pattern, ensure_ascii=False)[1:-1] in text:
@@ -244,9 +240,6 @@ class TokenizerMeta:
 
 def tokenizer_meta(folder: str, vocab_size: int, config: Any = None, pre: str | None = None) -> TokenizerMeta:
     """What GGUF needs of the HF tokenizer saved in ``folder`` (a byte-level BPE ``tokenizer.json``)."""
-    import gguf
-    from transformers import AutoTokenizer
-
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise InputError(f"{folder} has no tokenizer.json; the GGUF export needs the (fast, byte-level BPE) tokenizer")
@@ -320,16 +313,12 @@ class ExportResult:
 
 
 def _file_type(target: str) -> int:
-    import gguf
-
     return int({"F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[target])
 
 
 def iter_state_dict(state_dict: dict[str, Any], dims: LlamaDims) -> Iterator[tuple[str, np.ndarray]]:
     """(GGUF name, float32 numpy array in GGUF row order) for every weight, in the file's order."""
-    import torch
-
     keys = [k for k in state_dict if not k.endswith("rotary_emb.inv_freq")]
     if dims.tied:
         keys = [k for k in keys if k != "lm_head.weight"]
@@ -375,8 +364,6 @@ def write_gguf(
 
     ``meta`` (from :func:`tokenizer_meta`) saves reading the tokenizer again when writing several files.
     """
-    import gguf
-
     if target not in SUPPORTED:
         raise InputError(f"unknown GGUF type {target!r}; supported: {', '.join(SUPPORTED)}")
     dims = check_llama_config(config)
@@ -457,9 +444,6 @@ def read_gguf_state_dict(path: str, n_layers: int | None = None) -> tuple[dict[s
     Returns ``(state_dict, {gguf name: GGML type})``. The Q/K row permutation is undone. A tied
     model's file has no ``output.weight``; the HF model ties the head to the embedding itself.
     """
-    import gguf
-    import torch
-
     reader = gguf.GGUFReader(path)
     layers = n_layers if n_layers is not None else int(_field_value(reader, f"{ARCH}.block_count"))
     heads = int(_field_value(reader, f"{ARCH}.attention.head_count"))
@@ -491,8 +475,6 @@ def _field_value(reader: Any, key: str) -> Any:
 
 def read_metadata(path: str) -> dict[str, Any]:
     """Every key/value of a GGUF file except the big token arrays (their lengths instead)."""
-    import gguf
-
     reader = gguf.GGUFReader(path)
     out: dict[str, Any] = {}
     for key, f in reader.fields.items():

@@ -22,13 +22,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import transformers
+from optimum.quanto import QuantizedModelForCausalLM, qint8
+from optimum.quanto.nn import QModuleMixin
+
 WEIGHT_FILES = ("model.safetensors", "quanto_qmap.json")
 
 
 def quantize_int8(model: Any, exclude: list[str] | None = None) -> Any:
     """A ``QuantizedModelForCausalLM`` with int8 weights (the given model is changed in place)."""
-    from optimum.quanto import QuantizedModelForCausalLM, qint8
-
     return QuantizedModelForCausalLM.quantize(model, weights=qint8, exclude=list(exclude) if exclude else None)
 
 
@@ -49,9 +51,6 @@ def weights_size(folder: str) -> int:
 
 def load_int8(folder: str) -> Any:
     """The int8 model saved by :func:`save_int8`, ready for ``model(input_ids)`` / ``generate``."""
-    import transformers
-    from optimum.quanto import QuantizedModelForCausalLM
-
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # quanto passes the deprecated torch_dtype= to transformers
     try:
@@ -64,7 +63,5 @@ def load_int8(folder: str) -> Any:
 
 def quantized_modules(qmodel: Any) -> int:
     """How many modules quanto replaced (QLinear etc.)."""
-    from optimum.quanto.nn import QModuleMixin
-
     inner = getattr(qmodel, "_wrapped", qmodel)
     return sum(1 for m in inner.modules() if isinstance(m, QModuleMixin))

@@ -17,14 +17,15 @@ import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from pipeline.data.shards import PackedDataset
 from pipeline.errors import InputError
 
 
 def eval_blocks(url: str, split: str, max_blocks: int | None, *, storage_options: dict | None = None) -> np.ndarray:
     """Up to ``max_blocks`` blocks of ``split``, evenly spread over it, as an int64 array (n, seq_len)."""
-    from pipeline.data.shards import PackedDataset
-
     ds = PackedDataset(url, split, storage_options=storage_options, verify=True)
     n = len(ds)
     if n == 0:
@@ -37,9 +38,6 @@ def eval_blocks(url: str, split: str, max_blocks: int | None, *, storage_options
 def hf_nll(model: Any, blocks: np.ndarray, *, batch_size: int = 4,
            bar: Callable[[Iterable[Any]], Iterable[Any]] | None = None) -> tuple[float, int]:
     """(sum of next-token NLL, number of predictions) of a causal LM over ``blocks``."""
-    import torch
-    import torch.nn.functional as F
-
     total, count = 0.0, 0
     starts = range(0, len(blocks), batch_size)
     model.eval()
@@ -65,8 +63,6 @@ def delta_pct(value: float, reference: float) -> float:
 
 def hf_greedy(model: Any, prompt_ids: list[int], n_new: int) -> list[int]:
     """``n_new`` argmax tokens after ``prompt_ids`` (no stop at EOS: a fixed-length comparison)."""
-    import torch
-
     ids = torch.tensor([list(prompt_ids)])
     out: list[int] = []
     model.eval()
@@ -83,6 +79,8 @@ def hf_greedy(model: Any, prompt_ids: list[int], n_new: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------- llama.cpp
+# llama_cpp (llama-cpp-python) stays imported where it is used: it is optional (no dependency of
+# the package; `make test-llamacpp` builds it), and its absence is an answer here, not an error.
 
 
 def llama_cpp_version() -> str | None:

@@ -18,6 +18,9 @@ import tempfile
 import time
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from pipeline.errors import InputError, PipelineError
 from pipeline.quantization import gguf_export, int8, quality
 
@@ -31,8 +34,6 @@ def _model_weight_bytes(manifest: dict[str, Any]) -> int:
 
 
 def _load_config(folder: str, name: str) -> Any:
-    from transformers import AutoConfig
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise InputError(f"{name}/ has no config.json: not a Hugging Face checkpoint")
     try:
@@ -53,9 +54,6 @@ def _tokenizer_folder(cfg: Any, ctx: Any, model_folder: str, tmp: str) -> str | 
 
 
 def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     art = ctx.inputs[cfg.model]
     wanted_gguf = [v for v in cfg.variants if v in GGUF_TARGETS]
     tmp = tempfile.mkdtemp(prefix="llmpipe-quantize-")
