@@ -273,7 +273,7 @@ def run_plain(root: Path, shape: Shape, hyper: Hyper, steps: int, warmup: int, p
     from torch.utils.data import DataLoader
     from transformers import LlamaForCausalLM
 
-    from pipeline.data.shards import PackedDataset, ResumableDistributedSampler
+    from pipeline.data.packed import PackedDataset, ResumableDistributedSampler
 
     t_start = time.perf_counter() if t_start is None else t_start
     cuda = torch.cuda.is_available()

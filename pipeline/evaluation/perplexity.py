@@ -49,7 +49,7 @@ def _sum_nll(model: Any, ids: Any, mask: Any, targets_mask: Any) -> tuple[float,
 
 def shard_loss(model: Any, dataset: Any, *, max_blocks: int | None, batch_size: int, device: str,
                bar: Callable[..., Any] | None = None) -> dict[str, Any]:
-    """Mean token loss and perplexity over blocks of a :class:`~pipeline.data.shards.PackedDataset`."""
+    """Mean token loss and perplexity over blocks of a :class:`~pipeline.data.packed.PackedDataset`."""
     picks = spread_indices(len(dataset), max_blocks)
     if not picks:
         raise InputError(f"{dataset.uri} has no {dataset.split} blocks to measure (pack with val_fraction > 0)")

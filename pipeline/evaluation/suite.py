@@ -15,7 +15,7 @@ import fsspec
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.data.shards import PackedDataset
+from pipeline.data.packed import PackedDataset
 from pipeline.errors import InputError
 from pipeline.evaluation import generation, harness, loading, perplexity, report
 

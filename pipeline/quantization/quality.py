@@ -3,7 +3,7 @@
 Perplexity here is ``exp`` of the mean next-token negative log-likelihood over every position
 of every block (a block of ``seq_len`` tokens gives ``seq_len - 1`` predictions), the same
 blocks for every variant. The blocks are the packed validation shards (``pack``'s ``val``
-split), read through :class:`pipeline.data.shards.PackedDataset`.
+split), read through :class:`pipeline.data.packed.PackedDataset`.
 
 Two engines compute it: the transformers model (the original, the int8 quanto model, and the
 GGUF files dequantised back into an HF model), and, when ``llama_cpp`` (llama-cpp-python) is
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.shards import PackedDataset
+from pipeline.data.packed import PackedDataset
 from pipeline.errors import InputError
 
 

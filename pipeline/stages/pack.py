@@ -4,7 +4,7 @@ Sharded. Each rank tokenizes its contiguous slice of the clean documents (BOS/EO
 document), concatenates them and cuts ``seq_len`` blocks into memory-mappable shard files with
 sha256 checksums. The merge gathers every rank's shards into ``shards/`` (hard links on a
 local filesystem, server-side copies on S3) and writes one ``index.json`` that the training
-reader (:class:`pipeline.data.shards.PackedDataset`) uses.
+reader (:class:`pipeline.data.packed.PackedDataset`) uses.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
    :mod:`pipeline.training.checkpoint`'s (:class:`~pipeline.training.checkpoint.CheckpointManager`);
 3. the Trainer (:func:`build_trainer`): TrainingArguments (:func:`trainer_arguments`, on
    :func:`pipeline.training.common.training_arguments`), :class:`TrainStream` (this rank's samples from the
-   start point on, phase after phase, drawn by :class:`~pipeline.data.shards.ResumableDistributedSampler` -- the
+   start point on, phase after phase, drawn by :class:`~pipeline.data.packed.ResumableDistributedSampler` -- the
    data position is the pair (phase, samples consumed in it), stored in every checkpoint), and
    :class:`PretrainTrainer` with our schedule, per-step sample ids and checkpoint saves; the callbacks for metrics
    (``metrics.jsonl``: loss, lr, grad norm, tokens/s, MFU, peak memory, validation loss/perplexity, per-step sample
@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline import tracking
-from pipeline.data.shards import PackedDataset, ResumableDistributedSampler
+from pipeline.data.packed import PackedDataset, ResumableDistributedSampler
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
 from pipeline.training.checkpoint import CheckpointManager, ResumePoint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -110,7 +109,8 @@ def test_tokenizer_loads_with_autotokenizer_and_reports_fertility(pipeline_run):
 
 
 def test_pack_shards_read_back_through_the_training_dataset(pipeline_run):
-    from pipeline.data.shards import PackedDataset, verify_shards
+    from pipeline.data.packed import PackedDataset
+    from pipeline.data.shards import verify_shards
 
     _, root = pipeline_run
     m = json.loads((root / "shards" / "manifest.json").read_text())
@@ -210,7 +210,7 @@ def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):
 def test_clean_and_pack_variants_make_second_phase_data(tmp_path, monkeypatch, capsys):
     """clean-strict.yaml / pack-clean.yaml beside clean.yaml / pack.yaml: `llmpipe pipeline` runs them after their stage,
     into their own outputs (clean-strict/, shards-clean/) with their own inputs, sharded runs included."""
-    from pipeline.data.shards import PackedDataset
+    from pipeline.data.packed import PackedDataset
 
     jobs = write_configs(tmp_path / "jobs")
     (jobs / "clean-strict.yaml").write_text("output: clean-strict\nsamples_per_reason: 5\nlength:\n  min_words: 60\n",

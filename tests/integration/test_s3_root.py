@@ -24,7 +24,7 @@ def test_pipeline_on_s3_root(tmp_path, s3_env, capsys):
     leftovers = [p for p in fs.find(f"{bucket}/runs/one") if ".tmp-" in p or ".parts/" in p]
     assert leftovers == []
 
-    from pipeline.data.shards import PackedDataset
+    from pipeline.data.packed import PackedDataset
 
     ds = PackedDataset(f"{root}/shards", split="train",
                        storage_options=json.loads(__import__("os").environ["LLMPIPE_STORAGE_OPTIONS"]))

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline.stages.pack import PackConfig
+from pipeline.data.packed import PackedDataset
 from pipeline.data.packing import Packer, merge_indexes, route_to_val
-from pipeline.data.shards import PackedDataset, read_index, verify_shards, write_index
+from pipeline.data.shards import read_index, verify_shards, write_index
+from pipeline.stages.pack import PackConfig
 
 LOCAL = fsspec.filesystem("file")
 SENTENCES = [

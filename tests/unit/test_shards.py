@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.packed import PackedDataset, ResumableDistributedSampler
 from pipeline.data.shards import (
-    PackedDataset,
-    ResumableDistributedSampler,
     ShardWriter,
     dtype_for_vocab,
     new_index,

@@ -1,0 +1,287 @@
+"""The training reader of token shards (:mod:`pipeline.data.shards` is the format and its writer):
+:class:`PackedDataset` (one split's blocks, memory-mapped or read by byte ranges, checked on open)
+and :class:`ResumableDistributedSampler` (a seeded order, split over ranks, that resumes mid-epoch)."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import posixpath
+import threading
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.data.shards import DTYPES, check_shards, display_path, is_local_fs, read_index
+from pipeline.errors import CorruptShardError, InputError
+from pipeline.storage import storage_options_from_env
+
+# ------------------------------------------------------------------------------------ reader
+
+
+class PackedDataset(Dataset):
+    """Fixed-length token blocks of one split, for training: ``{"input_ids", "sample_id"}``.
+
+    ``sample_id`` is the block's position in the split (stable: it follows from the shard order
+    of ``index.json``). Local folders are read through one ``np.memmap`` per shard; remote ones
+    (``s3://``) by byte-range reads of ``chunk_bytes`` through fsspec with a small per-process
+    LRU cache of chunks. On open, every shard's size is checked against the index, and with
+    ``verify=True`` its sha256 too (a truncated or modified shard is a clear
+    :class:`CorruptShardError`, not garbage tokens).
+
+    The dataset pickles without its open memmaps and cache, so DataLoader workers (fork or
+    spawn) reopen them lazily.
+    """
+
+    def __init__(
+        self,
+        uri_or_path: str,
+        split: str = "train",
+        *,
+        storage_options: dict | None = None,
+        verify: bool = True,
+        chunk_bytes: int = 1 << 20,
+        cache_chunks: int = 32,
+    ):
+
+        protocol = uri_or_path.split("://", 1)[0] if "://" in uri_or_path else "file"
+        env = storage_options_from_env() if protocol not in ("file", "local") else {}
+        self.uri = uri_or_path
+        self.storage_options = {**env, **(storage_options or {})}
+        self.fs, path = fsspec.core.url_to_fs(uri_or_path, **self.storage_options)
+        self._pid = os.getpid()
+        self.local = is_local_fs(self.fs)
+        self.dirpath = os.path.abspath(path) if self.local else path.rstrip("/")
+        self.index = read_index(self.fs, self.dirpath)
+        if split not in self.index["splits"]:
+            raise InputError(f"{uri_or_path} has no split {split!r} (splits: {', '.join(self.index['splits']) or 'none'})")
+        self.split = split
+        self.seq_len: int = self.index["seq_len"]
+        self.dtype = DTYPES[self.index["dtype"]]
+        self.vocab_size: int = self.index["vocab_size"]
+        self.bos_id, self.eos_id = self.index.get("bos_id"), self.index.get("eos_id")
+        self.shards: list[dict[str, Any]] = self.index["splits"][split]["shards"]
+        self._starts = [0]
+        for s in self.shards:
+            self._starts.append(self._starts[-1] + int(s["blocks"]))
+        self._paths = [posixpath.join(self.dirpath, s["file"]) for s in self.shards]
+        self.block_bytes = self.seq_len * self.dtype.itemsize
+        self.chunk_blocks = max(1, int(chunk_bytes) // self.block_bytes)
+        self.cache_chunks = max(1, int(cache_chunks))
+        check_shards(self.fs, self.dirpath, self.index, [split], checksums=verify)
+        self._reset_handles()
+
+    def _reset_handles(self) -> None:
+        self._maps: dict[int, np.memmap] = {}
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_maps", "_cache", "_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number, block within that shard) of global block ``i``."""
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"block {i} out of range for {self.split} split of {n} blocks")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return s, i - self._starts[s]
+
+    def block(self, i: int) -> np.ndarray:
+        """Block ``i`` as a read-only numpy array of the shard dtype."""
+        s, j = self.locate(i)
+        if self.local:
+            mm = self._maps.get(s)
+            if mm is None:
+                mm = np.memmap(self._paths[s], dtype=self.dtype, mode="r", shape=(self.shards[s]["blocks"], self.seq_len))
+                self._maps[s] = mm
+            return mm[j]
+        c, k = divmod(j, self.chunk_blocks)
+        return self._chunk(s, c)[k]
+
+    def _chunk(self, s: int, c: int) -> np.ndarray:
+        key = (s, c)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        first = c * self.chunk_blocks
+        last = min(first + self.chunk_blocks, int(self.shards[s]["blocks"]))
+        start, end = first * self.block_bytes, last * self.block_bytes
+        if self._pid != os.getpid():
+            # a forked DataLoader worker: async filesystems (s3fs) are not fork-safe, get this process its own
+            self.fs = fsspec.core.url_to_fs(self.uri, **self.storage_options)[0]
+            self._pid = os.getpid()
+        data = self.fs.cat_file(self._paths[s], start=start, end=end)
+        if len(data) != end - start:
+            raise CorruptShardError(f"shard {display_path(self.fs, self._paths[s])}: read {len(data)} bytes at offset {start}, "
+                                    f"expected {end - start} (file changed since it was opened?)")
+        arr = np.frombuffer(data, dtype=self.dtype).reshape(last - first, self.seq_len)
+        with self._lock:
+            self._cache[key] = arr
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        return arr
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        ids = torch.from_numpy(self.block(i).astype(np.int64))
+        return {"input_ids": ids, "sample_id": i}
+
+
+# ----------------------------------------------------------------------------------- sampler
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Deterministic, resumable, data-parallel order over ``num_samples`` blocks.
+
+    The *global stream* is epoch after epoch; epoch ``e`` is a permutation of
+    ``range(num_samples)`` drawn with seed ``seed + e`` (identity when ``shuffle=False``),
+    cut to ``epoch_length`` samples: a multiple of ``world_size``, dropping the last
+    ``num_samples % world_size`` samples of the permutation (``drop_last=True``) or padding with
+    the permutation's first ones (``drop_last=False``), so every rank gets the same count.
+
+    Rank ``r`` takes global positions ``start + r, start + r + W, ...``: the ``W`` samples
+    of one "round" go to ranks ``0 .. W-1``. Hence with any local batch size ``B``, local batch
+    ``k`` of every rank together is exactly the global stream's ``[start + kBW, start + (k+1)BW)``,
+    a contiguous global batch. ``start_index`` is the number of global samples already
+    consumed (``steps * B * W`` summed over the run, gradient accumulation included); a run
+    resumed with it continues with exactly the next samples, none repeated or skipped. It
+    should be a multiple of ``world_size`` (it is, at any step boundary); otherwise ranks may
+    differ by one sample in the partial epoch.
+
+    ``__iter__`` yields this rank's share from ``start_index`` to the end of that epoch and then
+    moves ``start_index`` to the start of the next epoch, so ``for epoch ...: for batch in
+    loader`` continues naturally; ``set_epoch(e)`` jumps to the start of epoch ``e``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_index: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if num_samples < 0 or start_index < 0:
+            raise ValueError("num_samples and start_index must be >= 0")
+        self.num_samples, self.rank, self.world_size = int(num_samples), int(rank), int(world_size)
+        self.seed, self.shuffle, self.drop_last = int(seed), bool(shuffle), bool(drop_last)
+        if self.drop_last:
+            self.epoch_length = (self.num_samples // self.world_size) * self.world_size
+        else:
+            self.epoch_length = -(-self.num_samples // self.world_size) * self.world_size
+        if self.epoch_length == 0:
+            raise ValueError(f"{num_samples} samples are too few for world_size {world_size}"
+                             + (" with drop_last" if drop_last else ""))
+        self.start_index = int(start_index)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    # -- the global stream
+    @property
+    def epoch(self) -> int:
+        return self.start_index // self.epoch_length
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of ``epoch`` (``epoch_length`` ids)."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
+        n = self.num_samples
+        if self.shuffle:
+            # int32 ids when they fit (half the memory); same order as Generator.permutation(n)
+            order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            np.random.default_rng((self.seed + epoch) % 2**63).shuffle(order)
+        else:
+            order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        if self.epoch_length < n:
+            order = order[: self.epoch_length]
+        elif self.epoch_length > n:
+            order = np.concatenate([order, order[: self.epoch_length - n]])
+        self._perm = (epoch, order)
+        return order
+
+    def global_stream(self, start: int, stop: int) -> np.ndarray:
+        """Global positions ``[start, stop)`` of the stream (across epochs), as sample ids."""
+        out = []
+        pos = start
+        while pos < stop:
+            epoch, off = divmod(pos, self.epoch_length)
+            take = min(stop - pos, self.epoch_length - off)
+            out.append(self.permutation(epoch)[off : off + take])
+            pos += take
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    # -- torch Sampler
+    def _local(self) -> np.ndarray:
+        epoch, off = divmod(self.start_index, self.epoch_length)
+        return self.permutation(epoch)[off + self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        local = self._local()
+        epoch = self.epoch
+        for start in range(0, len(local), 1 << 16):  # no Python list of a whole epoch
+            yield from local[start : start + (1 << 16)].tolist()
+        self.start_index = (epoch + 1) * self.epoch_length
+
+    def __len__(self) -> int:
+        return len(self._local())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self.start_index = int(epoch) * self.epoch_length
+
+    def advance(self, global_samples: int) -> None:
+        """Record that ``global_samples`` more samples (all ranks together) were consumed."""
+        self.start_index += int(global_samples)
+
+    # -- checkpointing
+    def state_dict(self, consumed_samples: int | None = None) -> dict[str, Any]:
+        """What a checkpoint needs. ``consumed_samples`` (global, e.g. ``step * global_batch``)
+        overrides ``start_index``; pass it, since a DataLoader prefetches ahead of training."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "world_size": self.world_size,
+            "epoch_length": self.epoch_length,
+            "start_index": int(self.start_index if consumed_samples is None else consumed_samples),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(f"sampler state is for {state['num_samples']} samples, this dataset has {self.num_samples}")
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state.get("shuffle", self.shuffle))
+        self._perm = None
+        start = int(state["start_index"])
+        old_len = int(state.get("epoch_length", self.epoch_length))
+        if old_len != self.epoch_length:  # world size changed: keep (epoch, offset in the permutation)
+            epoch, off = divmod(start, old_len)
+            start = epoch * self.epoch_length + min(off, self.epoch_length)
+        self.start_index = start
