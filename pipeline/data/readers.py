@@ -352,15 +352,22 @@ def _decompress(raw: IO[bytes], compression: str | None) -> IO[bytes]:
     return fsspec.compression.compr[compression](raw, mode="rb")
 
 
+def _open_decompressed(f: DataFile, compression: str | None) -> tuple[IO[bytes], list[Any]]:
+    """The decompressed stream of a file and what to close when done with it (the stream, then the file)."""
+    raw = f.fs.open(f.path, "rb")
+    try:
+        stream = _decompress(raw, compression)
+    except BaseException:
+        _close_all([raw])
+        raise
+    return stream, [raw] if stream is raw else [raw, stream]
+
+
 @contextlib.contextmanager
 def open_bytes(f: DataFile, compression: str | None) -> Iterator[IO[bytes]]:
     """The decompressed bytes of a file, closed (with the file) on exit."""
-    raw = f.fs.open(f.path, "rb")
-    closers: list[Any] = [raw]
+    stream, closers = _open_decompressed(f, compression)
     try:
-        stream = _decompress(raw, compression)
-        if stream is not raw:
-            closers.append(stream)
         yield stream
     finally:
         _close_all(closers)
@@ -465,12 +472,8 @@ class _Reader:
             yield Problem(f.url, "unreadable", f"{type(exc).__name__}: {exc}{_kept(state['docs'])}")
 
     def _open_stream(self, f: DataFile, compression: str | None) -> tuple[IO[bytes], list[Any]]:
-        raw = f.fs.open(f.path, "rb")
-        closers: list[Any] = [raw]
+        stream, closers = _open_decompressed(f, compression)
         try:
-            stream = _decompress(raw, compression)
-            if stream is not raw:
-                closers.append(stream)
             head = _read_head(stream)
             if not head:
                 what = "no bytes after decompression" if compression else "file has no bytes"

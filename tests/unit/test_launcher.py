@@ -9,7 +9,6 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.training import deepspeed_config_path
-from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints
 from pipeline.training.common import resolve_precision
 from pipeline.training.launcher import (
     build_parser,
@@ -225,16 +224,6 @@ def test_pretrain_config_validation():
     ]:
         with pytest.raises(ValidationError, match=msg):
             PretrainConfig(**bad)
-
-
-def test_checkpoint_discovery_ignores_incomplete(tmp_path):
-    for name, complete in [("step-4", True), ("step-8", True), ("step-12", False), (".tmp-step-16", True), ("other", True)]:
-        (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / "COMPLETE").write_text("{}")
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8]
-    assert latest_checkpoint(tmp_path)[0] == 8
-    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_failure_line_names_the_first_failed_rank():
