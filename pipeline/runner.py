@@ -36,7 +36,7 @@ VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "fasttext
 class Outcome:
     stage: str
     status: str  # "done" | "up to date"
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # empty on a torchrun rank other than 0 (rank 0 commits: run_rank)
     seconds: float | None = None  # wall time of the whole stage (all ranks and the merge)
 
 
@@ -121,7 +121,7 @@ def resolve_inputs(stage: Stage, storage: Storage, cfg: StrictModel | None = Non
 
 
 def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str, inputs: dict[str, Artifact], *,
-                    force: bool, produce: Callable[[], dict[str, Any] | None],
+                    force: bool, produce: Callable[[], dict[str, Any]],
                     also: Callable[[dict[str, Any]], bool] = lambda manifest: True) -> Outcome:
     """The one "up to date? else execute" decision: ``name`` is up to date when its manifest has this
     config's hash and these inputs' fingerprints (and passes ``also``); otherwise ``produce()`` makes it
@@ -129,7 +129,7 @@ def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str,
     existing = storage.manifest(name)
     if not force and is_current(existing, config_hash(cfg), input_refs(inputs, stage, cfg)) and also(existing):  # type: ignore[arg-type]
         return Outcome(stage.name, "up to date", existing)  # type: ignore[arg-type]
-    return Outcome(stage.name, "done", produce())  # type: ignore[arg-type]
+    return Outcome(stage.name, "done", produce())
 
 
 def execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictModel, storage: Storage, name: str,
@@ -315,16 +315,16 @@ def _produce(stage: Stage, cfg: StrictModel, storage: Storage, inputs: dict[str,
 def run_rank(stage: str, cfg: StrictModel, storage: Storage, rank: int, world: int, *, force: bool = False,
              progress: bool = True) -> Outcome:
     """One rank of a distributed (torchrun) stage: every rank runs the stage, rank 0 commits the output.
-    The other ranks' outcome carries no manifest."""
+    The other ranks' outcome carries an empty manifest."""
     st = get_stage(stage)
     inputs = resolve_inputs(st, storage, cfg)
     ctx = StageContext(storage, inputs, progress=progress and rank == 0, rank=rank, world=world)
 
-    def produce() -> dict[str, Any] | None:
+    def produce() -> dict[str, Any]:
         if rank == 0:
             return execute(st, st.run, cfg, storage, st.output(cfg), ctx, {"world_size": world})
         st.run(cfg, ctx, None)
-        return None
+        return {}
 
     return _unless_current(st, cfg, storage, st.output(cfg), inputs, force=force, produce=produce)
 

@@ -1,16 +1,20 @@
 """What a stage is: the one shape every stage of the pipeline has.
 
 A stage lives in ``pipeline/stages/<name>.py`` as a subclass of :class:`Stage` (one task) or
-:class:`ShardedStage` (ranks, then a merge), exposed as the module's ``STAGE``. It declares:
+:class:`ShardedStage` (ranks, then a merge), exposed as the module's ``STAGE``, its name listed in
+``pipeline.stages.ORDER``. It declares:
 
 * ``name`` and ``config`` (its pydantic config class), ``OUTPUT`` (the artifact it writes) and
-  ``INPUTS`` (the artifacts it reads); ``inputs(cfg)`` / ``output(cfg)`` when its config names them;
+  ``INPUTS`` (the artifacts it reads); ``inputs(cfg)`` when the config decides what it reads; a
+  config with an ``output`` field renames the output (the stage can then run again as a variant);
 * ``run(cfg, ctx, out) -> metrics`` -- or, sharded, ``run_part(cfg, ctx, out) -> metrics`` for one
   rank's share (``ctx.rank``, ``ctx.world``) and ``merge(cfg, ctx, out, parts) -> metrics``;
 * optionally ``summary(metrics)`` (the one-screen summary), ``external_inputs(cfg)`` (files outside
   the run root it reads, with their fingerprints), ``ARTIFACTS`` (report globs logged to MLflow) and
   ``distributed = True`` for stages that run under torchrun.
 
+A stage module stays light to import (`llmpipe config`, `llmpipe stages` and the pipeline's config
+validation import every stage): torch, transformers, mlflow and the like are imported inside ``run``.
 The runner (:mod:`pipeline.runner`) owns everything else: input lookup, the up-to-date check, the
 manifest, the atomic commit, timings, tracking and local worker processes. This module imports
 nothing above the core (config, storage), so stages, the runner and the CLI all build on it.

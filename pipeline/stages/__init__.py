@@ -30,11 +30,6 @@ def producer(artifact: str) -> str | None:
     return next((name for name in ORDER if get_stage(name).OUTPUT == artifact), None)
 
 
-def training_stages() -> list[str]:
-    """The stages that run under torchrun (`llmpipe run STAGE --nproc-per-node N`, or a PyTorchJob's $PET_*)."""
-    return [name for name in ORDER if get_stage(name).distributed]
-
-
 def load_config(stage: str, path: str | None = None, overrides: list[str] | None = None) -> StrictModel:
     """A stage's config from YAML (or its defaults) with ``--set`` overrides, validated."""
     from pipeline import config
