@@ -149,9 +149,10 @@ def execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictM
 
 @contextlib.contextmanager
 def _accelerate_env() -> Iterator[None]:
-    """Stages leave no ACCELERATE_* variables behind: transformers sets ACCELERATE_USE_DEEPSPEED=true
-    for a DeepSpeed run and never unsets it, which would put the next stage of the same process
-    (`llmpipe pipeline`: pretrain with ZeRO-2, then sft with zero_stage 0) under DeepSpeed too."""
+    """Stages leave no ACCELERATE_* variables behind: accelerate's Accelerator sets ACCELERATE_USE_DEEPSPEED=true when
+    given a DeepSpeed plugin and never unsets it (accelerate/accelerator.py, Accelerator.__init__; transformers 5's
+    TrainingArguments unsets its own copy), which would put the next stage of the same process (`llmpipe pipeline`:
+    pretrain with ZeRO-2, then sft with zero_stage 0) under DeepSpeed too."""
     before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     try:
         yield

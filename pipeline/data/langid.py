@@ -173,7 +173,10 @@ class LanguageIdentifier:
         return self.predict_batch([text])[0]
 
     def predict_batch(self, texts: list[str]) -> list[tuple[str, float]]:
-        """:meth:`predict` for many texts in one call into fastText."""
-        prepared = [self._prepare(t) for t in texts]
-        all_labels, all_probs = self._model.predict(prepared, k=1)
-        return [self._finish(t, labels, probs) for t, labels, probs in zip(prepared, all_labels, all_probs)]
+        """:meth:`predict` for many texts: one fastText call each (fasttext-predict's multi-line call returns the labels
+        without their probabilities)."""
+        out = []
+        for text in texts:
+            prepared = self._prepare(text)
+            out.append(self._finish(prepared, *self._model.predict(prepared, k=1)))
+        return out

@@ -255,7 +255,7 @@ def chat_template(start: str, end: str) -> str:
 
 
 def save_hf(tokenizer: Tokenizer, cfg: TokenizerConfig, local_dir: str) -> None:
-    """``save_pretrained`` layout (tokenizer.json, tokenizer_config.json, special_tokens_map.json)."""
+    """``save_pretrained`` layout (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
     from transformers import PreTrainedTokenizerFast
 
     st = cfg.special_tokens

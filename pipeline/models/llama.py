@@ -342,6 +342,20 @@ def build_from_state_dict(config: Any, state_dict: dict[str, Any]) -> Any:
     return model
 
 
+def rope_settings(config: Any) -> dict[str, Any]:
+    """A config's RoPE settings as one dict: ``rope_theta``, ``rope_type`` and, when scaled, ``factor`` etc.
+    (transformers 5 keeps them all in ``config.rope_parameters``)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", 10000.0)
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def set_rope_theta(config: Any, theta: float) -> None:
+    """Set a config's RoPE base, keeping any scaling it has."""
+    config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {"rope_type": "default"}), "rope_theta": theta}
+
+
 def shape_of(config: Any) -> Shape:
     return Shape(
         num_layers=config.num_hidden_layers,
@@ -350,7 +364,7 @@ def shape_of(config: Any) -> Shape:
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
         max_position_embeddings=config.max_position_embeddings,
-        rope_theta=float(config.rope_theta),
+        rope_theta=float(rope_settings(config)["rope_theta"]),
         tie_word_embeddings=bool(config.tie_word_embeddings),
     )
 

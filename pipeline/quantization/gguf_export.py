@@ -62,6 +62,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN
 from pipeline.errors import InputError
+from pipeline.models.llama import rope_settings
 
 ARCH = "llama"
 SUPPORTED = ("F16", "Q8_0", "Q4_0")
@@ -122,11 +123,9 @@ def check_llama_config(config: Any, where: str = "the model") -> LlamaDims:
         raise InputError(f"{where} has attention/MLP biases, which the GGUF llama export does not map")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise InputError(f"{where} uses hidden_act={config.hidden_act!r}; llama.cpp's llama graph is SwiGLU (silu)")
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind not in ("linear", "default"):
-            raise InputError(f"{where} uses rope_scaling type {kind!r}; the GGUF export supports none or 'linear'")
+    rope = rope_settings(config)
+    if rope["rope_type"] not in ("linear", "default"):
+        raise InputError(f"{where} uses rope_scaling type {rope['rope_type']!r}; the GGUF export supports none or 'linear'")
     n_heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     if head_dim % 2:
@@ -135,8 +134,9 @@ def check_llama_config(config: Any, where: str = "the model") -> LlamaDims:
         n_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size), ffn=int(config.intermediate_size),
         n_heads=n_heads, n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim=head_dim,
         vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
-        rope_theta=float(getattr(config, "rope_theta", 10000.0)), rms_eps=float(config.rms_norm_eps),
-        tied=bool(getattr(config, "tie_word_embeddings", False)), rope_scaling=dict(scaling) if scaling else None,
+        rope_theta=float(rope["rope_theta"]), rms_eps=float(config.rms_norm_eps),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_scaling=rope if rope["rope_type"] == "linear" else None,
     )
 
 
@@ -391,7 +391,7 @@ def write_gguf(
         w.add_value_length(dims.head_dim)
     w.add_rope_freq_base(dims.rope_theta)
     w.add_layer_norm_rms_eps(dims.rms_eps)
-    if dims.rope_scaling and (dims.rope_scaling.get("rope_type") or dims.rope_scaling.get("type")) == "linear":
+    if dims.rope_scaling and dims.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(dims.rope_scaling["factor"]))
     # -- tokenizer

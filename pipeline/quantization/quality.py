@@ -13,6 +13,7 @@ given as token ids (so llama.cpp's built-in pre-tokenizer plays no part).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable
 
@@ -65,13 +66,15 @@ def hf_greedy(model: Any, prompt_ids: list[int], n_new: int) -> list[int]:
     """``n_new`` argmax tokens after ``prompt_ids`` (no stop at EOS: a fixed-length comparison)."""
     ids = torch.tensor([list(prompt_ids)])
     out: list[int] = []
+    # the KV cache argument and output: `past_key_values` up to at least 5.17 (our floor), `cache` in later 5.x
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     model.eval()
     with torch.inference_mode():
         past = None
         step = ids
         for _ in range(n_new):
-            res = model(input_ids=step, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=step, use_cache=True, **{kv: past})
+            past = res[kv]
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
             step = torch.tensor([[nxt]])

@@ -211,7 +211,7 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
     if cfg.max_position_embeddings is not None:
         config.max_position_embeddings = cfg.max_position_embeddings
     if cfg.rope_theta is not None:
-        config.rope_theta = cfg.rope_theta
+        L.set_rope_theta(config, cfg.rope_theta)
     info["pretrained_files"] = {
         f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith((".safetensors", ".bin", ".json"))
     }

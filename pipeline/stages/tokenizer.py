@@ -97,7 +97,8 @@ class TokenizerStage(Stage):
         out.write_json("fertility.json", report)
         out.write_text("fertility.md", format_report_markdown(report))
         if added:
-            out.write_json("added_tokens.json", added)  # tokens may hold newlines: JSON, not lines
+            # JSON, not lines: tokens may hold newlines; not added_tokens.json, which transformers 5 reads as its own
+            out.write_json("new_tokens.json", added)
         return {
             "vocab_size": tokenizer.get_vocab_size(),
             "train_characters": {k: sum(map(len, v)) for k, v in sorted(train.items())},

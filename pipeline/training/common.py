@@ -142,6 +142,14 @@ def has_tokenizer(folder: str) -> bool:
 # ------------------------------------------------------------------------------ TrainingArguments
 
 
+def _checkpointing_arguments(on: bool) -> dict[str, Any]:
+    """Activation checkpointing in TrainingArguments: ``activation_checkpointing[_kwargs]`` in newer 5.x, where the
+    ``gradient_checkpointing`` names are deprecated aliases; 5.17 (our floor) has only those."""
+    name = "activation_checkpointing" if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def training_arguments(cfg: Any, ctx: Any, *, precision: str, ds_cfg: dict[str, Any] | None,
                        checkpoints: dict[str, Any], **fields: Any) -> dict[str, Any]:
     """The TrainingArguments fields pretrain and the three post-training stages set alike, from the fields their
@@ -151,6 +159,7 @@ def training_arguments(cfg: Any, ctx: Any, *, precision: str, ds_cfg: dict[str, 
     (``CheckpointManager.trainer_arguments`` or ``no_checkpoints``); ``fields``: the stage's own."""
     cuda = torch.cuda.is_available()
     return dict(
+        **_checkpointing_arguments(cfg.gradient_checkpointing),
         **checkpoints,
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
@@ -161,15 +170,12 @@ def training_arguments(cfg: Any, ctx: Any, *, precision: str, ds_cfg: dict[str, 
         logging_first_step=True,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         deepspeed=ds_cfg,
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=not ctx.progress,
         ddp_backend="gloo" if (not cuda and "LOCAL_RANK" in os.environ) else None,
         use_cpu=not cuda,
-        save_safetensors=True,
         **fields,
     )
 

@@ -196,7 +196,7 @@ def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):
                  "--set", f"extend.base={base}", "--set", "extend.new_tokens=40"]) == 0
     m = json.loads((copy / "tokenizer" / "manifest.json").read_text())["metrics"]
     assert 0 < m["added_tokens"] <= 40
-    added = json.loads((copy / "tokenizer" / "added_tokens.json").read_text(encoding="utf-8"))
+    added = json.loads((copy / "tokenizer" / "new_tokens.json").read_text(encoding="utf-8"))
     assert len(added) == m["added_tokens"]
     old = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     new = AutoTokenizer.from_pretrained(str(copy / "tokenizer"))

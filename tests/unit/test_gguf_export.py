@@ -245,6 +245,17 @@ def test_pre_tokenizer_names_and_template_markers():
     assert ge.strip_hf_generation_markers(t) == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
+def test_rope_base_and_linear_scaling_from_the_config():
+    """transformers 5 keeps rope_theta and the scaling in config.rope_parameters (rope_theta= / rope_scaling= still
+    build one)."""
+    from transformers import LlamaConfig
+
+    dims = ge.check_llama_config(LlamaConfig(rope_theta=500_000.0))
+    assert dims.rope_theta == 500_000.0 and dims.rope_scaling is None
+    dims = ge.check_llama_config(LlamaConfig(rope_theta=250_000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert dims.rope_theta == 250_000.0 and dims.rope_scaling["rope_type"] == "linear" and dims.rope_scaling["factor"] == 2.0
+
+
 def test_clear_errors(tok_dir, tmp_path):
     from transformers import GPT2Config, LlamaConfig
 

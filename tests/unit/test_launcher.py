@@ -255,10 +255,10 @@ def test_trainer_raw_log_dicts_are_dropped_but_the_bar_stays(tmp_path, capsys):
     for cb in (bars[0], ProgressCallback()):  # ours, then the stock one for contrast
         cb.on_train_begin(args, trainer.state, trainer.control)
         capsys.readouterr()
-        cb.on_log(args, trainer.state, trainer.control, logs={"loss": 1.0})
+        cb.on_log(args, trainer.state, trainer.control, logs={"loss": 1.25})
         seen = capsys.readouterr()
         cb.on_train_end(args, trainer.state, trainer.control)
-        assert ("'loss': 1.0" in seen.out + seen.err) == (cb is not bars[0])
+        assert ("'loss': '1.25'" in seen.out + seen.err) == (cb is not bars[0])
 
 
 def test_root_cause_comes_from_torchelastic_error_files(tmp_path, monkeypatch):

@@ -182,6 +182,16 @@ def test_remap_layers_clones_repeats():
     assert out["model.embed_tokens.weight"] is sd["model.embed_tokens.weight"]
 
 
+def test_rope_theta_set_read_and_saved():
+    """transformers 5 keeps rope_theta in config.rope_parameters, 4.x as its own field."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(rope_theta=10000.0)
+    L.set_rope_theta(config, 1e6)
+    assert L.rope_settings(config)["rope_theta"] == 1e6
+    assert L.shape_of(LlamaConfig.from_dict(config.to_dict())).rope_theta == 1e6
+
+
 def test_transfer_vocab_mean_and_random():
     old = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # 3 real tokens + 1 padding row
     match = L.match_vocab(["b", "x", "a"], {"a": 0, "b": 1, "c": 2}, old_rows=4)
@@ -229,7 +239,7 @@ def test_random_overrides_bf16(tmp_path, stage):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "init", dtype="auto")  # the stored dtype
-    assert model.dtype == torch.bfloat16 and model.config.rope_theta == 10000.0
+    assert model.dtype == torch.bfloat16 and L.rope_settings(model.config)["rope_theta"] == 10000.0
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 

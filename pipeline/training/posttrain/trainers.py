@@ -60,7 +60,7 @@ def trainer_kwargs(cfg: Any, ctx: Any, output_dir: str, precision: str, ds_cfg: 
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # below 1: a fraction of the steps (TrainingArguments.get_warmup_steps)
         eval_strategy="steps" if (cfg.eval_every and has_eval) else "no",
         eval_steps=cfg.eval_every or None,
         data_seed=cfg.seed,
