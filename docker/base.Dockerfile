@@ -1,18 +1,19 @@
 # syntax=docker/dockerfile:1
-# llmpipe-base: a PyTorch image + a virtualenv with the pinned dependencies + the llmpipe package.
+# llmpipe-base: a PyTorch image + a virtualenv with requirements.lock (the same lock `make install` uses) + the
+# llmpipe package.
 # Every stage image (data, train, eval, registry) is built FROM this one. Build with `make images`.
 #
 # BASE_IMAGE   any image with Python 3.11 and (usually) torch: the default is the official CUDA
-#              runtime image; an NGC image (nvcr.io/nvidia/pytorch:<tag>) works the same way when its
-#              Python matches docker/requirements/*.txt. A bare Debian/Ubuntu works too: Python is
-#              installed with apt and torch from TORCH_SPEC.
+#              runtime image; an NGC image (nvcr.io/nvidia/pytorch:<tag>) works the same way (Python 3.11+:
+#              requirements.lock is universal). A bare Debian/Ubuntu works too: Python is installed with
+#              apt and torch from TORCH_SPEC.
 # TORCH_SPEC   empty: use the torch of BASE_IMAGE (never replaced). Else a pip requirement such as
 #              "torch==2.13.0+cpu" installed first (with PIP_FIND_LINKS / PIP_INDEX_URL pointing at it).
 # PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_CERT   a mirror, a wheel folder (podman
 #              build --volume), a proxy's CA bundle: used while building, not kept in the image's env.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
-# ---- stage 1: the virtualenv, built where a compiler may be added (fasttext is an sdist) ----
+# ---- stage 1: the virtualenv, built where a compiler may be added (a few locked packages are sdists) ----
 FROM ${BASE_IMAGE} AS venv
 ARG TORCH_SPEC=""
 ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CERT
@@ -20,7 +21,9 @@ ENV VIRTUAL_ENV=/opt/llmpipe/venv \
     PATH=/opt/llmpipe/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    UV_NO_CACHE=1 \
+    DS_BUILD_OPS=0
 # apt versions are those of the base image's release, which BASE_IMAGE pins
 # hadolint ignore=DL3008,SC2086
 RUN pkgs=""; \
@@ -31,13 +34,19 @@ RUN pkgs=""; \
     fi \
     && python3 -m venv --system-site-packages --without-pip "$VIRTUAL_ENV" \
     && python -m pip --version
-COPY docker/requirements/base.txt /opt/llmpipe/requirements/base.txt
-RUN py="$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
-    && { grep -qx "# python $py" /opt/llmpipe/requirements/base.txt \
-         || { echo "error: BASE_IMAGE has Python $py but docker/requirements/*.txt were locked for $(sed -n 's/^# python //p' /opt/llmpipe/requirements/base.txt); use a base with that Python or rerun docker/lock.py under Python $py" >&2; exit 1; }; } \
-    && if [ -n "$TORCH_SPEC" ]; then python -m pip install --no-cache-dir -c /opt/llmpipe/requirements/base.txt "$TORCH_SPEC"; fi \
+# torch and its CUDA wheels are the base image's (or TORCH_SPEC's), never in the lock. uv (pinned in the lock) installs
+# the lock exactly, no resolver: --no-deps. DeepSpeed's sdist imports torch while it builds (no build isolation; its
+# CUDA ops are JIT-compiled at first use where a compiler exists, DS_BUILD_OPS=0: none prebuilt here). uv reads the
+# PIP_* mirror settings under its own names.
+COPY requirements.lock /opt/llmpipe/requirements.lock
+# uv's version is the lock's (grep), which hadolint cannot see
+# hadolint ignore=DL3013,SC2086
+RUN if [ -n "$TORCH_SPEC" ]; then python -m pip install --no-cache-dir "$TORCH_SPEC"; fi \
     && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
-    && python -m pip install --no-cache-dir --no-deps -r /opt/llmpipe/requirements/base.txt
+    && python -m pip install --no-cache-dir --no-deps "$(grep -m1 '^uv==' /opt/llmpipe/requirements.lock)" \
+    && env ${PIP_INDEX_URL:+UV_INDEX_URL=$PIP_INDEX_URL} ${PIP_EXTRA_INDEX_URL:+UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"} \
+           ${PIP_FIND_LINKS:+UV_FIND_LINKS=$PIP_FIND_LINKS} ${PIP_CERT:+SSL_CERT_FILE=$PIP_CERT} \
+       uv pip install --no-deps --no-build-isolation-package deepspeed -r /opt/llmpipe/requirements.lock
 
 # ---- stage 2: the image: the same base, the virtualenv, the package, a non-root user ----
 FROM ${BASE_IMAGE}

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # llmpipe-mlflow: the MLflow tracking server for a dev cluster (k8s/mlflow/): MLflow with the
 # PostgreSQL driver and boto3 for S3/MinIO artefacts, which the upstream image leaves out.
-# The server's MLflow matches the clients' (docker/requirements/base.txt); keep them in step.
+# The server's MLflow is the clients' (requirements.lock: tests/docker checks the pin).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0

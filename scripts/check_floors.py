@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Check that a lowest-direct resolution puts every direct dependency at its pyproject.toml lower bound.
+
+    python scripts/check_floors.py pyproject.toml floors.txt
+
+``floors.txt`` is ``uv pip compile pyproject.toml --resolution lowest-direct`` (what ``make test-floors``
+installs and tests). A direct dependency that resolves above its declared lower bound means the bound
+is not a version anyone can install with the rest (another dependency needs more): the bound is untrue,
+and this exits 1 naming the versions to write instead. torch is the platform's and is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+SKIP = {"torch"}
+
+
+def lower_bound(req: Requirement) -> Version | None:
+    bounds = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
+    return max(bounds) if bounds else None
+
+
+def pins(path: Path) -> dict[str, Version]:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==([^\s;]+)", line)
+        if m:
+            out[canonicalize_name(m.group(1))] = Version(m.group(2))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    project = tomllib.loads(Path(argv[0]).read_text(encoding="utf-8"))["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in ("image", "dev"):  # what make test-floors resolves (bench: only the benchmarks use it)
+        reqs += [Requirement(r) for r in project.get("optional-dependencies", {}).get(extra, [])]
+    resolved = pins(Path(argv[1]))
+    env = default_environment()
+    wrong, checked = [], 0
+    for req in reqs:
+        name = canonicalize_name(req.name)
+        if name in SKIP or (req.marker is not None and not req.marker.evaluate({**env, "extra": ""})):
+            continue
+        floor = lower_bound(req)
+        got = resolved.get(name)
+        if got is None:
+            wrong.append(f"{req.name}: not in {argv[1]}")
+        elif floor is None:
+            wrong.append(f"{req.name}: no lower bound in pyproject.toml (resolved {got})")
+        elif got != floor:
+            wrong.append(f"{req.name}: pyproject.toml says >={floor}, but the lowest installable with the rest is {got}")
+        checked += 1
+    if wrong:
+        print("check_floors: lower bounds that are not true floors:\n  " + "\n  ".join(wrong), file=sys.stderr)
+        return 1
+    print(f"check_floors: {checked} direct dependencies resolve to their pyproject.toml lower bounds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
