@@ -23,10 +23,10 @@ DEV_LOCK := requirements-dev.lock
 UV := $(BIN)/uv
 UV_PIP := $(UV) pip install --python $(BIN)/python --no-progress --no-build-isolation-package deepspeed
 
-# pip puts in torch (it reads the machine's pip config: a wheel folder, a mirror) and the locked uv; uv installs the
-# rest from the lock in parallel, without backtracking. DeepSpeed's sdist imports torch while it builds.
+# pip puts in torch (it reads the machine's pip config: a wheel folder, a mirror), the locked uv and setuptools; uv
+# installs the rest from the lock in parallel, without backtracking. DeepSpeed's sdist imports torch while it builds.
 $(VENV)/.installed: $(LOCK) $(DEV_LOCK) pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q torch==$(TORCH_VERSION) $$(grep -m1 '^uv==' $(LOCK)) setuptools wheel
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $$(grep -m1 '^uv==' $(LOCK)) $$(grep -m1 '^setuptools==' $(LOCK) || echo setuptools)
 	$(UV_PIP) -q -r $(LOCK) -r $(DEV_LOCK)
 	$(UV_PIP) -q --no-deps -e .
 	touch $@
