@@ -164,7 +164,7 @@ def test_clear_errors_before_compute(template_root, tmp_path, capsys):
     shutil.copytree(template_root, root)
     shutil.rmtree(root / "models" / "dpo")
     out = Storage(str(root)).begin("models/dpo")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=600)).save_pretrained(out.path())
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=600, bos_token_id=0, eos_token_id=0)).save_pretrained(out.path())
     out.commit({"stage": "dpo", "config_hash": "x", "inputs": {}, "metrics": {}})
     err = _expect_error(capsys, 1, root)
     assert "'gpt2' model" in err and "supports Llama models" in err
