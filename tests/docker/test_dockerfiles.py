@@ -124,7 +124,7 @@ def test_make_images_and_push_render_contract_names():
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "-f docker/base.Dockerfile -t registry.example.com/team/llmpipe-base:1.2.3" in out
     for fam in FAMILIES:
-        assert f"llmpipe-$f" in out or f"llmpipe-{fam}" in out
+        assert "llmpipe-$f" in out or f"llmpipe-{fam}" in out
     assert "for f in base data train eval registry mlflow" in out and "podman push registry.example.com/team/llmpipe-$f:1.2.3" in out
     default = subprocess.run(["make", "-n", "images", "ENGINE=docker"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
