@@ -40,13 +40,15 @@ RUN pkgs=""; \
 # PIP_* mirror settings under its own names.
 COPY requirements.lock /opt/llmpipe/requirements.lock
 # uv's version is the lock's (grep), which hadolint cannot see
-# hadolint ignore=DL3013,SC2086
+# hadolint ignore=DL3013
 RUN if [ -n "$TORCH_SPEC" ]; then python -m pip install --no-cache-dir "$TORCH_SPEC"; fi \
     && python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
     && python -m pip install --no-cache-dir --no-deps "$(grep -m1 '^uv==' /opt/llmpipe/requirements.lock)" \
-    && env ${PIP_INDEX_URL:+UV_INDEX_URL=$PIP_INDEX_URL} ${PIP_EXTRA_INDEX_URL:+UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"} \
-           ${PIP_FIND_LINKS:+UV_FIND_LINKS=$PIP_FIND_LINKS} ${PIP_CERT:+SSL_CERT_FILE=$PIP_CERT} \
-       uv pip install --no-deps --no-build-isolation-package deepspeed -r /opt/llmpipe/requirements.lock
+    && if [ -n "$PIP_INDEX_URL" ]; then export UV_INDEX_URL="$PIP_INDEX_URL"; fi \
+    && if [ -n "$PIP_EXTRA_INDEX_URL" ]; then export UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"; fi \
+    && if [ -n "$PIP_FIND_LINKS" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi \
+    && if [ -n "$PIP_CERT" ]; then export SSL_CERT_FILE="$PIP_CERT"; fi \
+    && uv pip install --no-deps --no-build-isolation-package deepspeed -r /opt/llmpipe/requirements.lock
 
 # ---- stage 2: the image: the same base, the virtualenv, the package, a non-root user ----
 FROM ${BASE_IMAGE}
