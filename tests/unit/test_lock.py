@@ -6,7 +6,6 @@ out, the dev lock holds the runtime lock pin for pin, and scripts/check_floors.p
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import tomllib
@@ -20,17 +19,14 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-PIN = re.compile(r"^([A-Za-z0-9._-]+)(?:\[[^\]]*\])?==(\S+?)(?:\s*;\s*(.+))?$")
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from check_floors import parse_lock  # noqa: E402  (scripts/check_floors.py: the one reader of the lock format)
 
 
 def pins(name: str) -> list[tuple[str, Version, str]]:
     """(canonical name, version, marker) per pin line of a lock file."""
-    out = []
-    for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
-        m = PIN.match(line.strip())
-        if m:
-            out.append((canonicalize_name(m.group(1)), Version(m.group(2)), m.group(3) or ""))
-    return out
+    return parse_lock(ROOT / name)
 
 
 def _check_satisfies(requirements: list[str], lock: str) -> int:
