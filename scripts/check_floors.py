@@ -7,6 +7,9 @@
 installs and tests). A direct dependency that resolves above its declared lower bound means the bound
 is not a version anyone can install with the rest (another dependency needs more): the bound is untrue,
 and this exits 1 naming the versions to write instead. torch is the platform's and is skipped.
+
+It also refuses a bound below the first version that has an API the code calls (``API_FLOORS``), so
+lowering such a bound fails at once, before anything is installed; the floors run's tests are the proof.
 """
 
 from __future__ import annotations
@@ -22,6 +25,20 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 SKIP = {"torch"}
+
+# APIs the code calls that set a floor: distribution -> [(the API, the first version that has it, where it is called)].
+# tests/unit/test_api_floors.py checks each entry against the code and the installed version.
+API_FLOORS: dict[str, list[tuple[str, str, str]]] = {
+    # 37.0.0 has ApiClient.param_serialize; 36.0.3 has call_api(resource_path, method, ...) and no param_serialize,
+    # and tests/k8s (part of make test-floors) fail on it
+    "kubernetes": [("kubernetes.client.ApiClient.param_serialize", "37.0.0", "pipeline/k8s/client.py")],
+}
+
+
+def api_floor_errors(name: str, floor: Version) -> list[str]:
+    """Why ``name>=floor`` is below an API the code calls (empty: it is not)."""
+    return [f"{name}: pyproject.toml says >={floor}, but {where} calls {api}, first in {first}"
+            for api, first, where in API_FLOORS.get(canonicalize_name(name), []) if floor < Version(first)]
 
 
 def lower_bound(req: Requirement) -> Version | None:
@@ -70,6 +87,8 @@ def main(argv: list[str]) -> int:
             wrong.append(f"{req.name}: no lower bound in pyproject.toml (resolved {got})")
         elif got != floor:
             wrong.append(f"{req.name}: pyproject.toml says >={floor}, but the lowest installable with the rest is {got}")
+        if floor is not None:
+            wrong += api_floor_errors(req.name, floor)
         checked += 1
     if wrong:
         print("check_floors: lower bounds that are not true floors:\n  " + "\n  ".join(wrong), file=sys.stderr)
