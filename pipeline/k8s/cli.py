@@ -78,7 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _stage(submit)
     submit.add_argument("--config", "-c", metavar="FILE", help="stage config (default: jobs/cluster/STAGE.yaml)")
     submit.add_argument("--values", "-f", action="append", default=[], metavar="FILE",
-                        help="site values for the chart, e.g. image, storage, resources (repeatable)")
+                        help="site values for the chart, e.g. image, storage, mlflow (repeatable); applied over the "
+                        "workload shape the config is sized for (values/<config name>.yaml beside the config)")
+    submit.add_argument("--no-shape", action="store_true",
+                        help="do not apply values/<config name>.yaml (the chart's small defaults, or yours only)")
     submit.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a chart value, as helm --set: workers=8, nnodes=2, image.tag=0.2.0 (repeatable)")
     submit.add_argument("--chart", metavar="DIR", help=f"the chart (default: $LLMPIPE_CHART, else {CHART})")
@@ -132,7 +135,7 @@ def _kube(args: argparse.Namespace):
 def cmd_submit(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.k8s.render import default_config, find_chart, render
+    from pipeline.k8s.render import default_config, find_chart, render, shape_values
     from pipeline.k8s.submit import ordered, submit
 
     config = Path(args.config) if args.config else default_config(args.stage)
@@ -141,6 +144,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _validate_config(args.stage, config)
     timeout = _timeout(args)  # bad --timeout / --interval fail before anything is created
     chart = find_chart(args.chart)
+    shape = [] if args.no_shape else shape_values(args.stage, config)
+    args.values = shape + args.values
     if args.dry_run:
         namespace = resolve_namespace(args.namespace, args.kubeconfig, args.context)
         objects = render(args.stage, config, namespace, chart, args.values, args.sets)
@@ -148,7 +153,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     kube = _kube(args)
     objects = render(args.stage, config, kube.namespace, chart, args.values, args.sets)
-    print(f"{release_name(args.stage)}: {len(objects)} objects from {chart} (config {config}) -> "
+    print(f"{release_name(args.stage)}: {len(objects)} objects from {chart} (config {config}"
+          f"{', shape ' + shape[0] if shape else ''}) -> "
           f"namespace {kube.namespace} at {kube.server}")
     submit(kube, objects)
     if not args.wait:

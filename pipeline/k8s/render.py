@@ -59,6 +59,16 @@ def default_config(stage: str) -> Path:
     raise K8sError(f"no jobs/cluster/{stage}.yaml here or in {REPO}: pass --config FILE")
 
 
+def shape_values(stage: str, config: Path) -> list[str]:
+    """The workload shape the config is sized for: ``values/<config name>.yaml`` beside it, else
+    ``values/<stage>.yaml`` (jobs/cluster/values/; the Makefile's ``stage_values`` is the same rule)."""
+    folder = Path(config).parent / "values"
+    for cand in (folder / f"{Path(config).stem}.yaml", folder / f"{stage}.yaml"):
+        if cand.is_file():
+            return [str(cand)]
+    return []
+
+
 def helm_command(stage: str, config: Path, namespace: str, chart: Path, values: list[str], sets: list[str]) -> list[str]:
     cmd = [find_helm(), "template", release_name(stage), str(chart), "--namespace", namespace,
            "--set", f"stage={stage}", "--set-file", f"config={config}"]

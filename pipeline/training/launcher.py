@@ -22,11 +22,29 @@ A rank that fails makes torchrun stop the others; the launcher exits non-zero an
 stderr line names the failing rank and its error. That rank is torchelastic's root cause, read
 from the JSON error file each torchrun agent writes (``TORCHELASTIC_ERROR_FILE``, see
 :class:`RankErrorHandler`), not from torchrun's printed summary.
+
+**Exit codes** are chosen for the training operator's ``restartPolicy: ExitCode``, which recreates a
+pod whose container exited with 128 or more and fails the job on anything else
+(pkg/util/train/train_util.go IsRetryableExitCode, pkg/controller.v1/common/pod.go ReconcilePods, v1.8.1):
+
+* 128+N when the launcher itself got signal N (SIGTERM: preemption, eviction, node drain; torchrun
+  would exit 1 there) or the failing rank was killed by signal N (the OOM killer's SIGKILL: 137);
+* 143 when the failing rank lost a peer (a collective failed because another pod went away:
+  ``torch.distributed.DistError``, gloo's "Connection closed by peer", NCCL's remote errors): the
+  other pod's restart needs this one to start over too;
+* the rank's own code otherwise: 2 for a bad config, 1 for bad data or any other error, which
+  fails the job at once with its one-line explanation.
+
+**Rendezvous**: static on the Master (``PET_MASTER_ADDR``/``PET_NODE_RANK``), or torchrun's c10d
+rendezvous when the operator sets ``PET_RDZV_BACKEND`` (an ``elasticPolicy``: pkg/controller.v1/pytorch/
+elastic.go), with ``PET_RDZV_ENDPOINT``, ``PET_NNODES`` ("N:N") and ``PET_MAX_RESTARTS`` passed to torchrun
+as flags, so nothing the operator set is overridden by a default of ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -55,6 +73,11 @@ DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 ERROR_PREFIX = "llmpipe-rank-error:"  # a worker's one-line error, picked out of its output
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # torchelastic's JSON error file (agent and worker)
+PEER_LOST_EXIT = 143  # a rank lost a peer pod: retryable under restartPolicy ExitCode (>= 128), like SIGTERM
+# a collective that failed because another process or pod went away (gloo and NCCL word it differently)
+_PEER_LOST_RE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote worker crash|ncclRemoteError|"
+                           r"NCCL communicator was aborted|Socket Timeout|Connection refused|"
+                           r"failed to recv|failed to send", re.IGNORECASE)
 # torchrun's printed summary of a failure: only the fallback for a rank with no error file (see _run_agents)
 _SUMMARY_RE = re.compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
 
@@ -69,6 +92,11 @@ class Topology:
     master_addr: str
     master_port: int
     source: str = "defaults"  # "flags", "PyTorchJob env", "pod env", "defaults" (for messages)
+    rdzv_backend: str = "static"  # or "c10d" (the operator's elasticPolicy)
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous
+    rdzv_id: str = ""
+    rdzv_conf: str = ""
+    max_restarts: int = 0  # torchrun --max-restarts (elasticPolicy.maxRestarts -> PET_MAX_RESTARTS)
 
     def world_size(self) -> int | None:
         return self.nnodes * int(self.nproc_per_node) if self.nproc_per_node.isdigit() else None
@@ -143,7 +171,21 @@ def topology_from(env: Mapping[str, str], flags: Mapping[str, Any] | None = None
     if not 0 < port < 65536:
         raise ConfigError(f"{port_name}={port} is not a TCP port")
     source = ", ".join(sorted(sources)) or "defaults"
-    return Topology(nnodes, node_rank, _nproc(raw_nproc, p_name), str(raw_addr).strip(), port, source)
+    max_restarts = _int(env.get("PET_MAX_RESTARTS") or 0, "PET_MAX_RESTARTS")
+    if max_restarts < 0:
+        raise ConfigError(f"PET_MAX_RESTARTS must be >= 0, got {max_restarts}")
+    backend = env.get("PET_RDZV_BACKEND", "").strip()
+    if backend and flags.get("master_addr") is None:
+        # elasticPolicy (elastic.go): c10d at PET_RDZV_ENDPOINT; no Master, so no node rank or master address
+        if backend != "c10d":
+            raise ConfigError(f"PET_RDZV_BACKEND={backend!r}: only the c10d rendezvous is supported (elasticPolicy.rdzvBackend)")
+        endpoint = env.get("PET_RDZV_ENDPOINT", "").strip()
+        if not endpoint:
+            raise ConfigError("PET_RDZV_BACKEND is set but PET_RDZV_ENDPOINT is not: the operator sets both for an elasticPolicy")
+        return Topology(nnodes, 0, _nproc(raw_nproc, p_name), "", 0, "PyTorchJob env, elastic", "c10d", endpoint,
+                        env.get("PET_RDZV_ID", "").strip(), env.get("PET_RDZV_CONF", "").strip(), max_restarts)
+    return Topology(nnodes, node_rank, _nproc(raw_nproc, p_name), str(raw_addr).strip(), port, source,
+                    max_restarts=max_restarts)
 
 
 def torchrun_command(
@@ -152,18 +194,24 @@ def torchrun_command(
     *,
     python: str = sys.executable,
     node_rank: int | None = None,
-    max_restarts: int = 0,
 ) -> list[str]:
-    """The torchrun command line for one node agent (static rendezvous at master addr:port)."""
-    rank = topo.node_rank if node_rank is None else node_rank
+    """The torchrun command line for one node agent: the static rendezvous at master addr:port, or c10d at the
+    operator's endpoint (ranks then come from the rendezvous). Every value is a flag, so torchrun's own reading of
+    ``PET_*`` never mixes with ours."""
+    if topo.rdzv_backend == "c10d":
+        where = ["--nnodes", f"{topo.nnodes}:{topo.nnodes}", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", topo.rdzv_endpoint, "--rdzv-id", topo.rdzv_id or "llmpipe"]
+        if topo.rdzv_conf:
+            where += ["--rdzv-conf", topo.rdzv_conf]
+    else:
+        rank = topo.node_rank if node_rank is None else node_rank
+        where = ["--nnodes", str(topo.nnodes), "--node-rank", str(rank),
+                 "--master-addr", topo.master_addr, "--master-port", str(topo.master_port)]
     return [
         python, "-m", "torch.distributed.run",
-        "--nnodes", str(topo.nnodes),
-        "--node-rank", str(rank),
+        *where,
         "--nproc-per-node", topo.nproc_per_node,
-        "--master-addr", topo.master_addr,
-        "--master-port", str(topo.master_port),
-        "--max-restarts", str(max_restarts),
+        "--max-restarts", str(topo.max_restarts),
         "-m", "pipeline.training.launcher",
         *worker_args,
     ]
@@ -236,8 +284,8 @@ def launch(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> in
     if flags["master_port"] is None and not in_pod and (simulate or flags["nnodes"] is None or str(flags["nnodes"]) == "1"):
         flags["master_port"] = free_port()  # local: never collide with another run on the default port
     topo = topology_from(env, flags)
-    if simulate and flags["master_addr"] is None:
-        topo = Topology(topo.nnodes, 0, topo.nproc_per_node, DEFAULT_MASTER_ADDR, topo.master_port, topo.source)
+    if simulate and flags["master_addr"] is None and topo.rdzv_backend == "static":
+        topo = dataclasses.replace(topo, node_rank=0, master_addr=DEFAULT_MASTER_ADDR)
     wargs = worker_argv(args)
     # the workers must not mistake the pod-level RANK/WORLD_SIZE for their own before torchrun sets them
     child_env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
@@ -283,7 +331,10 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             sys.stderr.write(f"{tag}{line}" if tag else line)
             sys.stderr.flush()
 
+    received: list[int] = []  # signals this launcher got (the kubelet's SIGTERM on preemption or eviction)
+
     def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -329,15 +380,44 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         shutil.rmtree(tmp, ignore_errors=True)
-    if status != 0:
+    if status != 0 or received:
+        code, why = exit_code(status, received, causes)
         detail = _failure_detail(errors, causes)
-        print(f"error: distributed launch failed (exit {status}): {detail}", file=sys.stderr, flush=True)
-        return status if 0 < status < 256 else 1
+        print(f"error: distributed launch failed (exit {code}{why}): {detail}", file=sys.stderr, flush=True)
+        return code
     return 0
 
 
-def _read_root_cause(path: str) -> tuple[int, tuple[str, str, str]] | None:
-    """``(timestamp, (rank, detail, error line))`` of the failed worker in a torchrun agent's error file.
+def exit_code(status: int, received: Sequence[int], causes: Sequence[tuple[str, ...]]) -> tuple[int, str]:
+    """The launcher's exit code after a failed launch, and why (for its last line): see the module docstring.
+
+    ``status``: the first failed agent's exit code; ``received``: signals the launcher got; ``causes``: the root
+    causes, first failure first, as ``(rank, detail[, error line[, retryable]])``."""
+    restart = ", the operator restarts the pod (restartPolicy ExitCode)"
+    if received:
+        sig = received[0]
+        return 128 + sig, f": stopped by {signal.Signals(sig).name}{restart}"
+    if causes:
+        rank, detail, *rest = causes[0]
+        m = re.match(r"Signal (\d+)", detail)
+        if m:
+            return 128 + int(m.group(1)), f": rank {rank} was killed by signal {m.group(1)}{restart}"
+        if len(rest) > 1 and rest[1] == "true":
+            return PEER_LOST_EXIT, f": rank {rank} lost a peer{restart}"
+    return (status if 0 < status < 128 else 1), ""
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a rank's error means another process or pod went away (so restarting the job can fix it)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, (RuntimeError, ConnectionError, TimeoutError)) and bool(_PEER_LOST_RE.search(str(exc)))
+
+
+def _read_root_cause(path: str) -> tuple[int, tuple[str, str, str, str]] | None:
+    """``(timestamp, (rank, detail, error line, "true" if it lost a peer else "false"))`` of the failed worker in a torchrun agent's error file.
 
     None when there is no file (no failure, or the root cause left none) or it is not a worker's
     file written by :class:`RankErrorHandler` (e.g. the agent's own error when it was stopped)."""
@@ -359,10 +439,11 @@ def _read_root_cause(path: str) -> tuple[int, tuple[str, str, str]] | None:
         stamp = int(info.get("timestamp") or 0)
     except (TypeError, ValueError):
         stamp = 0
-    return stamp, (str(info["llmpipe_rank"]), detail, str(info.get("llmpipe_error") or ""))
+    return stamp, (str(info["llmpipe_rank"]), detail, str(info.get("llmpipe_error") or ""),
+                   "true" if info.get("llmpipe_peer_lost") else "false")
 
 
-def _root_causes(error_files: Sequence[str]) -> list[tuple[str, str, str]]:
+def _root_causes(error_files: Sequence[str]) -> list[tuple[str, str, str, str]]:
     """The failed workers named by the agents' error files, first failure first (torchelastic's rule:
     the smallest timestamp, ChildFailedError.get_first_failure); agents in order on a tie."""
     found = [c for c in (_read_root_cause(f) for f in error_files) if c is not None]
@@ -377,7 +458,7 @@ def _failure_detail(errors: list[str], root_causes: Sequence[tuple[str, ...]]) -
     died) are only counted."""
     if root_causes:
         rank, detail, *own_line = root_causes[0]
-        own = [e for e in own_line if e] or [e for e in errors if e.startswith(f"rank {rank}/")]
+        own = [e for e in own_line[:1] if e] or [e for e in errors if e.startswith(f"rank {rank}/")]
         line = own[0] if own else f"rank {rank}: {detail}"
     elif errors:
         line = errors[0]
@@ -428,7 +509,8 @@ class RankErrorHandler(ErrorHandler):
                 data = json.load(fh)
             message = data.get("message")
             info = message.setdefault("extraInfo", {}) if isinstance(message, dict) else data
-            info.update(llmpipe_rank=str(rank), llmpipe_error=error_line(e, rank, world))
+            info.update(llmpipe_rank=str(rank), llmpipe_error=error_line(e, rank, world),
+                        llmpipe_peer_lost=not isinstance(e, PipelineError) and peer_lost(e))
             with open(path, "w", encoding="utf-8") as fh:
                 json.dump(data, fh)
         except (OSError, ValueError, AttributeError, PipelineError):

@@ -47,7 +47,8 @@ def test_chart_knows_exactly_the_pipeline_stages():
     assert SHARDED == [s for s in ORDER if get_stage(s).sharded]
 
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert schema["properties"]["stage"]["enum"] == ORDER
+    assert schema["properties"]["stage"]["enum"] == ["", *ORDER]  # "": the default, renders nothing
+    assert schema["properties"]["stages"]["propertyNames"]["enum"] == ORDER
     assert sorted(STAGES) == sorted(ORDER) and TRAINING == TRAIN
     table = (CHART / "templates" / "_helpers.tpl").read_text()
     assert re.findall(r"^(\w+): \{family: (\w+), kind: (\w+)\}$", table, re.M) == [
@@ -58,6 +59,14 @@ def test_chart_knows_exactly_the_pipeline_stages():
 
 def test_every_stage_with_a_config_is_covered():
     assert {s for s, _ in CASES} >= {"collect", "clean", "tokenizer", "pack", "init", "pretrain", "sft", "dpo", "reward"}
+
+
+def test_helm_lint_strict_on_the_charts_own_defaults():
+    out = helm_run("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out.stdout and "[ERROR]" not in out.stdout and "[WARNING]" not in out.stdout
+    assert helm_run("template", "x", str(CHART)).stdout.strip() == ""  # no stage: nothing rendered...
+    notes = helm_run("install", "x", str(CHART), "--dry-run=client").stdout
+    assert "Nothing was deployed" in notes and "--set stage=clean" in notes  # ...and the notes say what to pass
 
 
 @pytest.mark.parametrize("stage", ["collect", "clean", "pretrain"])
@@ -168,14 +177,21 @@ def test_training_stage_is_a_pytorchjob(stage):
     assert one(render(stage, cfg(stage), "nprocPerNode=auto"), "PyTorchJob")["spec"]["nprocPerNode"] == "auto"
 
 
-def test_elastic_policy_passes_through_with_a_fixed_size():
-    ptj = one(render("pretrain", cfg("pretrain"), "nnodes=2", "elasticPolicy.minReplicas=2",
-                     "elasticPolicy.maxReplicas=2", "elasticPolicy.maxRestarts=3", "elasticPolicy.rdzvBackend=c10d"),
-              "PyTorchJob")
-    validate(ptj)
-    assert ptj["spec"]["elasticPolicy"] == {"minReplicas": 2, "maxReplicas": 2, "maxRestarts": 3, "rdzvBackend": "c10d"}
+def test_elastic_policy_is_a_worker_only_job_of_fixed_size():
+    """An elasticPolicy: nnodes Workers, no Master (the operator's c10d endpoint is <job>-worker-0 and its defaults read
+    the Worker spec: training-operator v1.8.1 elastic.go, pytorch_defaults.go setElasticPolicy), min = max = nnodes."""
+    for nnodes in (1, 3):
+        ptj = one(render("pretrain", cfg("pretrain"), f"nnodes={nnodes}", "elasticPolicy.maxRestarts=3"), "PyTorchJob")
+        validate(ptj)
+        assert ptj["spec"]["elasticPolicy"] == {"minReplicas": nnodes, "maxReplicas": nnodes, "maxRestarts": 3,
+                                                "rdzvBackend": "c10d"}
+        assert list(ptj["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+        assert ptj["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == nnodes
     err = render_error("pretrain", cfg("pretrain"), "nnodes=2", "elasticPolicy.minReplicas=1", "elasticPolicy.maxReplicas=4")
-    assert "fixed node count" in err
+    assert "must both equal nnodes 2" in err and "fixed world size" in err
+    assert "must both equal nnodes 4" in render_error("pretrain", cfg("pretrain"), "nnodes=4", "elasticPolicy.maxReplicas=2")
+    assert "/elasticPolicy/rdzvBackend" in render_error("pretrain", cfg("pretrain"), "elasticPolicy.rdzvBackend=etcd")
+    assert "'metrics' not allowed" in render_error("pretrain", cfg("pretrain"), "elasticPolicy.metrics[0].type=Resource")
 
 
 # ---------------------------------------------------------------- pods: config, env, mounts, security
@@ -385,7 +401,7 @@ def test_notes_tell_how_to_follow_the_stage():
     assert "kubectl -n ml get pods -l llmpipe.io/stage=pack" in notes
     out = helm_run("install", "llmpipe-dpo", str(CHART), "--dry-run=client", "-n", "ml", "--set", "stage=dpo",
                    "--set-file", f"config={cfg('dpo')}", "--set", "nnodes=2", "--set", "gpus=4").stdout
-    assert "PyTorchJob llmpipe-dpo: 2 pod(s) x 4 process(es) (Master + 1 Worker(s))" in out
+    assert "PyTorchJob llmpipe-dpo: 2 pod(s) x 4 process(es), 4 GPU(s) per pod (Master + 1 Worker(s))" in out
 
 
 # ------------------------------------------------------------------------------ Makefile, tools
@@ -396,7 +412,7 @@ def test_make_deploy_installs_the_contract_release():
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if "upgrade --install" in ln)
     assert re.search(r"helm upgrade --install llmpipe-clean charts/llm-pipeline -n ml --set stage=clean "
-                     r"--set-file config=jobs/cluster/clean.yaml -f site.yaml", line), line
+                     r"--set-file config=jobs/cluster/clean.yaml -f jobs/cluster/values/clean.yaml -f site.yaml", line), line
     assert "helm uninstall llmpipe-clean -n ml --ignore-not-found --wait" in out
     out = subprocess.run(["make", "-n", "undeploy-pretrain", "K8S_NAMESPACE=ml", "HELM=helm"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
@@ -404,7 +420,7 @@ def test_make_deploy_installs_the_contract_release():
     out = subprocess.run(["make", "-n", "deploy-clean", "VARIANT=strict", "K8S_NAMESPACE=ml", "HELM=helm"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert re.search(r"helm upgrade --install llmpipe-clean-strict charts/llm-pipeline -n ml --set stage=clean "
-                     r"--set-file config=jobs/cluster/clean-strict.yaml", out), out
+                     r"--set-file config=jobs/cluster/clean-strict.yaml -f jobs/cluster/values/clean.yaml", out), out
 
 
 def test_make_deploy_pipeline_runs_the_stages_in_order():
@@ -427,6 +443,133 @@ def test_make_deploy_pipeline_runs_the_stages_in_order():
         wait_a = next(i for i, ln in enumerate(lines) if f"k8s wait {a} " in ln)
         deploy_b = next(i for i, ln in enumerate(lines) if f"upgrade --install llmpipe-{b} " in ln)
         assert wait_a < deploy_b
+
+
+def make_render(stage: str, *args: str) -> list[dict]:
+    """What `make deploy-<stage>` would apply: `make render-<stage>` runs helm template with the same arguments."""
+    out = subprocess.run(["make", "-s", f"render-{stage}", f"HELM={helm()}", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _container(tpl: dict) -> dict:
+    (c,) = tpl["spec"]["containers"]
+    return c
+
+
+def test_make_deploy_pretrain_is_the_multi_node_gpu_job_its_config_is_sized_for():
+    from pipeline.stages import load_config
+
+    objs = make_render("pretrain")
+    ptj = one(objs, "PyTorchJob")
+    validate(ptj)
+    reps = ptj["spec"]["pytorchReplicaSpecs"]
+    nnodes = reps["Master"]["replicas"] + reps["Worker"]["replicas"]
+    nproc = int(ptj["spec"]["nprocPerNode"])
+    assert (nnodes, nproc) == (8, 8)
+    for _, tpl in pod_templates(ptj):
+        res = _container(tpl)["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == nproc  # a GPU per process
+        assert res["requests"] == res["limits"]  # Guaranteed QoS: the last pods evicted under pressure
+        shm = next(v for v in tpl["spec"]["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"]
+        assert shm == "64Gi"
+    # the config's token budget divides over exactly this world size (pretrain.yaml's own arithmetic)
+    pre = load_config("pretrain", CLUSTER / "pretrain.yaml")
+    seq = load_config("pack", CLUSTER / "pack.yaml").seq_len
+    per_pass = pre.micro_batch_size * seq * nnodes * nproc
+    assert pre.global_batch_tokens % per_pass == 0 and pre.global_batch_tokens // per_pass == 8
+
+
+@pytest.mark.parametrize(("stage", "gpus", "pods"), [
+    ("collect", 0, 1), ("clean", 0, 32 + 1), ("tokenizer", 0, 1), ("pack", 0, 16 + 1), ("init", 0, 1),
+    ("sft", 8, 1), ("dpo", 8, 1), ("reward", 8, 1), ("evaluate", 1, 1), ("quantize", 0, 1), ("register", 0, 1)])
+def test_make_deploy_gives_every_stage_its_own_shape(stage, gpus, pods):
+    objs = make_render(stage)
+    found = 0
+    for w in workloads(objs):
+        validate(w)
+        for _, tpl in pod_templates(w):
+            n = w["spec"].get("parallelism", 1) if w["kind"] == "Job" else w["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"]
+            found += n
+            res = _container(tpl)["resources"]
+            assert res["limits"].get("nvidia.com/gpu", 0) == gpus, stage
+            assert "memory" in res["limits"] and "ephemeral-storage" in res["requests"], stage
+    assert found == pods
+
+
+def test_site_values_override_one_stage_and_not_the_others(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"runRoot": "/data/runs/exp1", "nodeSelector": {"zone": "a"},
+                                    "stages": {"pretrain": {"nnodes": 2, "nodeSelector": {"pool": "h100"}},
+                                               "clean": {"workers": 4}}}))
+    pre = one(make_render("pretrain", f"VALUES={site}"), "PyTorchJob")
+    assert pre["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1  # 2 nodes, not the shape's 8
+    tpl = pre["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert tpl["spec"]["nodeSelector"] == {"zone": "a", "pool": "h100"}  # maps merge
+    assert _container(tpl)["resources"]["limits"]["nvidia.com/gpu"] == 8  # the rest of the shape stays
+    assert "/data/runs/exp1" in _container(tpl)["args"]
+    part = one(make_render("clean", f"VALUES={site}"), "Job", "part")
+    assert part["spec"]["parallelism"] == 4 and part["spec"]["template"]["spec"]["nodeSelector"] == {"zone": "a"}
+    assert "nvidia.com/gpu" not in _container(part["spec"]["template"])["resources"]["limits"]
+    # the same file through `llmpipe k8s submit --dry-run` (shape applied too)
+    from pipeline.k8s.render import render as k8s_render, shape_values
+
+    objs = k8s_render("pretrain", CLUSTER / "pretrain.yaml", "ml", CHART,
+                      values=[*shape_values("pretrain", CLUSTER / "pretrain.yaml"), str(site)])
+    assert one(objs, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert shape_values("clean", CLUSTER / "clean-strict.yaml") == [str(CLUSTER / "values" / "clean.yaml")]
+    assert "additional properties 'gpu' not allowed" in render_error("clean", cfg("clean"), "stages.clean.gpu=1")
+    assert "invalid propertyName 'clen'" in render_error("clean", cfg("clean"), "stages.clen.workers=1")
+
+
+def test_every_shipped_shape_is_a_valid_values_file_of_a_stage_with_a_config():
+    shapes = sorted((CLUSTER / "values").glob("*.yaml"))
+    assert {p.stem for p in shapes} == {p.stem for p in CLUSTER.glob("*.yaml") if "-" not in p.stem}
+    for path in shapes:
+        objs = render(path.stem, cfg(path.stem), values=[path])
+        assert workloads(objs), path
+
+
+def test_training_on_an_s3_run_root_needs_a_shared_checkpoint_volume():
+    s3 = ["storage.type=s3", "runRoot=s3://bucket/runs/exp1", "storage.s3.secretName=s3"]
+    err = render_error("pretrain", cfg("pretrain"), *s3)
+    assert "storage.type=s3: pretrain writes DeepSpeed checkpoints" in err and "checkpointRoot" in err
+    assert "extraVolumes" in err
+    vol = ["extraVolumes[0].name=ckpt", "extraVolumes[0].persistentVolumeClaim.claimName=llmpipe-checkpoints",
+           "extraVolumeMounts[0].name=ckpt", "extraVolumeMounts[0].mountPath=/checkpoints"]
+    assert "is not on a mounted volume" in render_error("sft", cfg("sft"), *s3, *vol, "checkpointRoot=/elsewhere")
+    assert "mounts no volume" in render_error("sft", cfg("sft"), *s3, "extraVolumeMounts[0].name=x",
+                                              "extraVolumeMounts[0].mountPath=/x", "checkpointRoot=/x")
+    assert "is taken by the chart" in render_error("collect", cfg("collect"), "extraVolumes[0].name=data",
+                                                   "extraVolumes[0].emptyDir.medium=Memory")
+    for stage in TRAINING:
+        ptj = one(render(stage, cfg(stage), *s3, *vol, "checkpointRoot=/checkpoints"), "PyTorchJob")
+        validate(ptj)
+        tpl = ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        env = env_of(_container(tpl))
+        assert env["CHECKPOINT_DIR"] == f"/checkpoints/bucket/runs/exp1/{stage}"  # one folder per run and stage
+        assert {"name": "ckpt", "mountPath": "/checkpoints"} in _container(tpl)["volumeMounts"]
+        assert {"name": "ckpt", "persistentVolumeClaim": {"claimName": "llmpipe-checkpoints"}} in tpl["spec"]["volumes"]
+        # the cluster config reads it
+        assert "${CHECKPOINT_DIR:-}" in (CLUSTER / f"{stage}.yaml").read_text()
+    # on the PVC nothing is needed: the stage's default is <run root>/checkpoints/<stage>
+    tpl = one(render("pretrain", cfg("pretrain")), "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "CHECKPOINT_DIR" not in env_of(_container(tpl))
+
+
+def test_training_pods_carry_the_restart_budget_and_failed_jobs_free_their_gpus():
+    ptj = one(render("pretrain", cfg("pretrain"), "nnodes=2", "backoffLimit=4"), "PyTorchJob")
+    assert ptj["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"  # a failed job's survivors are deleted
+    ids = set()
+    for _, tpl in pod_templates(ptj):
+        env = env_of(_container(tpl))
+        assert env["LLMPIPE_MAX_RESTARTS"] == "4"
+        ids.add(env["LLMPIPE_JOB_ID"])
+        assert "PYTHONUNBUFFERED" not in env  # the operator appends it (envvar.go setPodEnv): no duplicate
+    (job_id,) = ids  # one id for every pod of this deploy
+    assert job_id.startswith("llmpipe-pretrain-")
+    assert "LLMPIPE_JOB_ID" not in env_of(one(render("collect", cfg("collect")), "Job")["spec"]["template"]["spec"]["containers"][0])
 
 
 def test_fetch_tools_is_idempotent_and_quick():

@@ -3,14 +3,18 @@ exactly as rendered (command, args, env), with what the controllers would add:
 
 * Job: nothing; Indexed Job: ``JOB_COMPLETION_INDEX`` per pod, all pods at once, the merge Job
   started at the same time (it waits for the parts, as on the cluster);
-* PyTorchJob: the training operator's variables (``PET_NNODES``, ``PET_NODE_RANK``,
-  ``PET_NPROC_PER_NODE``, ``PET_MASTER_ADDR``/``PORT``, ``MASTER_ADDR``/``PORT``, pod-level
-  ``RANK``/``WORLD_SIZE``), derived from the rendered replica specs, one process per pod.
+* PyTorchJob: the pods the training operator v1.8.1 creates, built by its model (tests/k8s/operator.py:
+  ``pods_for``: the env of envvar.go setPodEnv / master.go / elastic.go), one process per pod; when a pod
+  ends Failed, the operator's decision (``restart_action``: pkg/controller.v1/common/pod.go ReconcilePods,
+  pkg/util/train/train_util.go) recreates it under the same name or fails the job; the job succeeds with its
+  Master (pytorchjob_controller.go UpdateJobStatus), or with a Worker of an elastic job.
 
 Volumes become local folders: the ConfigMap's data is written where it is mounted, the PVC is one
 shared folder, emptyDirs are fresh folders; mount paths in args and env values are rewritten to
-those folders, nothing else. The only other change: the rendezvous port is a free local port
-instead of 23456, because both "pods" share localhost.
+those folders, nothing else. The only other changes: the pods' DNS names (the operator's per-pod
+Services) resolve to localhost, because every "pod" shares it, and the rendezvous port (masterPort) is
+set to a free local port with --set. Init containers (the operator's wait for the Master's DNS name)
+are not run.
 
 Chain: collect (Job) -> clean (Indexed Job x2 + merge) -> tokenizer (Job) -> pack (Indexed Job
 x2 + merge) -> init (Job) on tests/fixtures/corpus, then pretrain as a PyTorchJob with 2 pods x 1
@@ -33,6 +37,7 @@ import yaml
 
 from tests.conftest import CORPUS, write_configs
 from tests.helm.chart import REPO, helm, one, pod_templates, render
+from tests.k8s import operator
 
 RUN_ROOT = "/data/runs/chart"
 VENV_BIN = Path(sys.executable).parent
@@ -143,28 +148,76 @@ def run_jobs(objects: list[dict], cluster: Path) -> dict[str, list[str]]:
     return {name: [p.wait() for p in group] for name, group in pods.items()}
 
 
+class PyTorchJobRun:
+    """What the training operator does with a rendered PyTorchJob, on this machine (see the module docstring)."""
+
+    def __init__(self, ptj: dict, objects: list[dict], cluster: Path, max_starts: int = 6):
+        self.job = operator.defaulted(ptj)
+        self.objects, self.cluster, self.max_starts = objects, cluster, max_starts
+        self.pods = operator.pods_for(self.job)
+        self.hosts = {p["metadata"]["name"] for p in self.pods}  # their Services' DNS names
+        self.running: dict[str, Pod] = {}
+        self.starts: dict[str, int] = {}
+        self.exits: list[tuple[str, int]] = []  # (pod, exit code) of every pod that ended, in order
+        self.logs: dict[str, list[str]] = {}  # pod name -> the log of each of its incarnations
+
+    def _start(self, pod: dict) -> None:
+        name = pod["metadata"]["name"]
+        env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"] if "value" in e}
+        for key, value in env.items():  # the pods' DNS names (<job>-master-0, <job>-worker-0) -> this machine
+            host, _, port = value.partition(":")
+            if host in self.hosts:
+                env[key] = "localhost" + (f":{port}" if port else "")
+        run = self.starts[name] = self.starts.get(name, 0) + 1
+        self.running[name] = Pod(f"{name}.{run}", {"spec": pod["spec"]}, self.objects, self.cluster, env).start()
+
+    def run(self, chaos=None, timeout: float = TIMEOUT) -> "PyTorchJobRun":
+        """Start every pod; restart or fail them as the operator would; return when the job has succeeded.
+        ``chaos(run)`` is called while the pods run (a test kills one from there)."""
+        for pod in self.pods:
+            self._start(pod)
+        deadline = time.monotonic() + timeout
+        elastic = bool(self.job["spec"].get("elasticPolicy"))
+        done = set()
+        while self.running:
+            if time.monotonic() > deadline:
+                for p in self.running.values():
+                    p.proc.kill()
+                raise AssertionError(f"PyTorchJob did not finish in {timeout}s; exits {self.exits}")
+            if chaos is not None:
+                chaos(self)
+            for name, pod in list(self.running.items()):
+                rc = pod.proc.poll()
+                if rc is None:
+                    continue
+                del self.running[name]
+                code = 128 - rc if rc < 0 else rc  # the kubelet reports a signal N as exit code 128+N
+                self.exits.append((name, code))
+                self.logs.setdefault(name, []).append(pod.log.read_text(errors="replace"))
+                spec = next(p for p in self.pods if p["metadata"]["name"] == name)
+                rtype = spec["metadata"]["labels"][operator.REPLICA_TYPE_LABEL].capitalize()
+                if code == 0:
+                    done.add(name)
+                    continue
+                action = operator.restart_action(self.job["spec"]["pytorchReplicaSpecs"][rtype]["restartPolicy"], code)
+                if action == "fail" or self.starts[name] >= self.max_starts:
+                    for p in self.running.values():
+                        p.proc.kill()
+                    raise AssertionError(f"pod {name} exited {code}: the operator {'fails the job' if action == 'fail' else 'would restart it again'}"
+                                         f"; exits {self.exits}:\n{self.logs[name][-1][-4000:]}")
+                self._start(spec)  # ReconcilePods deletes it; the next reconcile creates it under the same name
+            time.sleep(0.1)
+        masters = [n for n in self.starts if n.endswith("-master-0")]
+        assert (set(masters) <= done) if masters else (elastic and done), f"no success: exits {self.exits}"
+        return self
+
+    def last_logs(self) -> list[str]:
+        return [self.logs[p["metadata"]["name"]][-1] for p in self.pods]
+
+
 def run_pytorchjob(ptj: dict, objects: list[dict], cluster: Path) -> list[str]:
-    """What the training operator does for each replica (pkg/controller.v1/pytorch/envvar.go, v1.8)."""
-    spec = ptj["spec"]
-    reps = spec["pytorchReplicaSpecs"]
-    total = sum(r["replicas"] for r in reps.values())
-    nproc = spec.get("nprocPerNode", "1")
-    port = free_port()
-    pods = []
-    for rtype in ("Master", "Worker"):
-        for i in range(reps.get(rtype, {}).get("replicas", 0)):
-            rank = i + (1 if rtype == "Worker" else 0)
-            tpl = reps[rtype]["template"]
-            (c,) = tpl["spec"]["containers"]
-            assert c["name"] == "pytorch"
-            env = {"PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
-                   "MASTER_ADDR": "localhost", "PET_MASTER_ADDR": "localhost",
-                   "WORLD_SIZE": str(total * (int(nproc) if nproc.isdigit() else 1)), "RANK": str(rank),
-                   "PET_NODE_RANK": str(rank), "PET_NPROC_PER_NODE": nproc, "PET_NNODES": str(total)}
-            pods.append(Pod(f"{ptj['metadata']['name']}-{rtype.lower()}-{i}", tpl, objects, cluster, env))
-    for p in pods:
-        p.start()
-    return [p.wait() for p in pods]
+    """Run a PyTorchJob to success; the last log of each pod (Master first)."""
+    return PyTorchJobRun(ptj, objects, cluster).run().last_logs()
 
 
 def configs(folder: Path) -> dict[str, Path]:
@@ -232,19 +285,28 @@ def test_rendered_job_and_indexed_job_run_collect_and_clean(data_chain):
     print(f"collect + clean through the chart: {seconds:.0f}s")
 
 
-@pytest.mark.slow
-def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob(cluster, data_chain):
-    """tokenizer (Job) -> pack (Indexed Job + merge) -> init (Job) -> pretrain (PyTorchJob, 2 pods x 1 process)."""
+@pytest.fixture(scope="module")
+def model_inputs(cluster, data_chain):
+    """tokenizer (Job) -> pack (Indexed Job + merge), its pack-clean variant -> init (Job): what pretrain reads."""
     base, _, cfgs, site = cluster
     root, _, _ = data_chain
     t0 = time.monotonic()
     logs = {stage: run_jobs(render(stage, cfgs[stage], "workers=2", values=[site]), base)
             for stage in ("tokenizer", "pack", "init")}
+    # the variant: the same chart and stage with the pack-clean config (its parts and merge go to shards-clean)
+    logs["pack-clean"] = run_jobs(render("pack", cfgs["pack-clean"], "workers=2", values=[site]), base)
+    print(f"tokenizer + pack + init: {time.monotonic() - t0:.0f}s")
+    return root, logs
+
+
+@pytest.mark.slow
+def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob(cluster, model_inputs):
+    """tokenizer (Job) -> pack (Indexed Job + merge) -> init (Job) -> pretrain (PyTorchJob, 2 pods x 1 process)."""
+    base, _, cfgs, site = cluster
+    root, logs = model_inputs
     for rank, out in enumerate(logs["pack"]["llmpipe-pack-part"]):
         assert f"== pack rank {rank}/2: done" in out
-    # the variant: the same chart and stage with the pack-clean config (its parts and merge go to shards-clean)
-    variant = run_jobs(render("pack", cfgs["pack-clean"], "workers=2", values=[site]), base)
-    (merge_log,) = variant["llmpipe-pack-merge"]
+    (merge_log,) = logs["pack-clean"]["llmpipe-pack-merge"]
     assert "== pack -> shards-clean/: done" in merge_log
     assert manifest(root, "shards-clean")["world_size"] == 2 and not (root / "shards-clean.parts").exists()
     tok, shards, init = manifest(root, "tokenizer"), manifest(root, "shards"), manifest(root, "models/init")
@@ -254,7 +316,7 @@ def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob
     assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] >= 800 // 2
     t1 = time.monotonic()
 
-    objs = render("pretrain", cfgs["pretrain"], "nnodes=2", "nprocPerNode=1", values=[site])
+    objs = render("pretrain", cfgs["pretrain"], "nnodes=2", "nprocPerNode=1", f"masterPort={free_port()}", values=[site])
     ptj = one(objs, "PyTorchJob")
     assert len(pod_templates(ptj)) == 2
     master_log, worker_log = run_pytorchjob(ptj, objs, base)
@@ -266,7 +328,69 @@ def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob
                                                 "fingerprint": manifest(root, "shards-clean")["fingerprint"]}
     assert m["metrics"]["tokens"] == 4 * 512  # 2 ranks x micro 4 x 64 tokens per step
     assert (root / "models" / "pretrain" / "model.safetensors").is_file()
-    assert "--nnodes 2 --node-rank 0 --nproc-per-node 1 --master-addr localhost" in master_log
-    assert "--nnodes 2 --node-rank 1 --nproc-per-node 1 --master-addr localhost" in worker_log
+    assert "--nnodes 2 --node-rank 0 --master-addr localhost" in master_log
+    assert "--nnodes 2 --node-rank 1 --master-addr localhost" in worker_log
     assert "[PyTorchJob env]" in master_log
-    print(f"tokenizer + pack + init: {t1 - t0:.0f}s; pretrain PyTorchJob: {time.monotonic() - t1:.0f}s")
+    print(f"pretrain PyTorchJob: {time.monotonic() - t1:.0f}s")
+
+
+def _samples_steps(metrics: Path) -> list[int]:
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "samples"' in line]
+
+
+@pytest.mark.slow
+def test_a_preempted_pod_makes_the_pytorchjob_restart_and_resume_from_its_checkpoint(cluster, model_inputs, tmp_path):
+    """SIGTERM to the Worker pod's process mid-run (what the kubelet sends on preemption or eviction). The launcher
+    exits 143; the Master's rank loses its peer and its launcher exits 143 too; the operator recreates both pods
+    (restartPolicy ExitCode, >= 128); they resume from the newest complete checkpoint and finish at the same
+    final step as an uninterrupted run."""
+    import signal
+
+    base, pvc, cfgs, site = cluster
+    root, _ = model_inputs
+    steps = 16
+    cfg = yaml.safe_load(cfgs["pretrain"].read_text())
+    cfg.update(max_steps=steps, checkpoint_every=4, keep_checkpoints=4, eval_every=0,
+               phases=[{"name": "broad", "shards": "shards", "until_step": 8}, {"name": "strict", "shards": "shards-clean"}],
+               generation={"every": 0, "prompts": []})
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    # a run root of its own with the same inputs (the other test's model is not this one's business)
+    run = pvc / "runs" / "preempted"
+    run.mkdir(parents=True)
+    for name in ("tokenizer", "shards", "shards-clean", "models"):
+        shutil.copytree(root / name, run / name, ignore=shutil.ignore_patterns("pretrain"))
+    objs = render("pretrain", path, "nnodes=2", "nprocPerNode=1", f"masterPort={free_port()}",
+                  "runRoot=/data/runs/preempted", values=[site])
+    job = PyTorchJobRun(one(objs, "PyTorchJob"), objs, base)
+    metrics = run / "checkpoints" / "pretrain" / "metrics.jsonl"
+    killed = []
+
+    def preempt(r: PyTorchJobRun) -> None:
+        worker = r.running.get("llmpipe-pretrain-worker-0")
+        if not killed and worker and max(_samples_steps(metrics), default=0) >= 6:
+            worker.proc.send_signal(signal.SIGTERM)
+            killed.append(time.monotonic())
+
+    t0 = time.monotonic()
+    job.run(chaos=preempt, timeout=900)
+    assert killed, "the run ended before the worker could be preempted"
+    first = dict(job.exits[:2])
+    assert first["llmpipe-pretrain-worker-0"] == 143, job.exits  # stopped by SIGTERM: retryable
+    assert first["llmpipe-pretrain-master-0"] == 143, job.exits  # lost its peer: retryable too
+    worker_first = job.logs["llmpipe-pretrain-worker-0"][0].strip().splitlines()[-1]
+    assert "exit 143: stopped by SIGTERM, the operator restarts the pod" in worker_first, worker_first
+    master_first = job.logs["llmpipe-pretrain-master-0"][0].strip().splitlines()[-1]
+    assert "exit 143: rank 0 lost a peer" in master_first, master_first
+    assert job.exits[-2:] and all(code == 0 for _, code in job.exits[-2:])
+    m = manifest(run, "models/pretrain")
+    resumed = m["metrics"]["resumed_from_step"]
+    assert resumed in (4, 8, 12) and m["metrics"]["steps"] == steps
+    assert sorted(set(_samples_steps(metrics))) == list(range(1, steps + 1))
+    restarts = json.loads((run / "checkpoints" / "pretrain" / "restarts.json").read_text())
+    assert restarts["step"] == resumed and restarts["starts"] <= 2  # progress was made: the count started over
+    assert "resuming from step" in job.logs["llmpipe-pretrain-master-0"][-1]
+    print(f"preempted PyTorchJob: {time.monotonic() - t0:.0f}s, {sum(job.starts.values())} pod starts, "
+          f"resumed from step {resumed}; exits {job.exits}")

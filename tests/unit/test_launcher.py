@@ -11,7 +11,10 @@ from pipeline.errors import ConfigError
 from pipeline.training import deepspeed_config_path
 from pipeline.training.common import resolve_precision
 from pipeline.training.launcher import (
+    PEER_LOST_EXIT,
     build_parser,
+    exit_code,
+    peer_lost,
     topology_from,
     torchrun_command,
     under_torchrun,
@@ -98,6 +101,61 @@ def test_torchrun_command_and_worker_args():
                     "--master-port": "23456", "--max-restarts": "0", "-m": "pipeline.training.launcher"}
     assert cmd[-len(wargs):] == wargs
     assert torchrun_command(topology_from(PYTORCHJOB), wargs, node_rank=0)[6] == "0"
+
+
+# what the operator puts in a Worker pod of a job with an elasticPolicy and no Master (v1.8.1
+# pkg/controller.v1/pytorch/elastic.go ElasticEnvVarGenerator.Generate; envvar.go setPodEnv adds no node rank
+# or master address without a Master); tests/k8s/test_operator_model.py checks the model that produces it
+ELASTIC = {"PET_RDZV_ENDPOINT": "llmpipe-pretrain-worker-0:23456", "PET_RDZV_BACKEND": "c10d", "PET_NNODES": "4:4",
+           "PET_MAX_RESTARTS": "3", "PET_NPROC_PER_NODE": "8", "PYTHONUNBUFFERED": "1"}
+
+
+def test_elastic_env_gives_a_c10d_rendezvous_with_the_operators_max_restarts():
+    t = topology_from(ELASTIC)
+    assert (t.rdzv_backend, t.rdzv_endpoint, t.nnodes, t.max_restarts) == ("c10d", "llmpipe-pretrain-worker-0:23456", 4, 3)
+    cmd = torchrun_command(t, ["pretrain"], python="python")
+    opts = dict(zip(cmd[3:-3:2], cmd[4:-3:2]))
+    assert opts == {"--nnodes": "4:4", "--rdzv-backend": "c10d", "--rdzv-endpoint": "llmpipe-pretrain-worker-0:23456",
+                    "--rdzv-id": "llmpipe", "--nproc-per-node": "8", "--max-restarts": "3"}
+    assert "--node-rank" not in cmd and "--master-addr" not in cmd  # the rendezvous assigns ranks
+    # the static rendezvous honours PET_MAX_RESTARTS too; a range or another backend is refused
+    assert topology_from({**PYTORCHJOB, "PET_MAX_RESTARTS": "2"}).max_restarts == 2
+    with pytest.raises(ConfigError, match="elastic node ranges"):
+        topology_from({**ELASTIC, "PET_NNODES": "2:4"})
+    with pytest.raises(ConfigError, match="only the c10d"):
+        topology_from({**ELASTIC, "PET_RDZV_BACKEND": "etcd"})
+    with pytest.raises(ConfigError, match="PET_RDZV_ENDPOINT"):
+        topology_from({k: v for k, v in ELASTIC.items() if k != "PET_RDZV_ENDPOINT"})
+
+
+def test_exit_codes_tell_the_operator_what_to_restart():
+    """>= 128 is retryable under restartPolicy ExitCode (training-operator v1.8.1 pkg/util/train/train_util.go
+    IsRetryableExitCode); torchrun itself exits 1 for all of these."""
+    import signal
+
+    assert exit_code(1, [signal.SIGTERM], [])[0] == 143  # preempted / evicted: the kubelet's SIGTERM
+    killed = ("3", "Signal 9 (SIGKILL) received by PID 123")
+    assert exit_code(1, [], [killed])[0] == 137  # the OOM killer took a rank
+    assert exit_code(1, [], [("0", "exitcode 1", "rank 0/16: RuntimeError: Connection closed by peer", "true")])[0] \
+        == PEER_LOST_EXIT >= 128
+    assert exit_code(2, [], [("0", "exitcode 2", "rank 0/16: ConfigError: bad", "false")]) == (2, "")
+    assert exit_code(1, [], [("5", "exitcode 1", "rank 5/16: InputError: corrupt shard", "false")]) == (1, "")
+    assert exit_code(1, [], []) == (1, "")
+    assert exit_code(-9, [], []) == (1, "")  # an agent killed without a root cause: not ours to call retryable
+
+
+def test_peer_lost_is_what_a_surviving_rank_sees():
+    import torch.distributed as dist
+
+    # gloo's words when the other node's process died (seen here with two torchrun agents and a SIGKILL)
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[10.0.0.7]:12696. This is typically caused by a remote worker crashing.")
+    assert peer_lost(gloo)
+    assert peer_lost(dist.DistBackendError("NCCL error: remote process exited or there was a network error, "
+                                           "NCCL version 2.21.5 ncclRemoteError"))
+    assert not peer_lost(ValueError("bad shard"))
+    assert not peer_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not peer_lost(ConfigError("Connection closed by peer"))  # never retried: our own errors are permanent
 
 
 def test_under_torchrun_needs_local_rank():
@@ -281,7 +339,7 @@ def test_root_cause_comes_from_torchelastic_error_files(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(agent))
     ErrorHandler().dump_error_file(str(child), error_code=2)  # what torchrun's @record does for the root cause
     stamp, cause = _read_root_cause(str(agent))
-    assert cause == ("1", "exitcode 2", "rank 1/2: ConfigError: global_batch_tokens 384 is not a whole multiple")
+    assert cause == ("1", "exitcode 2", "rank 1/2: ConfigError: global_batch_tokens 384 is not a whole multiple", "false")
     errors = ["rank 0/2: RuntimeError: Connection closed by peer", cause[2]]
     assert _failure_detail(errors, [cause]) == cause[2] + " (1 other rank error(s) above)"
 

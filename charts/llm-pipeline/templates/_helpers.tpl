@@ -17,6 +17,17 @@ quantize: {family: eval, kind: single}
 register: {family: registry, kind: single}
 {{- end -}}
 
+{{/*
+Merge stages.<stage> over the top-level values, in place (idempotent: every template calls it first).
+The site's per-stage settings then read as ordinary values everywhere below.
+*/}}
+{{- define "llmpipe.applyStageValues" -}}
+{{- $over := get (.Values.stages | default dict) (.Values.stage | default "") -}}
+{{- if $over -}}
+{{- $_ := mergeOverwrite .Values (deepCopy $over) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The stage's entry of the table; fails with the list of stages when unknown. */}}
 {{- define "llmpipe.stageInfo" -}}
 {{- $table := include "llmpipe.stageTable" . | fromYaml -}}
@@ -77,6 +88,22 @@ kueue.x-k8s.io/queue-name: {{ . | quote }}
 {{- end -}}
 {{- end -}}
 
+{{/* CHECKPOINT_DIR of a training stage: <checkpointRoot>/<runRoot without scheme>/<stage>; empty: the stage's
+default (<runRoot>/checkpoints/<stage>, on the PVC). */}}
+{{- define "llmpipe.checkpointDir" -}}
+{{- with .Values.checkpointRoot -}}
+{{- printf "%s/%s/%s" (trimSuffix "/" .) ($.Values.runRoot | trimPrefix "s3://" | trimAll "/") $.Values.stage -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Mount paths of the container's volumes that a training stage can write checkpoints to. */}}
+{{- define "llmpipe.sharedMounts" -}}
+{{- $mounts := list -}}
+{{- if eq .Values.storage.type "pvc" }}{{ $mounts = append $mounts (.Values.storage.pvc.mountPath | trimSuffix "/") }}{{ end -}}
+{{- range .Values.extraVolumeMounts }}{{ $mounts = append $mounts (.mountPath | trimSuffix "/") }}{{ end -}}
+{{- toJson $mounts -}}
+{{- end -}}
+
 {{/* Checks across values that the schema cannot express; each fails with one line. */}}
 {{- define "llmpipe.validate" -}}
 {{- $kind := include "llmpipe.kind" . -}}
@@ -99,16 +126,50 @@ kueue.x-k8s.io/queue-name: {{ . | quote }}
 {{- fail "storage.type=s3 needs storage.s3.secretName: a Secret with the S3 access key id and secret key (credentials never go in values)" -}}
 {{- end -}}
 {{- end -}}
+{{- if eq $kind "training" -}}
+{{- $ckpt := include "llmpipe.checkpointDir" . -}}
+{{- if and (eq .Values.storage.type "s3") (not $ckpt) -}}
+{{- fail (printf "storage.type=s3: %s writes DeepSpeed checkpoints as files on a filesystem every pod mounts, and an s3:// run root is none. Mount one (extraVolumes + extraVolumeMounts, e.g. a ReadWriteMany PVC) and set checkpointRoot to its mountPath (docs/kubernetes.md, S3 run roots)" .Values.stage) -}}
+{{- end -}}
+{{- if $ckpt -}}
+{{- $on := false -}}
+{{- range (include "llmpipe.sharedMounts" . | fromJsonArray) -}}
+{{- if or (eq $ckpt .) (hasPrefix (printf "%s/" .) $ckpt) }}{{ $on = true }}{{ end -}}
+{{- end -}}
+{{- if not $on -}}
+{{- fail (printf "checkpointRoot %q is not on a mounted volume: put it under storage.pvc.mountPath or the mountPath of one of extraVolumeMounts (a pod's own filesystem is lost with the pod)" .Values.checkpointRoot) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $names := list "config" "data" "shm" "tmp" "home" -}}
+{{- range .Values.extraVolumes -}}
+{{- if has .name $names -}}
+{{- fail (printf "extraVolumes: the name %q is taken by the chart's own volumes (%s); pick another" .name (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.extraVolumeMounts -}}
+{{- $m := . -}}
+{{- $found := false -}}
+{{- range $.Values.extraVolumes }}{{ if eq .name $m.name }}{{ $found = true }}{{ end }}{{ end -}}
+{{- if not $found -}}
+{{- fail (printf "extraVolumeMounts: %q mounts no volume of extraVolumes (names: %s)" $m.name (include "llmpipe.extraVolumeNames" $)) -}}
+{{- end -}}
+{{- end -}}
 {{- with .Values.elasticPolicy -}}
-{{- $min := .minReplicas | default 0 | int -}}
-{{- $max := .maxReplicas | default 0 | int -}}
-{{- if ne $min $max -}}
-{{- fail (printf "elasticPolicy: minReplicas %d != maxReplicas %d; the launcher supports a fixed node count only (set both to nnodes)" $min $max) -}}
+{{- $n := int $.Values.nnodes -}}
+{{- $min := .minReplicas | default $n | int -}}
+{{- $max := .maxReplicas | default $n | int -}}
+{{- if or (ne $min $n) (ne $max $n) -}}
+{{- fail (printf "elasticPolicy: minReplicas %d / maxReplicas %d must both equal nnodes %d: training keeps a fixed world size (the global batch and the ZeRO partitions depend on it); leave them out to get nnodes" $min $max $n) -}}
 {{- end -}}
-{{- if and $max (ne $max (int $.Values.nnodes)) -}}
-{{- fail (printf "elasticPolicy: minReplicas = maxReplicas = %d but nnodes = %d; they must agree" $max (int $.Values.nnodes)) -}}
+{{- if and .rdzvBackend (ne .rdzvBackend "c10d") -}}
+{{- fail (printf "elasticPolicy.rdzvBackend %q: only c10d works here (etcd needs an etcd server and python-etcd in the image)" .rdzvBackend) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "llmpipe.extraVolumeNames" -}}
+{{- $n := list -}}{{- range .Values.extraVolumes }}{{ $n = append $n .name }}{{ end -}}{{ join ", " $n | default "none" }}
 {{- end -}}
 
 {{/*
@@ -192,8 +253,11 @@ spec:
           value: {{ $v.runRoot | quote }}
         - name: HOME
           value: {{ $home }}
+        {{- if ne .role "train" }}
+        # (the training operator adds it to PyTorchJob pods itself: pkg/controller.v1/pytorch/envvar.go setPodEnv)
         - name: PYTHONUNBUFFERED
           value: "1"
+        {{- end }}
         {{- with $v.mlflow.trackingUri }}
         - name: MLFLOW_TRACKING_URI
           value: {{ . | quote }}
@@ -223,6 +287,17 @@ spec:
         - name: LLMPIPE_STORAGE_OPTIONS
           value: {{ dict "client_kwargs" (dict "endpoint_url" .) | toJson | quote }}
         {{- end }}
+        {{- end }}
+        {{- if eq .role "train" }}
+        {{- with include "llmpipe.checkpointDir" $root }}
+        - name: CHECKPOINT_DIR
+          value: {{ . | quote }}
+        {{- end }}
+        # the restart budget (pipeline/training/restarts.py): starts in a row without a new checkpoint, per deploy
+        - name: LLMPIPE_MAX_RESTARTS
+          value: {{ int $v.backoffLimit | quote }}
+        - name: LLMPIPE_JOB_ID
+          value: {{ printf "%s-%s" $root.Release.Name (now | date "20060102-150405") | quote }}
         {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
@@ -267,6 +342,9 @@ spec:
           mountPath: /tmp
         - name: home
           mountPath: {{ $home }}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -287,4 +365,7 @@ spec:
       emptyDir: {}
     - name: home
       emptyDir: {}
+    {{- with $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
