@@ -31,7 +31,8 @@ pod whose container exited with 128 or more and fails the job on anything else
   would exit 1 there) or the failing rank was killed by signal N (the OOM killer's SIGKILL: 137);
 * 143 when the failing rank lost a peer (a collective failed because another pod went away:
   ``torch.distributed.DistError``, gloo's "Connection closed by peer", NCCL's remote errors): the
-  other pod's restart needs this one to start over too;
+  other pod's restart needs this one to start over too; also when torchrun's agent itself failed in
+  the rendezvous with no rank to blame (a recreated pod that met the old Master's store going away);
 * the rank's own code otherwise: 2 for a bad config, 1 for bad data or any other error, which
   fails the job at once with its one-line explanation.
 
@@ -78,6 +79,9 @@ PEER_LOST_EXIT = 143  # a rank lost a peer pod: retryable under restartPolicy Ex
 _PEER_LOST_RE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote worker crash|ncclRemoteError|"
                            r"NCCL communicator was aborted|Socket Timeout|Connection refused|"
                            r"failed to recv|failed to send", re.IGNORECASE)
+# a torchrun agent that failed itself, before or between its workers: the rendezvous or its store (e.g. a recreated
+# pod that met the old Master's store as it went away)
+_RDZV_RE = re.compile(r"Rendezvous\w*Error|DistStoreError|DistNetworkError|RendezvousClosed")
 # torchrun's printed summary of a failure: only the fallback for a rank with no error file (see _run_agents)
 _SUMMARY_RE = re.compile(r"^\s*(rank|exitcode|traceback)\s*:\s*(.*)$")
 
@@ -303,6 +307,7 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
     lock = threading.Lock()
 
     printed_causes: list[tuple[str, str]] = []  # fallback: torchrun's printed root cause (see relay)
+    rendezvous: list[str] = []  # lines saying an agent's rendezvous failed
 
     def relay(proc: subprocess.Popen[bytes], tag: str) -> None:
         assert proc.stdout is not None
@@ -317,6 +322,9 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             # errors/__init__.py: record() skips dump_error_file when the failure's error_file is "<N/A>"), and
             # its rank and "Signal N (SIG...) received by PID p" (ProcessFailure.__post_init__) exist only in
             # the "Root Cause" block torchrun prints (ChildFailedError.format_msg).
+            if _RDZV_RE.search(line):
+                with lock:
+                    rendezvous.append(line.strip())
             if "Root Cause" in line:
                 cause = {"root": "1"}
             m = _SUMMARY_RE.match(line)
@@ -381,18 +389,20 @@ def _run_agents(cmds: list[list[str]], env: dict[str, str]) -> int:
             signal.signal(s, h)
         shutil.rmtree(tmp, ignore_errors=True)
     if status != 0 or received:
-        code, why = exit_code(status, received, causes)
+        code, why = exit_code(status, received, causes, rendezvous_failed=bool(rendezvous))
         detail = _failure_detail(errors, causes)
         print(f"error: distributed launch failed (exit {code}{why}): {detail}", file=sys.stderr, flush=True)
         return code
     return 0
 
 
-def exit_code(status: int, received: Sequence[int], causes: Sequence[tuple[str, ...]]) -> tuple[int, str]:
+def exit_code(status: int, received: Sequence[int], causes: Sequence[tuple[str, ...]],
+              rendezvous_failed: bool = False) -> tuple[int, str]:
     """The launcher's exit code after a failed launch, and why (for its last line): see the module docstring.
 
     ``status``: the first failed agent's exit code; ``received``: signals the launcher got; ``causes``: the root
-    causes, first failure first, as ``(rank, detail[, error line[, retryable]])``."""
+    causes, first failure first, as ``(rank, detail[, error line[, retryable]])``; ``rendezvous_failed``: an agent
+    reported a rendezvous or store error (with no worker to blame, that is the failure: retryable)."""
     restart = ", the operator restarts the pod (restartPolicy ExitCode)"
     if received:
         sig = received[0]
@@ -404,6 +414,8 @@ def exit_code(status: int, received: Sequence[int], causes: Sequence[tuple[str, 
             return 128 + int(m.group(1)), f": rank {rank} was killed by signal {m.group(1)}{restart}"
         if len(rest) > 1 and rest[1] == "true":
             return PEER_LOST_EXIT, f": rank {rank} lost a peer{restart}"
+    elif rendezvous_failed and status != 0:
+        return PEER_LOST_EXIT, f": the rendezvous failed{restart}"
     return (status if 0 < status < 128 else 1), ""
 
 

@@ -334,6 +334,38 @@ def test_rendered_workloads_run_on_to_a_model_pretrained_by_a_two_pod_pytorchjob
     print(f"pretrain PyTorchJob: {time.monotonic() - t1:.0f}s")
 
 
+def _run_root_like(root: Path, run: Path) -> Path:
+    """A run root of its own with the same inputs as ``root`` (another test's model is not this one's business)."""
+    run.mkdir(parents=True)
+    for name in ("tokenizer", "shards", "shards-clean", "models"):
+        shutil.copytree(root / name, run / name, ignore=shutil.ignore_patterns("pretrain"))
+    return run
+
+
+@pytest.mark.slow
+def test_an_elastic_pytorchjob_runs_through_the_operators_c10d_rendezvous(cluster, model_inputs):
+    """elasticPolicy: 2 Workers and no Master; the operator's PET_RDZV_ENDPOINT (<job>-worker-0), PET_NNODES 2:2 and
+    PET_MAX_RESTARTS reach torchrun as flags (training-operator v1.8.1 elastic.go), and the job succeeds with its
+    Workers (pytorchjob_controller.go UpdateJobStatus)."""
+    base, pvc, cfgs, site = cluster
+    root, _ = model_inputs
+    run = _run_root_like(root, pvc / "runs" / "elastic")
+    objs = render("pretrain", cfgs["pretrain"], "nnodes=2", "nprocPerNode=1", f"masterPort={free_port()}",
+                  "elasticPolicy.maxRestarts=1", "runRoot=/data/runs/elastic", values=[site])
+    ptj = one(objs, "PyTorchJob")
+    assert list(ptj["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    t0 = time.monotonic()
+    job = PyTorchJobRun(ptj, objs, base).run(timeout=600)
+    logs = job.last_logs()
+    assert [code for _, code in job.exits] == [0, 0], job.exits
+    for log in logs:
+        assert "--nnodes 2:2 --rdzv-backend c10d --rdzv-endpoint localhost:" in log and "--max-restarts 1" in log
+        assert "[PyTorchJob env, elastic]" in log
+    m = manifest(run, "models/pretrain")
+    assert m["metrics"]["world_size"] == 2 and m["metrics"]["steps"] == 4
+    print(f"elastic PyTorchJob: {time.monotonic() - t0:.0f}s")
+
+
 def _samples_steps(metrics: Path) -> list[int]:
     if not metrics.is_file():
         return []
@@ -357,11 +389,7 @@ def test_a_preempted_pod_makes_the_pytorchjob_restart_and_resume_from_its_checkp
                generation={"every": 0, "prompts": []})
     path = tmp_path / "pretrain.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    # a run root of its own with the same inputs (the other test's model is not this one's business)
-    run = pvc / "runs" / "preempted"
-    run.mkdir(parents=True)
-    for name in ("tokenizer", "shards", "shards-clean", "models"):
-        shutil.copytree(root / name, run / name, ignore=shutil.ignore_patterns("pretrain"))
+    run = _run_root_like(root, pvc / "runs" / "preempted")
     objs = render("pretrain", path, "nnodes=2", "nprocPerNode=1", f"masterPort={free_port()}",
                   "runRoot=/data/runs/preempted", values=[site])
     job = PyTorchJobRun(one(objs, "PyTorchJob"), objs, base)

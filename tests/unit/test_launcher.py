@@ -142,6 +142,8 @@ def test_exit_codes_tell_the_operator_what_to_restart():
     assert exit_code(1, [], [("5", "exitcode 1", "rank 5/16: InputError: corrupt shard", "false")]) == (1, "")
     assert exit_code(1, [], []) == (1, "")
     assert exit_code(-9, [], []) == (1, "")  # an agent killed without a root cause: not ours to call retryable
+    assert exit_code(1, [], [], rendezvous_failed=True)[0] == PEER_LOST_EXIT  # the agent's rendezvous failed
+    assert exit_code(2, [], [("0", "exitcode 2", "rank 0/2: ConfigError: bad", "false")], rendezvous_failed=True)[0] == 2
 
 
 def test_peer_lost_is_what_a_surviving_rank_sees():
