@@ -372,12 +372,29 @@ def _samples_steps(metrics: Path) -> list[int]:
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "samples"' in line]
 
 
+def _kill_rank_of(pod: Pod, sig: int) -> bool:
+    """Send ``sig`` to the training process (torchrun's worker, LOCAL_RANK set) inside a pod; False if none yet."""
+    import psutil
+
+    for child in psutil.Process(pod.proc.pid).children(recursive=True):
+        try:
+            if "LOCAL_RANK" in child.environ():
+                child.send_signal(sig)
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 @pytest.mark.slow
-def test_a_preempted_pod_makes_the_pytorchjob_restart_and_resume_from_its_checkpoint(cluster, model_inputs, tmp_path):
-    """SIGTERM to the Worker pod's process mid-run (what the kubelet sends on preemption or eviction). The launcher
-    exits 143; the Master's rank loses its peer and its launcher exits 143 too; the operator recreates both pods
-    (restartPolicy ExitCode, >= 128); they resume from the newest complete checkpoint and finish at the same
-    final step as an uninterrupted run."""
+@pytest.mark.parametrize("victim", ["sigterm-worker-pod", "oom-kill-master-rank"])
+def test_a_preempted_pod_makes_the_pytorchjob_restart_and_resume_from_its_checkpoint(cluster, model_inputs, tmp_path,
+                                                                                      victim):
+    """Mid-run, either SIGTERM to the Worker pod's process (what the kubelet sends on preemption or eviction), or
+    SIGKILL to the training process inside the Master pod (what the OOM killer does). The hit pod's launcher exits
+    143 / 137, the other pod's rank loses its peer and its launcher exits 143; the operator recreates both pods
+    (restartPolicy ExitCode, >= 128); they resume from the newest complete checkpoint and finish at the same final
+    step as an uninterrupted run."""
     import signal
 
     base, pvc, cfgs, site = cluster
@@ -389,36 +406,44 @@ def test_a_preempted_pod_makes_the_pytorchjob_restart_and_resume_from_its_checkp
                generation={"every": 0, "prompts": []})
     path = tmp_path / "pretrain.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    run = _run_root_like(root, pvc / "runs" / "preempted")
+    run = _run_root_like(root, pvc / "runs" / victim)
     objs = render("pretrain", path, "nnodes=2", "nprocPerNode=1", f"masterPort={free_port()}",
-                  "runRoot=/data/runs/preempted", values=[site])
+                  f"runRoot=/data/runs/{victim}", values=[site])
     job = PyTorchJobRun(one(objs, "PyTorchJob"), objs, base)
     metrics = run / "checkpoints" / "pretrain" / "metrics.jsonl"
+    master, worker = "llmpipe-pretrain-master-0", "llmpipe-pretrain-worker-0"
+    hit, other, code = (worker, master, 143) if victim == "sigterm-worker-pod" else (master, worker, 137)
     killed = []
 
-    def preempt(r: PyTorchJobRun) -> None:
-        worker = r.running.get("llmpipe-pretrain-worker-0")
-        if not killed and worker and max(_samples_steps(metrics), default=0) >= 6:
-            worker.proc.send_signal(signal.SIGTERM)
+    def chaos(r: PyTorchJobRun) -> None:
+        pod = r.running.get(hit)
+        if killed or pod is None or max(_samples_steps(metrics), default=0) < 6:
+            return
+        if victim == "sigterm-worker-pod":
+            pod.proc.send_signal(signal.SIGTERM)
+            killed.append(time.monotonic())
+        elif _kill_rank_of(pod, signal.SIGKILL):
             killed.append(time.monotonic())
 
     t0 = time.monotonic()
-    job.run(chaos=preempt, timeout=900)
-    assert killed, "the run ended before the worker could be preempted"
+    job.run(chaos=chaos, timeout=900)
+    assert killed, "the run ended before it could be hit"
     first = dict(job.exits[:2])
-    assert first["llmpipe-pretrain-worker-0"] == 143, job.exits  # stopped by SIGTERM: retryable
-    assert first["llmpipe-pretrain-master-0"] == 143, job.exits  # lost its peer: retryable too
-    worker_first = job.logs["llmpipe-pretrain-worker-0"][0].strip().splitlines()[-1]
-    assert "exit 143: stopped by SIGTERM, the operator restarts the pod" in worker_first, worker_first
-    master_first = job.logs["llmpipe-pretrain-master-0"][0].strip().splitlines()[-1]
-    assert "exit 143: rank 0 lost a peer" in master_first, master_first
-    assert job.exits[-2:] and all(code == 0 for _, code in job.exits[-2:])
+    assert first == {hit: code, other: 143}, job.exits  # both retryable (>= 128)
+    hit_line = job.logs[hit][0].strip().splitlines()[-1]
+    if victim == "sigterm-worker-pod":
+        assert "exit 143: stopped by SIGTERM, the operator restarts the pod" in hit_line, hit_line
+    else:
+        assert "exit 137: rank 0 was killed by signal 9" in hit_line, hit_line
+    other_line = job.logs[other][0].strip().splitlines()[-1]
+    assert "exit 143: rank" in other_line and "lost a peer" in other_line, other_line
+    assert job.exits[-2:] and all(c == 0 for _, c in job.exits[-2:])
     m = manifest(run, "models/pretrain")
     resumed = m["metrics"]["resumed_from_step"]
     assert resumed in (4, 8, 12) and m["metrics"]["steps"] == steps
     assert sorted(set(_samples_steps(metrics))) == list(range(1, steps + 1))
     restarts = json.loads((run / "checkpoints" / "pretrain" / "restarts.json").read_text())
     assert restarts["step"] == resumed and restarts["starts"] <= 2  # progress was made: the count started over
-    assert "resuming from step" in job.logs["llmpipe-pretrain-master-0"][-1]
-    print(f"preempted PyTorchJob: {time.monotonic() - t0:.0f}s, {sum(job.starts.values())} pod starts, "
+    assert "resuming from step" in job.logs[master][-1]
+    print(f"{victim}: {time.monotonic() - t0:.0f}s, {sum(job.starts.values())} pod starts, "
           f"resumed from step {resumed}; exits {job.exits}")
