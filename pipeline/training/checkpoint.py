@@ -1,26 +1,32 @@
 """Training checkpoints: where they are written, which is the latest complete one, how one is saved, committed and
-pruned, and what a resume reads back. No other module names these folders.
+pruned, and what a resume reads back. No other module names these folders. One component for every training stage:
+pretrain, sft, dpo and reward.
 
-**Where.** Pretrain writes under ``<run root>/checkpoints/pretrain/``, or under ``checkpoint_dir`` when set (a
-local or mounted folder that every rank sees; a remote run root needs one: :func:`checkpoint_root`)::
+**Where.** A stage writes under ``<run root>/checkpoints/<stage>/``, or under its config's ``checkpoint_dir`` when set
+(a local or mounted folder that every rank sees; a remote run root needs one: :func:`checkpoint_root`)::
 
     step-N/                 a complete checkpoint, the only kind ever resumed from:
-        checkpoint files    what the HF Trainer writes (weights, optimizer / scheduler / RNG state,
-                            trainer_state.json; DeepSpeed's ZeRO shards from every rank)
-        data_state.json     the data position after step N (phase, samples of it consumed, sampler
-                            state) and the hash of the config that wrote it
+        checkpoint files    what the HF Trainer writes (weights -- a LoRA run's adapter only --, optimizer /
+                            scheduler / RNG state, trainer_state.json; DeepSpeed's ZeRO shards from every rank)
+        data_state.json     the hash of the config that wrote it, and the data position after step N: pretrain's
+                            phase, samples of it consumed and sampler state; post-training has no position of its
+                            own (the Trainer's trainer_state.json and seeded sampler are the position: it skips the
+                            batches already seen), so only the step
         COMPLETE            written and fsynced last: the folder is whole
     .tmp-step-N/            staging while step N is written (the Trainer's ``checkpoint-N/`` inside it);
                             renamed to step-N/ once complete, deleted by the next resume if a run died
+    restarts.json           the restart budget's record (:mod:`pipeline.training.restarts`), on a cluster
     metrics.jsonl, generations.jsonl    pretrain's logs, kept beside the checkpoints
 
-Post-training (sft, dpo, reward) writes no checkpoints: :func:`no_checkpoints` gives its Trainer a scratch folder
-that is deleted with the run; the exported model is its only output.
+**Verbs** of :class:`CheckpointManager` (made by :meth:`~CheckpointManager.for_stage`):
+:meth:`~CheckpointManager.latest` (newest complete checkpoint), :meth:`~CheckpointManager.saving` (stage, let every
+rank write, commit), :meth:`~CheckpointManager.commit` (data state, COMPLETE marker, atomic rename),
+:meth:`~CheckpointManager.prune` (keep the newest ``keep``), :meth:`~CheckpointManager.resume` (the newest complete
+checkpoint and its data state, checked against the config).
 
-**Verbs** of :class:`CheckpointManager`: :meth:`~CheckpointManager.latest` (newest complete checkpoint),
-:meth:`~CheckpointManager.saving` (stage, let every rank write, commit), :meth:`~CheckpointManager.commit`
-(data state, COMPLETE marker, atomic rename), :meth:`~CheckpointManager.prune` (keep the newest ``keep``),
-:meth:`~CheckpointManager.resume` (the newest complete checkpoint and its data state, checked against the config).
+**The Trainer side** is :class:`CheckpointedTrainer`, a mixin in front of an HF Trainer class (pretrain's own, TRL's
+three): the Trainer writes ``checkpoint-N/`` into the staging folder, inside :meth:`CheckpointManager.saving`, so that
+only complete checkpoints are ever found; a resume is ``trainer.train(resume_from_checkpoint=<step-N/>)``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from pipeline.config import config_hash
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.training.common import barrier
@@ -46,8 +54,9 @@ STAGING_PREFIX = ".tmp-step-"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def checkpoint_root(cfg: Any, storage: Any) -> Path:
-    """The folder of a pretrain config's checkpoints: ``checkpoint_dir``, else ``<run root>/checkpoints/pretrain``."""
+def checkpoint_root(cfg: Any, storage: Any, stage: str = "pretrain") -> Path:
+    """The folder of a training stage's checkpoints: the config's ``checkpoint_dir``, else
+    ``<run root>/checkpoints/<stage>``; ConfigError when that is not a filesystem."""
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir).absolute()
     if not storage.is_local:
@@ -55,7 +64,7 @@ def checkpoint_root(cfg: Any, storage: Any) -> Path:
             f"run root {storage.uri} is not a filesystem: DeepSpeed checkpoints need one shared by all ranks (a PVC); "
             "set checkpoint_dir to a mounted folder"
         )
-    return Path(storage.path("checkpoints", "pretrain"))
+    return Path(storage.path("checkpoints", stage))
 
 
 def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -77,12 +86,6 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def no_checkpoints(scratch: str) -> dict[str, Any]:
-    """TrainingArguments fields of a run that writes no checkpoints (post-training): the Trainer's ``output_dir`` is
-    ``scratch``, a folder deleted with the run."""
-    return {"output_dir": scratch, "save_strategy": "no"}
-
-
 @dataclass(frozen=True)
 class ResumePoint:
     """A complete checkpoint to resume from: its step, folder and data state (``data_state.json``)."""
@@ -98,19 +101,23 @@ class ResumePoint:
 
 
 class CheckpointManager:
-    """The checkpoints of one pretrain run under :attr:`root` (see the module docstring for the layout).
+    """The checkpoints of one training stage's run under :attr:`root` (see the module docstring for the layout).
 
     ``every``: steps between checkpoints (0: none); ``keep``: complete checkpoints kept; ``config_hash``: stored in
     each one's data state, and a resume from a checkpoint of another config is refused; ``main``: whether this rank
-    (rank 0) does the file operations. Saving is collective: every rank calls :meth:`saving`."""
+    (rank 0) does the file operations; ``stage``: the stage's name, for messages. Saving is collective: every rank
+    calls :meth:`saving`."""
 
-    def __init__(self, root: Path, *, every: int, keep: int, config_hash: str, main: bool):
+    def __init__(self, root: Path, *, every: int, keep: int, config_hash: str, main: bool, stage: str = "pretrain"):
         self.root, self.every, self.keep, self.config_hash, self.main = Path(root), every, keep, config_hash, main
+        self.stage = stage
 
     @classmethod
-    def for_pretrain(cls, cfg: Any, storage: Any, *, main: bool) -> "CheckpointManager":
-        return cls(checkpoint_root(cfg, storage), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                   config_hash=config_hash(cfg), main=main)
+    def for_stage(cls, stage: str, cfg: Any, storage: Any, *, main: bool) -> "CheckpointManager":
+        """The manager of ``stage`` from its config's ``checkpoint_dir``, ``checkpoint_every`` and
+        ``keep_checkpoints`` (pretrain's and post-training's configs have the same four keys, with ``resume``)."""
+        return cls(checkpoint_root(cfg, storage, stage), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                   config_hash=config_hash(cfg), main=main, stage=stage)
 
     # -- where
     def step_dir(self, step: int) -> Path:
@@ -121,10 +128,12 @@ class CheckpointManager:
         """Where checkpoint ``step`` is written before it is complete."""
         return self.root / f"{STAGING_PREFIX}{step}"
 
-    def trainer_arguments(self, total: int) -> dict[str, Any]:
-        """TrainingArguments fields: the Trainer's output folder is :attr:`root`, a checkpoint every ``every`` steps."""
-        return {"output_dir": str(self.root), "save_strategy": "steps" if self.every else "no",
-                "save_steps": self.every or total}
+    def trainer_arguments(self) -> dict[str, Any]:
+        """TrainingArguments fields: the Trainer's output folder is :attr:`root`, a checkpoint every ``every`` steps
+        (and, the Trainer's own rule, one at the last step), none when ``every`` is 0."""
+        if not self.every:
+            return {"output_dir": str(self.root), "save_strategy": "no"}
+        return {"output_dir": str(self.root), "save_strategy": "steps", "save_steps": self.every}
 
     # -- read
     def complete(self) -> list[tuple[int, Path]]:
@@ -147,7 +156,7 @@ class CheckpointManager:
         state = json.loads((path / DATA_STATE).read_text())
         if state.get("config_hash") != self.config_hash:
             raise PipelineError(
-                f"checkpoint {path} was written by a different pretrain config; delete {self.root} "
+                f"checkpoint {path} was written by a different {self.stage} config; delete {self.root} "
                 "(or point checkpoint_dir elsewhere, or set resume: false) to start over"
             )
         return ResumePoint(step, path, state)
@@ -196,3 +205,31 @@ class CheckpointManager:
         """Delete staging folders (``.tmp-step-*``): a run died while writing them."""
         for stale in self.root.glob(f"{STAGING_PREFIX}*") if self.root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class CheckpointedTrainer:
+    """Mixin for an HF ``Trainer`` subclass (``class T(CheckpointedTrainer, Trainer)``): its checkpoints go through
+    :attr:`checkpoints` (a :class:`CheckpointManager`). The Trainer's ``_save_checkpoint`` runs inside
+    :meth:`CheckpointManager.saving` and writes ``checkpoint-N/`` into the staging folder (``_get_output_dir``), which
+    is then committed as ``step-N/``. :meth:`checkpoint_data_state` is what goes into ``data_state.json``."""
+
+    checkpoints: CheckpointManager
+    state: Any  # the Trainer's TrainerState
+
+    def __init__(self, *args: Any, checkpoints: CheckpointManager, **kwargs: Any):
+        self.checkpoints = checkpoints
+        super().__init__(*args, **kwargs)
+
+    def checkpoint_data_state(self, step: int) -> dict[str, Any]:
+        """The data position after ``step`` (pretrain's stream position); by default the step and the epoch."""
+        return {"step": step, "epoch": self.state.epoch}
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # the folder HF's _save_checkpoint writes checkpoint-N/ into: this step's staging folder
+        return str(self.checkpoints.staging_dir(self.state.global_step))
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        step = self.state.global_step
+        with self.checkpoints.saving(step, lambda: self.checkpoint_data_state(step),
+                                     written=f"{PREFIX_CHECKPOINT_DIR}-{step}"):
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]

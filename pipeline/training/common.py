@@ -156,7 +156,7 @@ def training_arguments(cfg: Any, ctx: Any, *, precision: str, ds_cfg: dict[str, 
     configs share (micro_batch_size, lr, weight_decay, max_grad_norm, log_every, gradient_checkpointing, seed).
 
     ``checkpoints``: where the Trainer writes and whether it saves, from :mod:`pipeline.training.checkpoint`
-    (``CheckpointManager.trainer_arguments`` or ``no_checkpoints``); ``fields``: the stage's own."""
+    (``CheckpointManager.trainer_arguments``); ``fields``: the stage's own."""
     cuda = torch.cuda.is_available()
     return dict(
         **_checkpointing_arguments(cfg.gradient_checkpointing),

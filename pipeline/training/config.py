@@ -180,7 +180,11 @@ class PostTrainConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
-    # -- how it runs
+    # -- checkpoints, evaluation, logging (change how it runs, not what it learns)
+    checkpoint_dir: str | None = ExecField(None, description="local/PVC folder for checkpoints; default <root>/checkpoints/<stage>")
+    checkpoint_every: int = ExecField(200, ge=0, description="0: no intermediate checkpoints")
+    keep_checkpoints: int = ExecField(2, ge=1)
+    resume: bool = ExecField(True, description="resume from the newest complete checkpoint when there is one")
     log_every: int = ExecField(10, ge=1)
     eval_every: int = ExecField(0, ge=0, description="held-out evaluation every N steps (0: before and after training only)")
 

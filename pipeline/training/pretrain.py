@@ -6,7 +6,8 @@
    (:func:`open_data`), the model folder against them (:func:`check_model`);
 2. the start point (:func:`start_point`): step 0, or the newest complete checkpoint and its data position.
    Checkpoints -- where they are written, how they are committed, pruned and read back -- are
-   :mod:`pipeline.training.checkpoint`'s (:class:`~pipeline.training.checkpoint.CheckpointManager`);
+   :mod:`pipeline.training.checkpoint`'s (:class:`~pipeline.training.checkpoint.CheckpointManager`); on a
+   cluster, rank 0 then counts the start against the restart budget (:mod:`pipeline.training.restarts`);
 3. the Trainer (:func:`build_trainer`): TrainingArguments (:func:`trainer_arguments`, on
    :func:`pipeline.training.common.training_arguments`), :class:`TrainStream` (this rank's samples from the
    start point on, phase after phase, drawn by :class:`~pipeline.data.packed.ResumableDistributedSampler` -- the
@@ -38,13 +39,12 @@ import torch
 import transformers
 from torch.utils.data import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline import tracking
 from pipeline.data.packed import PackedDataset, ResumableDistributedSampler
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
-from pipeline.training.checkpoint import CheckpointManager, ResumePoint
+from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager, ResumePoint
 from pipeline.training.common import (
     Export,
     barrier,
@@ -58,6 +58,7 @@ from pipeline.training.common import (
     start_deepspeed,
     training_arguments,
 )
+from pipeline.training.restarts import count_start
 
 METRICS_FILE = "metrics.jsonl"
 GENERATIONS_FILE = "generations.jsonl"
@@ -292,20 +293,21 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- the trainer
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(CheckpointedTrainer, Trainer):
     """Trainer with our data stream and schedule, per-step sample ids, and checkpoints saved through
-    :class:`~pipeline.training.checkpoint.CheckpointManager`."""
+    :class:`~pipeline.training.checkpoint.CheckpointManager` (:class:`~pipeline.training.checkpoint.CheckpointedTrainer`)
+    with the stream's data position."""
 
     def __init__(self, *args: Any, stream: TrainStream, checkpoints: CheckpointManager,
                  schedule: Callable[[int], float], workers: int, **kwargs: Any):
-        self.stream, self.checkpoints, self.schedule, self.workers = stream, checkpoints, schedule, workers
+        self.stream, self.schedule, self.workers = stream, schedule, workers
         self._step_ids: list[int] = []
         self._step_phase: int = 0
         # set by build_trainer
         self.metrics_callback: MetricsCallback | None = None
         self.generation_callback: GenerationCallback | None = None
         self.n_params = 0
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, checkpoints=checkpoints, **kwargs)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         # not prepared by accelerate: the sampler inside the stream already shards by rank
@@ -339,14 +341,8 @@ class PretrainTrainer(Trainer):
         ordered = [p[j] for j in range(n) for p in parts if j < len(p)]
         return self._step_phase, ordered
 
-    def _get_output_dir(self, trial: Any) -> str:
-        # the folder HF's _save_checkpoint writes checkpoint-N/ into: this step's staging folder
-        return str(self.checkpoints.staging_dir(self.state.global_step))
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        step = self.state.global_step
-        with self.checkpoints.saving(step, lambda: self.stream.position(step), written=f"{PREFIX_CHECKPOINT_DIR}-{step}"):
-            super()._save_checkpoint(model, trial)
+    def checkpoint_data_state(self, step: int) -> dict[str, Any]:
+        return self.stream.position(step)
 
 
 class MetricsCallback(TrainerCallback):
@@ -559,7 +555,7 @@ def trainer_arguments(cfg: Any, ctx: Any, precision: str, data: PretrainData,
     start_deepspeed(ds_cfg, ctx.world)
     total = cfg.total_steps
     return TrainingArguments(**training_arguments(
-        cfg, ctx, precision=precision, ds_cfg=ds_cfg, checkpoints=checkpoints.trainer_arguments(total),
+        cfg, ctx, precision=precision, ds_cfg=ds_cfg, checkpoints=checkpoints.trainer_arguments(),
         gradient_accumulation_steps=data.accum,
         max_steps=total,
         adam_beta1=cfg.adam_beta1,
@@ -682,11 +678,12 @@ def train(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
     quiet_libraries(transformers.logging.WARNING)
     precision = resolve_precision(cfg.precision)
     check_kernels(cfg, precision)
-    checkpoints = CheckpointManager.for_pretrain(cfg, ctx.storage, main=ctx.rank == 0)
+    checkpoints = CheckpointManager.for_stage("pretrain", cfg, ctx.storage, main=ctx.rank == 0)
     with tempfile.TemporaryDirectory(prefix=f"llmpipe-pretrain-r{ctx.rank}-", ignore_cleanup_errors=True) as tmp:
         data = open_data(cfg, ctx)
         model_dir, tok_dir = model_folders(cfg, ctx, tmp)
         start = start_point(cfg, ctx, checkpoints, data.plan)
+        count_start("pretrain", checkpoints.root, start.step, main=ctx.rank == 0, log=ctx.log)
         if start.step >= cfg.total_steps:  # the last checkpoint is the end of training: its weights are the model
             model_dir = start.checkpoint
         check_model(cfg, model_dir, data)

@@ -15,7 +15,6 @@ from pipeline.training.checkpoint import (
     checkpoint_root,
     latest_checkpoint,
     list_checkpoints,
-    no_checkpoints,
 )
 
 
@@ -35,9 +34,8 @@ def test_where_checkpoints_go(tmp_path):
     m = manager(tmp_path / "ck")
     assert m.step_dir(12) == tmp_path / "ck" / "step-12"
     assert m.staging_dir(12) == tmp_path / "ck" / ".tmp-step-12"
-    assert m.trainer_arguments(100) == {"output_dir": str(tmp_path / "ck"), "save_strategy": "steps", "save_steps": 4}
-    assert manager(tmp_path, every=0).trainer_arguments(100)["save_strategy"] == "no"
-    assert no_checkpoints("/scratch/t") == {"output_dir": "/scratch/t", "save_strategy": "no"}
+    assert m.trainer_arguments() == {"output_dir": str(tmp_path / "ck"), "save_strategy": "steps", "save_steps": 4}
+    assert manager(tmp_path, every=0).trainer_arguments() == {"output_dir": str(tmp_path), "save_strategy": "no"}
 
     class Cfg:
         checkpoint_dir = None
@@ -52,8 +50,11 @@ def test_where_checkpoints_go(tmp_path):
         is_local, uri = False, "s3://bucket/run"
 
     assert checkpoint_root(Cfg(), Local()) == tmp_path.__class__("/run/checkpoints/pretrain")
+    assert checkpoint_root(Cfg(), Local(), "sft") == tmp_path.__class__("/run/checkpoints/sft")
     with pytest.raises(ConfigError, match="set checkpoint_dir to a mounted folder"):
         checkpoint_root(Cfg(), Remote())
+    with pytest.raises(ConfigError, match="set checkpoint_dir to a mounted folder"):
+        checkpoint_root(Cfg(), Remote(), "dpo")
     Cfg.checkpoint_dir = str(tmp_path / "mine")
     assert checkpoint_root(Cfg(), Remote()) == tmp_path / "mine"
 
@@ -130,3 +131,30 @@ def test_data_position_carries_on_across_a_resume():
             assert resumed.position(step) == full.position(step), (resume_at, step)
     assert full.position(5)["phase_name"] == "b" and full.position(5)["phase_start_index"] == 0
     assert full.position(7)["phase_start_index"] == 2 * 8
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo", "reward"])
+def test_every_training_stage_has_the_same_checkpoint_keys(tmp_path, stage):
+    """pretrain's and post-training's configs share checkpoint_dir / checkpoint_every / keep_checkpoints / resume
+    (execution-only: not in the config hash); for_stage puts a stage's checkpoints under checkpoints/<stage>/ and
+    refuses a checkpoint another config of the same stage wrote."""
+    from pipeline.config import config_hash, execution_only
+    from pipeline.stages import get_stage
+    from pipeline.storage import Storage
+
+    cls = get_stage(stage).config
+    base = {"max_steps": 10, "global_batch_tokens": 64} if stage == "pretrain" else {"data": [{"path": "x.jsonl"}]}
+    cfg = cls.model_validate(base)
+    assert {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume"} <= execution_only(cls)
+    assert cfg.checkpoint_dir is None and cfg.resume is True
+    assert (cfg.checkpoint_every, cfg.keep_checkpoints) == ((500, 3) if stage == "pretrain" else (200, 2))
+    assert config_hash(cfg) == config_hash(cls.model_validate({**base, "checkpoint_every": 7, "resume": False}))
+    m = CheckpointManager.for_stage(stage, cfg, Storage(str(tmp_path)), main=True)
+    assert m.root == tmp_path / "checkpoints" / stage and m.every == cfg.checkpoint_every and m.keep == cfg.keep_checkpoints
+    save(m, 4)
+    other = cls.model_validate({**base, "seed": 1})
+    with pytest.raises(PipelineError, match=f"written by a different {stage} config; delete"):
+        CheckpointManager.for_stage(stage, other, Storage(str(tmp_path)), main=True).resume()
+    mine = CheckpointManager.for_stage(stage, cfg.model_copy(update={"checkpoint_dir": str(tmp_path / "ck")}),
+                                       Storage(str(tmp_path)), main=True)
+    assert mine.root == tmp_path / "ck" and mine.resume() is None

@@ -130,6 +130,8 @@ def test_sft_labels_cover_only_assistant_turns(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.training.checkpoint import CheckpointManager
+
     tok = templates.prepare_tokenizer(str(tiny))
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     convo = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -139,8 +141,9 @@ def test_sft_labels_cover_only_assistant_turns(tiny, tmp_path):
     alpaca = {"messages": ptd.alpaca_to_messages({"instruction": "Санды цифрмен жаз.", "input": "жеті", "output": "7"}, "x")}
     cfg = SFTConfig(data=[{"path": "unused"}], max_length=128)
     ctx = type("Ctx", (), {"progress": False})()
-    kw = trainers.trainer_kwargs(cfg, ctx, str(tmp_path / "t"), "fp32", None, False)
-    trainer = trainers.sft_trainer(cfg, model, tok, [convo, alpaca], [], kw)
+    checkpoints = CheckpointManager(tmp_path / "t", every=0, keep=1, config_hash="", main=True)
+    kw = trainers.trainer_kwargs(cfg, ctx, checkpoints, "fp32", None, False)
+    trainer = trainers.sft_trainer(cfg, model, tok, [convo, alpaca], [], kw, checkpoints)
     rows = list(trainer.train_dataset)
     for row, expected in zip(rows, (["apple<|im_end|>", "Париж<|im_end|>"], ["7<|im_end|>"])):
         ids, labels = row["input_ids"], row["labels"]

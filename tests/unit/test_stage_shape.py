@@ -42,13 +42,14 @@ def test_what_was_restated_is_derived():
 
 
 # the execution-only fields of round 1's EXEC_FIELDS sets, now marked on the fields themselves
+CKPT = {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume"}  # every training stage's
 EXECUTION_ONLY = {
     "collect": set(), "clean": {"workers"}, "tokenizer": set(), "pack": {"workers", "batch_size"}, "init": set(),
     "pretrain": {"checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "eval_every", "eval_max_blocks",
                  "log_every", "generation", "peak_flops", "cpu_peak_flops", "dataloader_workers", "verify_shards",
                  "attention", "compile", "liger_kernels"},
-    "sft": {"log_every", "eval_every", "generation"}, "dpo": {"log_every", "eval_every", "generation"},
-    "reward": {"log_every", "eval_every"}, "evaluate": set(), "quantize": {"threads", "batch_size"},
+    "sft": {*CKPT, "log_every", "eval_every", "generation"}, "dpo": {*CKPT, "log_every", "eval_every", "generation"},
+    "reward": {*CKPT, "log_every", "eval_every"}, "evaluate": set(), "quantize": {"threads", "batch_size"},
     "register": {"promote", "auto_promote"},
 }
 

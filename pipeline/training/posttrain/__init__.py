@@ -12,8 +12,9 @@
   preference pairs, reward-model scores, greedy generations that stop at ``<|im_end|>``/EOS;
 * :mod:`.trainers`: :func:`~.trainers.train_sft`, :func:`~.trainers.train_dpo`, :func:`~.trainers.train_reward`, one
   stage on one rank (rank 0 gets the output folder, the others ``None``), set up and exported through
-  :mod:`pipeline.training.common` like pretrain. They write no checkpoints
-  (:func:`pipeline.training.checkpoint.no_checkpoints`).
+  :mod:`pipeline.training.common` like pretrain. They checkpoint and resume as pretrain does
+  (:mod:`pipeline.training.checkpoint`: ``<checkpoint root>/step-N/`` every ``checkpoint_every`` steps, the newest
+  complete one resumed with ``trainer.train(resume_from_checkpoint=...)``).
 
 This package imports nothing itself: :mod:`.data` is light (the up-to-date check reads data fingerprints), the
 others import torch and transformers.

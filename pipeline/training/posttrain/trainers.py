@@ -1,15 +1,22 @@
 """The three post-training stages on one rank: :func:`train_sft`, :func:`train_dpo`, :func:`train_reward`.
 
 Each reads its data (:mod:`.data`), opens a :class:`PostTrainRun` (every check before any weights load, the
-DeepSpeed process group, the TrainingArguments fields, the export: :mod:`pipeline.training.common`, as pretrain),
-builds its TRL trainer, measures before and after training (:mod:`.measures`) and exports the model. Rank 0 gets
-the output folder, the others ``None``. No checkpoints are written
-(:func:`pipeline.training.checkpoint.no_checkpoints`): the Trainer's folder is scratch, deleted with the run.
+resume point, the DeepSpeed process group, the TrainingArguments fields, the export: :mod:`pipeline.training.common`,
+as pretrain), builds its TRL trainer, measures before and after training (:mod:`.measures`) and exports the model.
+Rank 0 gets the output folder, the others ``None``.
+
+Checkpoints are pretrain's (:mod:`pipeline.training.checkpoint`): every ``checkpoint_every`` steps and at the last
+step, the TRL trainer (with :class:`~pipeline.training.checkpoint.CheckpointedTrainer` in front) writes
+``<checkpoint root>/step-N/`` (weights or the LoRA adapter, optimizer, scheduler, RNG, trainer_state.json), committed
+with a COMPLETE marker. A restarted run (``resume``) trains on from the newest complete one with
+``trainer.train(resume_from_checkpoint=...)``: the Trainer restores the step, the optimizer and the RNG, and its
+seeded sampler (``data_seed``) skips the batches the checkpoint already saw, so the run ends where an uninterrupted
+one would. The measurements "before" are of the starting model either way (the checkpoint loads inside ``train``).
+On a cluster each start is counted against the restart budget (:mod:`pipeline.training.restarts`).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from typing import Any
@@ -23,9 +30,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline import tracking
 from pipeline.errors import InputError
-from pipeline.training.checkpoint import no_checkpoints
+from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager
 from pipeline.training.common import (
     Export,
+    barrier,
     load_deepspeed_config,
     quiet_libraries,
     quiet_trainer_logs,
@@ -42,6 +50,7 @@ from pipeline.training.posttrain.measures import (
     reward_scores,
 )
 from pipeline.training.posttrain.templates import check_max_length, model_folder, prepare_tokenizer, stop_token_ids
+from pipeline.training.restarts import count_start
 
 GENERATIONS_FILE = "generations.json"
 METRICS_FILE = "train_metrics.jsonl"
@@ -52,10 +61,11 @@ LOG_KEYS = ("loss", "learning_rate", "grad_norm", "rewards/accuracies", "rewards
 # ------------------------------------------------------------------------------- set-up
 
 
-def trainer_kwargs(cfg: Any, ctx: Any, output_dir: str, precision: str, ds_cfg: dict | None, has_eval: bool) -> dict:
-    """TrainingArguments fields of the three TRL configs: the shared ones, no checkpoints, and post-training's own."""
+def trainer_kwargs(cfg: Any, ctx: Any, checkpoints: CheckpointManager, precision: str, ds_cfg: dict | None,
+                   has_eval: bool) -> dict:
+    """TrainingArguments fields of the three TRL configs: the shared ones, the checkpoints', and post-training's own."""
     return training_arguments(
-        cfg, ctx, precision=precision, ds_cfg=ds_cfg, checkpoints=no_checkpoints(output_dir),
+        cfg, ctx, precision=precision, ds_cfg=ds_cfg, checkpoints=checkpoints.trainer_arguments(),
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -82,8 +92,9 @@ def _final_loss(history: list[dict[str, Any]]) -> float | None:
 
 
 class PostTrainRun:
-    """What the three trainers share around the TRL trainer: a scratch folder, the checks, the process group, the
-    TrainingArguments fields and the export. A context manager: the scratch folder goes on exit."""
+    """What the three trainers share around the TRL trainer: a scratch folder, the checks, the checkpoints and the
+    resume point (:attr:`resume_from`, :attr:`start_step`), the process group, the TrainingArguments fields and the
+    export. A context manager: the scratch folder goes on exit."""
 
     def __init__(self, cfg: Any, ctx: Any, out: Any, name: str):
         quiet_libraries(transformers.logging.ERROR)
@@ -102,6 +113,12 @@ class PostTrainRun:
             if len(self.tok) > self.model_config.vocab_size:
                 raise InputError(f"the tokenizer has {len(self.tok)} tokens but the model's vocab_size is "
                                  f"{self.model_config.vocab_size}")
+            # -- where checkpoints go, and the newest complete one to go on from
+            self.checkpoints = CheckpointManager.for_stage(name, cfg, ctx.storage, main=self.main)
+            found = self.checkpoints.resume() if cfg.resume else None
+            barrier()
+            self.start_step, self.resume_from = (found.step, str(found.path)) if found else (0, None)
+            count_start(name, self.checkpoints.root, self.start_step, main=self.main, log=ctx.log)
         except BaseException:
             self._scratch.cleanup()
             raise
@@ -118,7 +135,18 @@ class PostTrainRun:
         """DeepSpeed started (when zero_stage > 0), then the TrainingArguments fields: before any
         ``from_pretrained``, so that ZeRO-3 partitions the weights as they load."""
         start_deepspeed(self.ds_cfg, self.ctx.world)
-        return trainer_kwargs(self.cfg, self.ctx, os.path.join(self.tmp, "trainer"), self.precision, self.ds_cfg, has_eval)
+        return trainer_kwargs(self.cfg, self.ctx, self.checkpoints, self.precision, self.ds_cfg, has_eval)
+
+    def train(self, trainer: Any) -> None:
+        """``trainer.train()``, from the resume point when there is one. A checkpoint that already reaches max_steps
+        (a run killed before its export) is loaded and trained no further: its weights are the model."""
+        if self.resume_from:
+            self.log(f"{self.name}: resuming from step {self.start_step} ({self.resume_from})")
+        trainer.add_callback(_StopAtEnd())
+        try:
+            trainer.train(resume_from_checkpoint=self.resume_from)
+        except _AtEnd:
+            self.log(f"{self.name}: checkpoint at step {self.start_step} already reaches max_steps: exporting it")
 
     def quiet(self, trainer: Any) -> Any:
         """Replace the Trainer's raw dict printing by one line per log on rank 0 (through ctx.log); step metrics to
@@ -142,6 +170,7 @@ class PostTrainRun:
             "precision": self.precision,
             "mode": "lora" if self.cfg.lora is not None else "full",
             "train_loss": _final_loss(trainer.state.log_history),
+            "resumed_from_step": self.start_step if self.resume_from else None,
             "data_sha256": data_fingerprints([*self.cfg.data, *self.cfg.eval_data]),
         }
 
@@ -153,6 +182,40 @@ class PostTrainRun:
             write_generation_config(self.export.dir, self.tok)
         self.export.finish(self.tok, files)
         return self.export.dir
+
+
+class _Checkpointed(CheckpointedTrainer):
+    """Checkpoints through the run's CheckpointManager, without the model card TRL writes into ``output_dir`` (the
+    checkpoint root, which holds only checkpoints) at every save."""
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class SFTTrainer(_Checkpointed, trl.SFTTrainer):
+    """TRL's SFTTrainer, checkpointed."""
+
+
+class DPOTrainer(_Checkpointed, trl.DPOTrainer):
+    """TRL's DPOTrainer, checkpointed."""
+
+
+class RewardTrainer(_Checkpointed, trl.RewardTrainer):
+    """TRL's RewardTrainer, checkpointed."""
+
+
+class _AtEnd(Exception):
+    """Raised by :class:`_StopAtEnd`, caught by :meth:`PostTrainRun.train`."""
+
+
+class _StopAtEnd(TrainerCallback):
+    """Ends ``train()`` before a step that would go past max_steps. The Trainer resumed from a checkpoint at max_steps
+    (its weights, optimizer and state loaded) runs one more step before it checks, when the checkpoint is not at the
+    end of an epoch; an exception is the one way out of its loop before that step."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise _AtEnd()
 
 
 class _LineLog(TrainerCallback):
@@ -190,13 +253,14 @@ def _causal_lm(model_dir: str) -> Any:
 # ------------------------------------------------------------------------------------- sft
 
 
-def sft_trainer(cfg: Any, model: Any, tok: Any, train: list, held: list, args_kwargs: dict) -> trl.SFTTrainer:
+def sft_trainer(cfg: Any, model: Any, tok: Any, train: list, held: list, args_kwargs: dict,
+                checkpoints: CheckpointManager) -> SFTTrainer:
     """A TRL SFTTrainer on conversational examples with the loss on assistant tokens only."""
     args = trl.SFTConfig(**args_kwargs, max_length=cfg.max_length, packing=cfg.packing, assistant_only_loss=True,
                          padding_free=False, eval_packing=False)
-    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
-                          eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tok,
-                          peft_config=lora_config(cfg, "CAUSAL_LM"))
+    return SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                      eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=tok,
+                      peft_config=lora_config(cfg, "CAUSAL_LM"), checkpoints=checkpoints)
 
 
 def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
@@ -206,11 +270,11 @@ def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         model = _causal_lm(run.model_dir)
         run.log(f"sft: {len(train)} train / {len(held)} held-out conversations, {'LoRA' if cfg.lora else 'full'}, "
                 f"world {ctx.world}, ZeRO {cfg.zero_stage}, {run.precision}")
-        trainer = run.quiet(sft_trainer(cfg, model, run.tok, train, held, kw))
+        trainer = run.quiet(sft_trainer(cfg, model, run.tok, train, held, kw, run.checkpoints))
         eval_rows = [dict(r) for r in trainer.eval_dataset] if held else []
         measure = cfg.zero_stage != 3
         before = heldout_loss(trainer.model, eval_rows) if measure else None
-        trainer.train()
+        run.train(trainer)
         after = heldout_loss(trainer.model, eval_rows) if measure else None
         gens = generate_samples(trainer.model, run.tok, cfg.generation, synced=run.synced) if (run.main or run.synced) else []
         metrics = run.metrics(trainer, len(train), len(held))
@@ -244,11 +308,11 @@ def train_dpo(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                 f"reference {'adapters disabled' if cfg.lora else 'frozen copy'}, beta {cfg.beta}")
         measure = cfg.zero_stage != 3
         before = _dpo_measure(run, model, train, held) if measure else None
-        trainer = trl.DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(train),
-                                 eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=run.tok,
-                                 peft_config=lora_config(cfg, "CAUSAL_LM"))
+        trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(train),
+                             eval_dataset=datasets.Dataset.from_list(held) if held else None, processing_class=run.tok,
+                             peft_config=lora_config(cfg, "CAUSAL_LM"), checkpoints=run.checkpoints)
         run.quiet(trainer)
-        trainer.train()
+        run.train(trainer)
         metrics = run.metrics(trainer, len(train), len(held))
         metrics.update(reference="adapters disabled" if cfg.lora else "frozen copy", beta=cfg.beta)
         if measure:
@@ -280,17 +344,19 @@ def train_reward(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
     with PostTrainRun(cfg, ctx, out, "reward") as run:
         args = trl.RewardConfig(**run.arguments(bool(held)), max_length=cfg.max_length,
                                 center_rewards_coefficient=cfg.center_rewards)
+        transformers.set_seed(cfg.seed)  # the new score head is drawn from the seed: a rerun starts from the same one
         model = AutoModelForSequenceClassification.from_pretrained(run.model_dir, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = run.tok.pad_token_id
         model.config.use_cache = False
         run.log(f"reward: {len(train)} train / {len(held)} held-out pairs, {'LoRA' if cfg.lora else 'full'}")
         measure = cfg.zero_stage != 3
         ev_b = reward_scores(model, run.tok, held, cfg.max_length) if measure else []
-        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
-                                    eval_dataset=datasets.Dataset.from_list(held) if held else None,
-                                    processing_class=run.tok, peft_config=lora_config(cfg, "SEQ_CLS"))
+        trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
+                                eval_dataset=datasets.Dataset.from_list(held) if held else None,
+                                processing_class=run.tok, peft_config=lora_config(cfg, "SEQ_CLS"),
+                                checkpoints=run.checkpoints)
         run.quiet(trainer)
-        trainer.train()
+        run.train(trainer)
         metrics = run.metrics(trainer, len(train), len(held))
         if measure:
             ev_a = reward_scores(trainer.model, run.tok, held, cfg.max_length)
