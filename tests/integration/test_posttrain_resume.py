@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.posttrain.tiny import template_root  # noqa: F401 (a fixture)
+
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "fixtures" / "posttrain"
 
 
-@pytest.fixture(scope="module")
-def template_root(tmp_path_factory) -> Path:
-    from pipeline.storage import Storage
-    from tests.fixtures.posttrain.tiny import commit_model
-
-    root = tmp_path_factory.mktemp("posttrain-resume-template")
-    commit_model(Storage(str(root)))
-    return root
 
 
 def _cfg(stage: str, **over):
