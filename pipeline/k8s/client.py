@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +29,9 @@ from pipeline.k8s import DEFAULT_NAMESPACE
 # kubernetes (and urllib3) are imported inside the functions that talk to the cluster: `llmpipe --help`
 # imports this module (through k8s.cli), and `import kubernetes` alone takes ~0.8 s.
 
+# the authorizer's 403 ('... is forbidden: User "x" cannot create resource "jobs" in API group ...'); other
+# 403s are admission's (a webhook's denial, Pod Security, a quota), which no Role binding fixes
+RBAC_DENIAL = re.compile(r'cannot [\w*]+ resource "')
 IN_CLUSTER_NS = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # kind -> (group/version, plural) for what llmpipe k8s reads and writes
 KINDS = {
@@ -190,7 +194,7 @@ class Kube:
         if exc.status == 401:
             return K8sError(f"unauthorized at {self.server}: the credentials from {self.config_source} were rejected "
                             f"(log in again or refresh the token) [{what}]")
-        if exc.status == 403:
+        if exc.status == 403 and RBAC_DENIAL.search(msg):
             return K8sError(f"forbidden: {msg} (bind your account to the llmpipe-submitter Role of k8s/rbac.yaml "
                             f"in namespace {self.namespace})")
         if exc.status == 404:

@@ -7,7 +7,9 @@
 * pod condition ``PodScheduled=False, reason Unschedulable`` -> with the scheduler's message
 * Job condition ``Failed`` with reason ``BackoffLimitExceeded`` / ``DeadlineExceeded`` / others
 * PyTorchJob condition ``Failed`` -> with its message
-* Warning events of a workload that has no pods (``FailedCreate``: quota, admission, service account)
+* Warning events of a workload that has no pods (``FailedCreate``: quota, admission, service account),
+  and the pod-create failures of one that lacks some of its pods (the training operator's
+  ``FailedCreatePod``: e.g. Pod Security refusing its Worker pods while the Master waits for them)
 
 The same cause on many pods is one line ("pod X and 7 more: ...").
 """
@@ -25,6 +27,9 @@ IMAGE_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrIma
 CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 SIGNALS = {137: "SIGKILL", 143: "SIGTERM", 139: "SIGSEGV", 134: "SIGABRT"}
 MAX_LINE = 300
+# Warning events of a controller that could not create a pod: the Job controller's (kubernetes
+# pkg/controller/controller_utils.go) and the training operator's (pkg/controller.v1/control/pod_control.go)
+CREATE_FAILED = ("FailedCreate", "FailedCreatePod")
 
 
 @dataclass(frozen=True)
@@ -185,13 +190,17 @@ def _with_details(problems: list[Problem], kube: "Kube | None", limit: int = 3) 
     return out
 
 
-def _events(kube: "Kube | None", w: Workload) -> list[str]:
+def _events(kube: "Kube | None", w: Workload, reasons: tuple[str, ...] = ()) -> list[str]:
+    """The workload's last Warning event (of one of ``reasons``, when given), not one about an earlier
+    object of the same name."""
     if kube is None:
         return []
     try:
         events = kube.warning_events(w.name)
     except K8sError:
         return []
+    events = [e for e in events if (e.get("involvedObject") or {}).get("uid") in (None, "", w.uid)
+              and (not reasons or e.get("reason") in reasons)]
     if not events:
         return []
     last = events[-1]
@@ -228,6 +237,8 @@ def explain_stuck(snap: Snapshot, kube: "Kube | None" = None) -> tuple[list[str]
         pods = snap.pods_of(w)
         if not pods:
             lines += _events(kube, w)
+        elif len(pods) < w.total:  # some pods were never created: say why, if a controller said so
+            lines += _events(kube, w, CREATE_FAILED)
         for pod in pods:
             if (pod.get("status") or {}).get("phase") != "Succeeded":
                 problems += pod_problems(pod)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helm.chart import find_helm
-from tests.k8s.fakeapi import FakeKube
+from tests.k8s.fakeapi import FakeKube, restricted_init_template
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_CHART = REPO / "charts" / "llm-pipeline"
@@ -33,8 +33,12 @@ def chart(helm, monkeypatch) -> Path:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """A started FakeKube; $KUBECONFIG points at it (context namespace llm-pipeline)."""
-    server = FakeKube(tick=0.03, gc_delay=0.2).start()
+    """A started FakeKube; $KUBECONFIG points at it (context namespace llm-pipeline). The cluster k8s/README.md
+    sets up: namespace llm-pipeline with k8s/namespace.yaml's Pod Security labels (FakeKube's default), the
+    training operator v1.8.1 with our init container template (k8s/training-operator/, step 5)."""
+    server = FakeKube(tick=0.03, gc_delay=0.2)
+    server.init_template = restricted_init_template()
+    server.start()
     monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
     monkeypatch.delenv("LLMPIPE_NAMESPACE", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
