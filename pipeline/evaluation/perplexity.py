@@ -4,10 +4,19 @@ Validation shards: the mean next-token loss over the first ``max_blocks`` blocks
 over the split), exactly what the training stages call ``val_loss``.
 
 Raw text: each document is encoded with the model's own tokenizer, BOS first (EOS when there is
-no BOS); long documents are cut into windows of the model's context that overlap by one token,
-so every text token is predicted exactly once with as much context as fits. Reported: text
-tokens, perplexity over them, and bits per byte = total loss in bits / UTF-8 bytes of the text,
-the number that stays comparable between tokenizers of different granularity.
+no BOS). A document that fits the context (``max_length`` ids) is one window. A longer one is
+measured with a sliding window, the "perplexity of fixed-length models" recipe of the Hugging
+Face docs: windows of ``max_length`` ids whose starts advance by ``stride``; each window scores
+only the ids no earlier window scored (its last ``stride`` or fewer), so every id after the first
+is predicted exactly once, and the first id a later window scores sees ``max_length - stride``
+ids of context, the last ones ``max_length - 1`` (in the first window an id at position p sees
+p). Default stride: half the context (each window costs a forward pass, so the default does
+about twice the work of non-overlapping windows). ``stride = max_length - 1`` is the older
+one-token overlap, whose later windows started almost without context and so read worse than
+the model is. Reported: text tokens, perplexity over them, and bits per byte = total loss in
+bits / UTF-8 bytes of the text, the number that stays comparable between tokenizers of
+different granularity; also the window, the stride, how many windows came after a document's
+first, and the least context any of them gave the first id it scored (None: every document fit).
 """
 
 from __future__ import annotations
@@ -66,47 +75,79 @@ def shard_loss(model: Any, dataset: Any, *, max_blocks: int | None, batch_size: 
     return {"blocks": len(picks), "tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def _windows(seq: list[int], width: int) -> list[list[int]]:
-    """Windows of at most ``width`` ids overlapping by one, so each id after the first is a target once."""
+def default_stride(width: int) -> int:
+    """Half the context, at least one id."""
+    return max(1, width // 2)
+
+
+def _windows(seq: list[int], width: int, stride: int | None = None) -> list[tuple[list[int], int]]:
+    """Sliding windows over ``seq``: ``(ids, first)`` pairs where ``ids`` is at most ``width`` long
+    and positions ``first .. len(ids) - 1`` of it are the targets this window scores.
+
+    Starts advance by ``stride`` (1 .. width - 1; None: :func:`default_stride`); a window scores
+    the ids after the previous window's end, so each id after ``seq[0]`` is a target exactly once
+    and, outside the first window, with at least ``width - stride`` ids of context. The last
+    window ends at the end of ``seq`` (it may be shorter than ``width``).
+    """
+    if width < 2:
+        raise ValueError(f"window width {width} < 2: nothing to predict")
+    stride = default_stride(width) if stride is None else stride
+    if not 1 <= stride <= width - 1:
+        raise ValueError(f"stride {stride} outside 1 .. {width - 1} (the window width {width} minus one)")
     if len(seq) <= width:
-        return [seq]
-    out, start = [], 0
-    while start < len(seq) - 1:
-        out.append(seq[start:start + width])
-        start += width - 1
-    return out
+        return [(seq, 1)]
+    out: list[tuple[list[int], int]] = []
+    begin, prev_end = 0, 1  # seq[0] is never a target
+    while True:
+        end = min(begin + width, len(seq))
+        out.append((seq[begin:end], prev_end - begin))
+        if end == len(seq):
+            return out
+        prev_end = end
+        begin += stride
 
 
 def text_perplexity(model: Any, tok: Any, texts: list[str], *, max_length: int, batch_size: int, device: str,
-                    bar: Callable[..., Any] | None = None, desc: str = "text") -> dict[str, Any]:
-    """Tokens, perplexity and bits per byte of ``texts`` under ``model`` (see the module docstring)."""
+                    stride: int | None = None, bar: Callable[..., Any] | None = None,
+                    desc: str = "text") -> dict[str, Any]:
+    """Tokens, perplexity and bits per byte of ``texts`` under ``model`` (see the module docstring).
+
+    ``stride``: how far each window of ``max_length`` ids advances over a long document (None:
+    half of it; capped at ``max_length - 1``, the one-token overlap)."""
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise InputError("no held-out text to measure")
     start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    windows: list[list[int]] = []
+    width = max(2, max_length)
+    step = min(default_stride(width) if stride is None else stride, width - 1)
+    windows: list[tuple[list[int], int]] = []
+    later: list[int] = []  # context of the first id each window after a document's first scores
     n_tokens = n_bytes = 0
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         n_tokens += len(ids)
         n_bytes += len(text.encode("utf-8"))
         seq = ([start_id] if start_id is not None else []) + ids
-        for w in _windows(seq, max(2, max_length)):
-            if len(w) >= 2:
-                windows.append(w)
-    windows.sort(key=len, reverse=True)  # similar lengths together: little padding
+        for k, (w, first) in enumerate(_windows(seq, width, step)):
+            if len(w) > first:
+                windows.append((w, first))
+                if k:
+                    later.append(first)
+    windows.sort(key=lambda wf: len(wf[0]), reverse=True)  # similar lengths together: little padding
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total, count = 0.0, 0
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-    it: Iterable[list[list[int]]] = bar(batches, desc=desc, unit=" batch") if bar else batches
+    it: Iterable[list[tuple[list[int], int]]] = bar(batches, desc=desc, unit=" batch") if bar else batches
     for group in it:
-        width = max(map(len, group))
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for r, w in enumerate(group):
+        cols = max(len(w) for w, _ in group)
+        ids = torch.full((len(group), cols), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), cols), dtype=torch.long)
+        targets = torch.zeros((len(group), cols), dtype=torch.long)
+        for r, (w, first) in enumerate(group):
             ids[r, :len(w)] = torch.tensor(w)
             mask[r, :len(w)] = 1
-        s, n = _sum_nll(model, ids.to(device), mask.to(device), mask.to(device))
+            targets[r, first:len(w)] = 1  # earlier positions are context only
+        s, n = _sum_nll(model, ids.to(device), mask.to(device), targets.to(device))
         total += s
         count += n
     loss = total / max(count, 1)
@@ -119,6 +160,10 @@ def text_perplexity(model: Any, tok: Any, texts: list[str], *, max_length: int, 
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": total / LN2 / max(n_bytes, 1),
         "bytes_per_token": n_bytes / max(n_tokens, 1),
+        "window": width,
+        "stride": step,
+        "later_windows": len(later),
+        "later_min_context": min(later) if later else None,
     }
 
 

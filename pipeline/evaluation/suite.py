@@ -166,8 +166,9 @@ def _one_model(cfg: Any, ctx: Any, out: Any, plan: Plan, m: Any, device: str, dt
     if plan.texts is not None:
         detail["heldout"] = {}
         for lang, docs in plan.texts.items():
-            t = perplexity.text_perplexity(lm.model, lm.tokenizer, docs, max_length=width, batch_size=cfg.batch_size,
-                                           device=device, bar=ctx.bar, desc=f"held-out {lang}")
+            t = perplexity.text_perplexity(lm.model, lm.tokenizer, docs, max_length=width, stride=cfg.stride,
+                                           batch_size=cfg.batch_size, device=device, bar=ctx.bar,
+                                           desc=f"held-out {lang}")
             flat[f"perplexity_{lang}"] = t["perplexity"]
             flat[f"bits_per_byte_{lang}"] = t["bits_per_byte"]
             flat[f"tokens_{lang}"] = t["tokens"]

@@ -118,6 +118,12 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="sequences per forward pass for perplexity")
     max_length: int | None = Field(1024, ge=16, description="context of the raw-text windows (capped by the model's "
                                                             "positions; None: the model's)")
+    stride: int | None = Field(None, ge=1, description="how far the raw-text window advances over a document "
+                                                       "longer than max_length: each window scores only its new "
+                                                       "ids, each with at least max_length - stride ids of context "
+                                                       "(the first window: what precedes them). None: max_length // 2; "
+                                                       "max_length - 1 is the old one-token overlap (least context, "
+                                                       "fewest forward passes); capped at max_length - 1")
     device: str = Field("auto", description="auto (cuda when visible), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on a GPU, else fp32")
     seed: int = 0
@@ -135,6 +141,9 @@ class EvaluateConfig(StrictModel):
         if self.heldout is not None and not self.heldout.from_run and not self.heldout.files:
             raise ValueError("heldout.from_run is false and heldout.files is empty: nothing to measure "
                              "(or set `heldout: null`)")
+        if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
+            raise ValueError(f"stride {self.stride} must be below max_length {self.max_length} (max_length - 1 "
+                             "is the one-token overlap): a window must keep at least one id of context")
         if not any((self.perplexity, self.heldout, self.generation, self.lm_eval)):
             raise ValueError("perplexity, heldout, generation and lm_eval are all null: nothing to evaluate")
         return self

@@ -29,9 +29,9 @@ def test_windows_predict_every_token_once():
 
     seq = list(range(23))
     for width in (2, 5, 8, 23, 40):
-        wins = _windows(seq, width)
-        assert all(len(w) <= width for w in wins)
-        targets = [t for w in wins for t in w[1:]]
+        wins = _windows(seq, width)  # the default stride, half the window
+        assert all(len(w) <= width for w, _ in wins)
+        targets = [t for w, first in wins for t in w[first:]]
         assert targets == seq[1:], width
 
 
