@@ -28,8 +28,8 @@ callbacks, and excludes process start, model load, DeepSpeed init and the final 
 measurement runs in its own subprocess (DeepSpeed leaves a process group and environment
 behind); the sides alternate within each round, ``--rounds`` rounds; best and median are
 reported, and the verdict (goal: ours >= 0.95x plain) is the geometric mean of the per-round
-ratios, each taken between two runs that ran back to back. The trainer's own logged ``tokens_per_s`` (step_begin -> step_end busy time, which
-leaves out the data fetch) is given alongside. Nothing here asserts on timings.
+ratios, each taken between two runs that ran back to back. The trainer's own logged ``tokens_per_s`` (wall time between optimizer steps,
+data fetch included, evaluation/checkpoint/generation time left out) is given alongside. Nothing here asserts on timings.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 50 --warmup 5 --rounds 5] [--json out.json]
     .venv/bin/python benchmarks/bench_train.py --profile   # cProfile of the timed window, each side

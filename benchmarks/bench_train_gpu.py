@@ -2,8 +2,10 @@
 plain PyTorch loop measured in the same run, same checkpoint, same shards, same order.
 
 MFU follows PaLM (Chowdhery et al. 2022, app. B): training FLOPs per token
-``6 * N + 12 * L * H * Dh * T`` with ``N`` the parameters without the input embedding (as
-``pipeline.training.pretrain`` counts them), divided into ``--peak`` (989e12: H100 SXM dense bf16).
+``6 * N + 12 * L * H * Dh * T`` with ``N`` the parameters without the input embedding, the output head
+counted once (``pipeline.training.flops.matmul_flops_per_token``, as the pretrain stage counts them),
+divided into ``--peak`` (default: the GPU's dense bf16 peak from ``pipeline.training.flops``'s datasheet
+table by ``torch.cuda.get_device_name()``; a GPU not in it needs ``--peak``).
 
 Sides, each in its own process, alternating within each round (``--rounds``), best and median:
 
@@ -99,7 +101,8 @@ def param_counts(p: Preset, seq_len: int = 2048) -> dict[str, int]:
 
 
 def flops_per_token(n_params: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
-    """PaLM: 6N + 12·L·H·Dh·T training FLOPs per token (N without the input embedding)."""
+    """PaLM: 6N + 12·L·H·Dh·T training FLOPs per token for a given N (``describe`` counts N with
+    ``pipeline.training.flops.matmul_flops_per_token``)."""
     return 6.0 * n_params + 12.0 * layers * heads * head_dim * seq_len
 
 
@@ -171,7 +174,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="measure ours+compile and plain+compile sides (auto: yes)")
     ap.add_argument("--liger", choices=("auto", "on", "off"), default="auto",
                     help="measure ours+liger and plain+liger sides (auto: when liger_kernel is installed)")
-    ap.add_argument("--peak", type=float, default=H100_SXM_BF16, help="peak FLOP/s for MFU (H100 SXM dense bf16)")
+    ap.add_argument("--peak", type=float, default=None,
+                    help="dense peak FLOP/s per GPU for MFU (default: from the GPU's name, pipeline/training/flops.py)")
     ap.add_argument("--dry-run", action="store_true", help="shapes, parameter counts and FLOPs/token only; no GPU")
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -192,7 +196,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def describe(p: Preset, seq_len: int) -> dict[str, Any]:
     n = param_counts(p, seq_len)
-    fpt = flops_per_token(n["non_embedding"], p.layers, p.heads, p.head_dim, seq_len)
+    from pipeline.training.flops import matmul_flops_per_token
+
+    fpt = matmul_flops_per_token(llama_config(p, seq_len), seq_len)
     return {"preset": p.name, **asdict(p), "params": n["total"], "params_non_embedding": n["non_embedding"],
             "flops_per_token": fpt}
 
@@ -243,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sides = sides_for(args)
     gpu = torch.cuda.get_device_name(0)
+    if args.peak is None:
+        from pipeline.training.flops import peak_flops_for
+
+        args.peak = peak_flops_for(gpu, "bf16")
+        if args.peak is None:
+            print(f"bench_train_gpu: no dense bf16 peak for {gpu!r} in pipeline/training/flops.py's table; "
+                  "give --peak FLOP/s for MFU", file=sys.stderr)
+            return 2
     print(f"GPU: {gpu}; torch {torch.__version__}; peak {args.peak:.3g} FLOP/s; seq {args.seq_len}; sides {sides}",
           flush=True)
     hyper = B.Hyper(warmup_steps=2, log_every=10)

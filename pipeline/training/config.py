@@ -77,7 +77,9 @@ class PretrainConfig(StrictModel):
     eval_max_blocks: int | None = ExecField(256, ge=1, description="validation blocks used (None: the whole val split)")
     log_every: int = ExecField(10, ge=1)
     generation: GenerationConfig = ExecField(default_factory=GenerationConfig)
-    peak_flops: float = ExecField(989e12, gt=0, description="per-device peak FLOP/s for MFU on CUDA (H100 bf16 dense)")
+    peak_flops: float | None = ExecField(
+        None, gt=0, description="per-device dense peak FLOP/s for MFU on CUDA; None: from the GPU's name and the "
+                                "precision (pipeline/training/flops.py's datasheet table; a GPU not in it gets no MFU)")
     cpu_peak_flops: float | None = ExecField(None, gt=0, description="per-process peak FLOP/s for MFU on CPU (None: no MFU)")
     dataloader_workers: int = ExecField(0, ge=0, le=1)
     verify_shards: bool = ExecField(True, description="check every shard's sha256 when opening")

@@ -58,6 +58,7 @@ from pipeline.training.common import (
     start_deepspeed,
     training_arguments,
 )
+from pipeline.training.flops import matmul_flops_per_token, mfu, resolve_peak
 from pipeline.training.restarts import count_start
 
 METRICS_FILE = "metrics.jsonl"
@@ -149,14 +150,85 @@ def lr_multiplier(cfg: Any, total: int) -> Callable[[int], float]:
 
 
 def flops_per_token(n_params: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
-    """PaLM (Chowdhery et al. 2022, app. B): 6N + 12·L·H·Dh·T training FLOPs per token."""
+    """PaLM (Chowdhery et al. 2022, app. B): 6N + 12·L·H·Dh·T training FLOPs per token for a given N. The stage
+    counts N from the model config with :func:`pipeline.training.flops.matmul_flops_per_token` (head counted once,
+    tied or not); this is the bare formula."""
     return 6.0 * n_params + 12.0 * layers * heads * head_dim * seq_len
 
 
-def mfu(tokens_per_s_per_device: float, fpt: float, peak_flops: float | None) -> float | None:
-    if not peak_flops:
-        return None
-    return tokens_per_s_per_device * fpt / peak_flops
+class StepClock:
+    """Wall time per optimizer step, data loading included, and the part of it spent waiting for batches.
+
+    A step's interval runs from the end of the previous step's bookkeeping (``restart``: after the step-end
+    callbacks, logging, evaluation and checkpoint saving, or the start of training) to the end of its optimizer
+    step (``end_step``, after a CUDA sync): the Trainer's batch fetch (``get_batch_samples``, which pulls all of a
+    step's micro batches before ``on_step_begin``), forward, backward and optimizer. ``add_wait`` adds the time
+    spent in that fetch. Evaluation, checkpoints and sample generations are left out: they are not training."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self._start: float | None = None
+        self.window = {"steps": 0, "wall": 0.0, "wait": 0.0}  # since the last log line
+        self.total = {"steps": 0, "wall": 0.0, "wait": 0.0}
+
+    def restart(self) -> None:
+        self._start = time.perf_counter()
+
+    def add_wait(self, seconds: float) -> None:
+        for acc in (self.window, self.total):
+            acc["wait"] += seconds
+
+    def end_step(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._start is not None:
+            for acc in (self.window, self.total):
+                acc["wall"] += now - self._start
+                acc["steps"] += 1
+        self._start = None
+
+    def take_window(self) -> dict[str, float]:
+        w, self.window = self.window, {"steps": 0, "wall": 0.0, "wait": 0.0}
+        return w
+
+
+class StepClockRestart(TrainerCallback):
+    """Added after every other callback: restarts the clock once a step's step-end callbacks, log, evaluation
+    or save are done, so the next interval is the next step's data fetch and compute only."""
+
+    def __init__(self, clock: StepClock):
+        self.clock = clock
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.clock.restart()
+
+    on_step_end = on_log = on_evaluate = on_save = on_train_begin
+
+
+class TimedBatches:
+    """Trainer mixin: the time spent fetching each optimizer step's batches goes to ``self.step_clock``."""
+
+    step_clock: StepClock | None = None
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return super().get_batch_samples(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if self.step_clock is not None:
+                self.step_clock.add_wait(time.perf_counter() - t0)
+
+
+def throughput(tokens_per_step: int, world: int, fpt: float, peak: float | None,
+               acc: dict[str, float]) -> dict[str, Any]:
+    """tokens/s (all ranks), per device, MFU, and the data wait (seconds and share of the wall time) of a window."""
+    wall, steps = acc["wall"], acc["steps"]
+    tps = tokens_per_step * steps / wall if wall > 0 and steps else None
+    per_dev = tps / world if tps else None
+    return {"tokens_per_s": tps, "tokens_per_s_per_device": per_dev, "mfu": mfu(per_dev, fpt, peak),
+            "step_time_s": wall / steps if steps else None, "data_wait_s": acc["wait"],
+            "data_wait_fraction": acc["wait"] / wall if wall > 0 else None}
 
 
 @dataclass(frozen=True)
@@ -293,7 +365,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- the trainer
 
 
-class PretrainTrainer(CheckpointedTrainer, Trainer):
+class PretrainTrainer(TimedBatches, CheckpointedTrainer, Trainer):
     """Trainer with our data stream and schedule, per-step sample ids, and checkpoints saved through
     :class:`~pipeline.training.checkpoint.CheckpointManager` (:class:`~pipeline.training.checkpoint.CheckpointedTrainer`)
     with the stream's data position."""
@@ -350,29 +422,20 @@ class MetricsCallback(TrainerCallback):
     validation loss, to ``metrics.jsonl`` and one log line each (rank 0)."""
 
     def __init__(self, trainer: PretrainTrainer, log: JsonlLog, *, tokens_per_step: int, world: int, fpt: float,
-                 peak: float | None, cuda: bool, ctx: Any):
+                 peak: float | None, cuda: bool, ctx: Any, clock: StepClock | None = None):
         self.trainer, self.log, self.tokens_per_step, self.world = trainer, log, tokens_per_step, world
         self.fpt, self.peak, self.cuda, self.ctx = fpt, peak, cuda, ctx
-        self._t0 = 0.0
-        self._busy = 0.0
-        self._steps = 0
-        self.total_busy = 0.0
-        self.total_steps = 0
+        self.clock = clock or StepClock(cuda)
         self.last: dict[str, Any] = {}
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self._t0 = time.perf_counter()
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - self._t0
-        self._busy += dt
-        self._steps += 1
-        self.total_busy += dt
-        self.total_steps += 1
+        self.clock.end_step()
         phase, ids = self.trainer.take_step_ids()
         self.log.write({"kind": "samples", "step": state.global_step, "phase": phase, "sample_ids": ids})
+
+    def totals(self) -> dict[str, Any]:
+        """Throughput, MFU and data wait over every step of this run."""
+        return throughput(self.tokens_per_step, self.world, self.fpt, self.peak, self.clock.total)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = dict(logs or {})
@@ -389,22 +452,22 @@ class MetricsCallback(TrainerCallback):
             if "train_runtime" in logs:
                 self.log.write({"kind": "summary", "step": step, **logs})
             return
-        tps = self.tokens_per_step * self._steps / self._busy if self._busy > 0 else None
-        per_dev = tps / self.world if tps else None
+        tp = throughput(self.tokens_per_step, self.world, self.fpt, self.peak, self.clock.take_window())
+        tps = tp["tokens_per_s"]
         mem, mem_kind = peak_memory_gb(self.cuda)
         rec = {
             "kind": "train", "step": step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"), "tokens_per_s": tps, "tokens_per_s_per_device": per_dev,
-            "mfu": mfu(per_dev, self.fpt, self.peak) if per_dev else None,
+            "grad_norm": logs.get("grad_norm"), **tp,
             "peak_mem_gb": round(mem, 3), "peak_mem_kind": mem_kind, "tokens": step * self.tokens_per_step,
         }
         self.last.update(train_loss=rec["loss"])
         self.log.write(rec)
-        self._busy, self._steps = 0.0, 0
         gn = f"{rec['grad_norm']:.3f}" if isinstance(rec["grad_norm"], (int, float)) else "-"
+        wait = f"  data wait {tp['data_wait_fraction']:.1%}" if tp["data_wait_fraction"] is not None else ""
         if self.log.enabled:
             self.ctx.log(f"step {step}: loss {rec['loss']:.4f}  lr {rec['lr']:.3g}  grad norm {gn}  "
-                         f"tok/s {tps or 0:,.0f}" + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""))
+                         f"tok/s {tps or 0:,.0f}" + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else "")
+                         + wait)
 
 
 class GenerationCallback(TrainerCallback):
@@ -585,14 +648,18 @@ def load_model(cfg: Any, model_dir: str, tok_dir: str) -> tuple[Any, Any]:
 
 
 def model_size(model: Any, seq_len: int) -> tuple[int, float]:
-    """(all parameters, PaLM training FLOPs per token), counting ZeRO-3's partitioned parameters whole."""
-    mc = model.config
+    """(all parameters, counting ZeRO-3's partitioned parameters whole; training FLOPs per token from the config,
+    :func:`pipeline.training.flops.matmul_flops_per_token`)."""
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    emb = model.get_input_embeddings().weight
-    n_params = n_all - getattr(emb, "ds_numel", emb.numel())
-    heads = mc.num_attention_heads
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
-    return n_all, flops_per_token(n_params, mc.num_hidden_layers, heads, head_dim, seq_len)
+    return n_all, matmul_flops_per_token(model.config, seq_len)
+
+
+def mfu_peak(cfg: Any, cuda: bool, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s per device for MFU, where it came from): on CUDA the configured ``peak_flops``, else the table's
+    entry for ``torch.cuda.get_device_name()``; on CPU ``cpu_peak_flops``."""
+    if not cuda:
+        return resolve_peak(cfg.cpu_peak_flops, None, precision)
+    return resolve_peak(cfg.peak_flops, torch.cuda.get_device_name(), precision)
 
 
 def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, tokenizer: Any, data: PretrainData,
@@ -609,19 +676,25 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     n_all, fpt = model_size(model, data.seq_len)
     metrics_log = JsonlLog(checkpoints.root / METRICS_FILE, main)
     trainer.n_params = n_all
+    peak, peak_source = mfu_peak(cfg, cuda, precision)
+    if main and peak is None and cuda:  # one line: this run reports no MFU, and why
+        ctx.log(f"pretrain: {peak_source}")
+    trainer.step_clock = StepClock(cuda)
     trainer.metrics_callback = MetricsCallback(trainer, metrics_log, tokens_per_step=cfg.global_batch_tokens,
-                                               world=world, fpt=fpt, peak=cfg.peak_flops if cuda else cfg.cpu_peak_flops,
-                                               cuda=cuda, ctx=ctx)
+                                               world=world, fpt=fpt, peak=peak, cuda=cuda, ctx=ctx,
+                                               clock=trainer.step_clock)
     trainer.generation_callback = GenerationCallback(cfg.generation, tokenizer,
                                                      JsonlLog(checkpoints.root / GENERATIONS_FILE, main),
                                                      synced=cfg.zero_stage == 3 and world > 1)
     quiet_trainer_logs(trainer)  # our own log lines replace the raw dicts
     trainer.add_callback(trainer.metrics_callback)
     trainer.add_callback(trainer.generation_callback)
+    trainer.add_callback(StepClockRestart(trainer.step_clock))  # last: after the step-end callbacks
     metrics_log.write({"kind": "start", "step": start.step, "resumed_from": start.checkpoint, "world_size": world,
                        "grad_accum": data.accum, "micro_batch_size": cfg.micro_batch_size, "seq_len": data.seq_len,
                        "global_batch_tokens": cfg.global_batch_tokens, "precision": precision,
                        "zero_stage": cfg.zero_stage, "params": n_all, "flops_per_token": fpt,
+                       "peak_flops": peak, "peak_flops_source": peak_source,
                        "phases": [p.__dict__ for p in data.plan]})
     if main:
         ctx.log(f"pretrain: {n_all:,} params, world {world} x micro {cfg.micro_batch_size} x accum {data.accum} x "
@@ -665,11 +738,12 @@ def result(cfg: Any, ctx: Any, trainer: PretrainTrainer, data: PretrainData, sta
         "resumed_from_step": start.step if start.checkpoint else None,
         "train_loss": mcb.last.get("train_loss"),
         **final_eval,
-        "tokens_per_s": (cfg.global_batch_tokens * mcb.total_steps / mcb.total_busy) if mcb.total_busy else None,
+        **mcb.totals(),  # tokens_per_s(_per_device), mfu, step_time_s, data_wait_s, data_wait_fraction
+        "flops_per_token": mcb.fpt,
+        "peak_flops": mcb.peak,
         "phases": {p.name: {"shards": p.shards, "steps": [p.start, p.end],
                             "fingerprint": ctx.inputs[p.shards].fingerprint} for p in data.plan},
     }
-    out["mfu"] = mfu(out["tokens_per_s"] / world, mcb.fpt, mcb.peak) if out["tokens_per_s"] else None
     return out
 
 
