@@ -7,6 +7,8 @@ TrainingArguments both build, and the export of the final Hugging Face model fol
   (DeepSpeed's process group; in one process without torchrun, a one-process group on a free port);
 * inputs: :func:`local_copy` of an artifact, :func:`has_tokenizer`;
 * :func:`training_arguments`: the TrainingArguments fields both build from their configs;
+* the optimizer's weight-decay groups: :func:`decay_parameter_names`, :func:`optimizer_param_groups` and the
+  :class:`DecayGroups` Trainer mixin, which gives them to the HF optimizer and to DeepSpeed's own (offload) alike;
 * :class:`Export`: the model folder a training stage commits (weights gathered from ZeRO-3 partitions, LoRA
   merged, tokenizer, report files), uploaded at the end when the run root is remote.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import transformers
+from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from pipeline.errors import ConfigError, PipelineError
@@ -178,6 +182,70 @@ def training_arguments(cfg: Any, ctx: Any, *, precision: str, ds_cfg: dict[str, 
         use_cpu=not cuda,
         **fields,
     )
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+# parameter names the HF Trainer never decays (Trainer.get_decay_parameter_names); we keep them and add module types
+_NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """LayerNorm / RMSNorm / GroupNorm, torch's or a model's own (LlamaRMSNorm, Qwen2RMSNorm, ...)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """The names (as ``model.named_parameters()`` gives them) of the parameters weight decay applies to: every one
+    except norm weights, biases and embeddings (``nn.Embedding`` tables, and an LM head tied to one, which is the
+    same tensor). Excluding embeddings is our choice (the HF Trainer decays them); see docs/ARCHITECTURE.md."""
+    skip: set[int] = set()
+    for module in model.modules():
+        whole = _is_norm(module) or isinstance(module, nn.Embedding)
+        for pname, p in module.named_parameters(recurse=False):
+            if whole or pname == "bias" or pname.endswith("_bias"):
+                skip.add(id(p))
+    return [n for n, p in model.named_parameters() if id(p) not in skip and not _NO_DECAY_NAMES.search(n.lower())]
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: ``weight_decay`` on :func:`decay_parameter_names`, 0.0 on the rest
+    (an empty group left out)."""
+    decay = set(decay_parameter_names(model))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class DecayGroups:
+    """Mixin for an HF ``Trainer`` subclass: the same weight-decay groups whoever builds the optimizer.
+
+    * no ``optimizer`` block in the DeepSpeed config (or no DeepSpeed): the Trainer's own ``create_optimizer``
+      groups by :meth:`get_decay_parameter_names`, which is ours;
+    * an ``optimizer`` block (the shipped ``zero*-offload.json``: DeepSpeedCPUAdam): transformers' ``deepspeed_init``
+      hands accelerate a ``DummyOptim`` over one flat list of every parameter, and DeepSpeed's
+      ``_configure_basic_optimizer`` builds its optimizer from that list with the block's ``weight_decay`` on all of
+      them, norms included. The Trainer calls ``create_optimizer`` right after ``deepspeed_init`` (before
+      ``accelerator.prepare``), and a ``DummyOptim`` is not None there, so the Trainer's version does nothing; ours
+      replaces the ``DummyOptim``'s params by :func:`optimizer_param_groups`, which accelerate passes to
+      ``deepspeed.initialize(model_parameters=...)``: a group's ``weight_decay`` overrides the block's."""
+
+    args: Any
+    model: Any
+    optimizer: Any
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        from accelerate.utils import DummyOptim
+
+        if isinstance(self.optimizer, DummyOptim):
+            self.optimizer.params = optimizer_param_groups(self.model if model is None else model,
+                                                           self.args.weight_decay)
+            return self.optimizer
+        return super().create_optimizer(model)  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ export

@@ -46,6 +46,7 @@ from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
 from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager, ResumePoint
 from pipeline.training.common import (
+    DecayGroups,
     Export,
     barrier,
     gather_objects,
@@ -365,7 +366,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- the trainer
 
 
-class PretrainTrainer(TimedBatches, CheckpointedTrainer, Trainer):
+class PretrainTrainer(DecayGroups, TimedBatches, CheckpointedTrainer, Trainer):
     """Trainer with our data stream and schedule, per-step sample ids, and checkpoints saved through
     :class:`~pipeline.training.checkpoint.CheckpointManager` (:class:`~pipeline.training.checkpoint.CheckpointedTrainer`)
     with the stream's data position."""

@@ -32,6 +32,7 @@ from pipeline import tracking
 from pipeline.errors import InputError
 from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager
 from pipeline.training.common import (
+    DecayGroups,
     Export,
     barrier,
     load_deepspeed_config,
@@ -184,8 +185,9 @@ class PostTrainRun:
         return self.export.dir
 
 
-class _Checkpointed(CheckpointedTrainer):
-    """Checkpoints through the run's CheckpointManager, without the model card TRL writes into ``output_dir`` (the
+class _Checkpointed(DecayGroups, CheckpointedTrainer):
+    """The weight-decay groups of :class:`~pipeline.training.common.DecayGroups` (with and without offload alike);
+    checkpoints through the run's CheckpointManager, without the model card TRL writes into ``output_dir`` (the
     checkpoint root, which holds only checkpoints) at every save."""
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -256,6 +258,7 @@ def _causal_lm(model_dir: str) -> Any:
 def sft_trainer(cfg: Any, model: Any, tok: Any, train: list, held: list, args_kwargs: dict,
                 checkpoints: CheckpointManager) -> SFTTrainer:
     """A TRL SFTTrainer on conversational examples with the loss on assistant tokens only."""
+    # packing: transformers masks each packed example apart (masking_utils, TransformGetItemToIndex: torch >= 2.6)
     args = trl.SFTConfig(**args_kwargs, max_length=cfg.max_length, packing=cfg.packing, assistant_only_loss=True,
                          padding_free=False, eval_packing=False)
     return SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train),
