@@ -12,18 +12,6 @@ import pytest
 from pipeline.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.fixtures.posttrain.tiny import save_model, save_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny")
-    save_tokenizer(folder)
-    save_model(folder, len(AutoTokenizer.from_pretrained(folder)))
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
 def test_windows_predict_every_token_once():
     from pipeline.evaluation.perplexity import _windows
 

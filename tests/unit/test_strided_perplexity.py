@@ -132,18 +132,6 @@ def test_later_windows_score_with_max_length_minus_stride_context():
                            device="cpu")["loss"] == pytest.approx(old["loss"], rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.fixtures.posttrain.tiny import save_model, save_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny")
-    save_tokenizer(folder)
-    save_model(folder, len(AutoTokenizer.from_pretrained(folder)))
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
 def test_real_model_strided_matches_a_per_window_reference(tiny):
     """A transformers model: the batched, padded, masked result equals scoring each window alone,
     and stride max_length - 1 reproduces the one-token overlap's numbers."""
