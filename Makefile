@@ -8,7 +8,7 @@ CACHE ?= .cache
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test-floors corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu clean-runs
+.PHONY: help install lock test-floors corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu bench-numerics clean-runs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench-train: install  ## pretrain step throughput vs a plain PyTorch loop on thi
 
 bench-train-gpu: install  ## tokens/s and MFU of the 125m/350m/1b presets on one GPU (exits 2 without CUDA)
 	$(BIN)/python benchmarks/bench_train_gpu.py
+
+bench-numerics: corpus  ## the document-masking and depth-scaled-init experiment on the demo data (~30 min on 2 cores)
+	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/exp_numerics.py --cache $(CACHE) $(BENCH_ARGS)
 
 bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured in the same run)
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)

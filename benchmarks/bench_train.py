@@ -19,6 +19,10 @@ gradient clipping, in fp32 on this CPU, one process.
   for a Llama: no decay on norms) + ``LambdaLR`` with the same warmup/cosine multiplier +
   ``clip_grad_norm_``; loss ``/ accum`` per micro batch.
 
+A fourth side, ``ours-z0-docmask``, is ours-z0 with ``document_masking: true`` (the shards hold documents of
+~128 tokens on average, framed by eos + bos): the cost of the block-diagonal attention mask is its per-round ratio
+to ours-z0, reported apart from the ours/plain verdict.
+
 Timing: each side takes ``time.perf_counter()`` right after every optimizer step -- ours in a
 subclass of our ``MetricsCallback`` whose ``on_step_end`` stamps after the original has run (the
 Trainer calls it after ``optimizer.step``/``lr_scheduler.step``/``zero_grad``), plain right after
@@ -153,8 +157,12 @@ def build_root(root: Path, shape: Shape) -> Path:
 
     storage = Storage(str(root))
     rng = np.random.default_rng(shape.seed)
-    # Zipf-like ids over the vocabulary: the content does not matter for throughput
-    blocks = (rng.zipf(1.2, size=(shape.train_blocks, shape.seq_len)) % (shape.vocab - 3) + 3).astype(np.int64)
+    # Zipf-like ids over the vocabulary: the content does not matter for throughput. Documents of ~128 tokens on
+    # average (eos, then bos, at a random 1/128 of positions), so that document masking has boundaries to mask at
+    stream = (rng.zipf(1.2, size=shape.train_blocks * shape.seq_len) % (shape.vocab - 3) + 3).astype(np.int64)
+    ends = np.flatnonzero(rng.random(stream.size - 1) < 1 / 128)
+    stream[ends], stream[ends + 1] = 2, 1
+    blocks = stream.reshape(shape.train_blocks, shape.seq_len)
     out = storage.begin("shards")
     with ShardWriter(out.fs, out.path(), "train", 0, shape.seq_len, dtype_for_vocab(shape.vocab), 256) as w:
         w.write_blocks(blocks)
@@ -162,7 +170,8 @@ def build_root(root: Path, shape: Shape) -> Path:
     for i in infos:
         out.record(i.file, i.bytes, i.sha256)
     splits = {"train": {"documents": shape.train_blocks, "dropped_tail_tokens": 0, "shards": [i.to_dict() for i in infos]}}
-    write_index(out.fs, out.path(), new_index(seq_len=shape.seq_len, vocab_size=shape.vocab, bos_id=1, eos_id=2, splits=splits))
+    write_index(out.fs, out.path(), new_index(seq_len=shape.seq_len, vocab_size=shape.vocab, bos_id=1, eos_id=2, splits=splits,
+                                              framing=["bos", "eos"]))
     out.commit({"stage": "pack", "config_hash": "bench", "inputs": {}, "metrics": {}})
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, shape.vocab)}}
@@ -358,7 +367,7 @@ def _profile_text(prof: cProfile.Profile, top: int = 30) -> str:
 # ------------------------------------------------------------------------------ subprocesses
 
 
-SIDES = ("ours-z0", "plain", "ours-z2")
+SIDES = ("ours-z0", "plain", "ours-z2", "ours-z0-docmask")  # docmask: ours-z0 with document_masking: true
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -367,6 +376,9 @@ def worker(args: argparse.Namespace) -> None:
     root = Path(args.root)
     if args.worker == "plain":
         res = run_plain(root, shape, hyper, args.steps, args.warmup, profile=args.profile, t_start=t0)
+    elif args.worker == "ours-z0-docmask":
+        res = run_ours(root, shape, hyper, args.steps, args.warmup, zero=0, profile=args.profile, t_start=t0,
+                       side=args.worker, document_masking=True)
     else:
         res = run_ours(root, shape, hyper, args.steps, args.warmup, zero=int(args.worker[-1]), profile=args.profile,
                        t_start=t0)
@@ -418,11 +430,11 @@ def stats(runs: list[Result]) -> dict[str, Any]:
             "best_steps_per_s_from_median_step": max(1 / r.median_step_s for r in runs)}
 
 
-def paired_ratios(runs: dict[str, list[Result]]) -> dict[str, list[float]]:
-    """ours/plain steps/s for each round: the two runs of a round ran back to back."""
-    plain = runs.get("plain", [])
-    return {s: [a.steps_per_s / b.steps_per_s for a, b in zip(rs, plain)] for s, rs in runs.items()
-            if s != "plain" and rs and plain}
+def paired_ratios(runs: dict[str, list[Result]], base: str = "plain") -> dict[str, list[float]]:
+    """side/base steps/s for each round: the runs of a round ran back to back."""
+    ref = runs.get(base, [])
+    return {s: [a.steps_per_s / b.steps_per_s for a, b in zip(rs, ref)] for s, rs in runs.items()
+            if s != base and rs and ref}
 
 
 def geomean(xs: list[float]) -> float:
@@ -498,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in sides:
             t = table[s]
             rb = rm = None
-            if "plain" in table and s != "plain":
+            if "plain" in table and s not in ("plain", "ours-z0-docmask"):  # docmask: set against ours-z0 below
                 rb = t["best_steps_per_s"] / table["plain"]["best_steps_per_s"]
                 rm = t["median_steps_per_s"] / table["plain"]["median_steps_per_s"]
                 ratios[s] = {"best": rb, "median": rm, "goal": 0.95}
@@ -512,15 +524,20 @@ def main(argv: list[str] | None = None) -> int:
                 for s in sides))
             for s in ratios:
                 ratios[s]["median_step"] = table[s]["best_steps_per_s_from_median_step"] / ref
-            paired = paired_ratios(runs)
+            paired = {k: v for k, v in paired_ratios(runs).items() if k != "ours-z0-docmask"}
             if paired:
                 print("\nper round, ours/plain within the same round (adjacent runs, so the same machine weather):")
                 for s, rs in paired.items():
                     ratios[s].update(per_round=rs, paired_geomean=geomean(rs), met=geomean(rs) >= 0.95)
                     print(f"  {s}: " + ", ".join(f"{r:.3f}" for r in rs) + f"  -> geometric mean **{geomean(rs):.3f}x** "
                           f"(goal >= 0.95x: {'met' if geomean(rs) >= 0.95 else 'NOT met'})")
+        if "ours-z0-docmask" in runs and "ours-z0" in runs:
+            cost = paired_ratios({k: runs[k] for k in ("ours-z0", "ours-z0-docmask")}, base="ours-z0")["ours-z0-docmask"]
+            report["document_masking_cost"] = {"per_round": cost, "paired_geomean": geomean(cost)}
+            print("\ndocument masking (block-diagonal mask, sdpa), ours-z0-docmask / ours-z0 per round: "
+                  + ", ".join(f"{r:.3f}" for r in cost) + f"  -> geometric mean **{geomean(cost):.3f}x**")
         report["ratios"] = ratios
-        losses = {s: rs[0].losses.get(args.steps) for s, rs in runs.items()}
+        losses = {s: rs[0].losses.get(args.steps) for s, rs in runs.items()}  # docmask: another loss (other attention)
         report["final_loss"] = losses
         print(f"\nsame sample ids on every run: {data['same_sample_ids']} ({data['samples_per_step']} per step); "
               f"loss at step {args.steps}: " + ", ".join(f"{s} {v:.4f}" for s, v in losses.items() if v is not None))

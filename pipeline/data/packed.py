@@ -1,6 +1,7 @@
 """The training reader of token shards (:mod:`pipeline.data.shards` is the format and its writer):
-:class:`PackedDataset` (one split's blocks, memory-mapped or read by byte ranges, checked on open)
-and :class:`ResumableDistributedSampler` (a seeded order, split over ranks, that resumes mid-epoch)."""
+:class:`PackedDataset` (one split's blocks, memory-mapped or read by byte ranges, checked on open),
+:class:`ResumableDistributedSampler` (a seeded order, split over ranks, that resumes mid-epoch) and
+:func:`document_positions` (position ids that restart at every document of a block, for document masking)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class PackedDataset(Dataset):
         self.dtype = DTYPES[self.index["dtype"]]
         self.vocab_size: int = self.index["vocab_size"]
         self.bos_id, self.eos_id = self.index.get("bos_id"), self.index.get("eos_id")
+        self.framing: list[str] | None = self.index.get("framing")
         self.shards: list[dict[str, Any]] = self.index["splits"][split]["shards"]
         self._starts = [0]
         for s in self.shards:
@@ -74,6 +76,12 @@ class PackedDataset(Dataset):
         self.cache_chunks = max(1, int(cache_chunks))
         check_shards(self.fs, self.dirpath, self.index, [split], checksums=verify)
         self._reset_handles()
+
+    def document_boundaries(self) -> tuple[int | None, int | None]:
+        """(the id that starts a document, the id that ends one) in these blocks, from the index's ``framing``
+        (an index without it: both of its ids); ``(None, None)`` when documents are not framed at all."""
+        framing = self.framing if self.framing is not None else ["bos", "eos"]
+        return (self.bos_id if "bos" in framing else None, self.eos_id if "eos" in framing else None)
 
     def _reset_handles(self) -> None:
         self._maps: dict[int, np.memmap] = {}
@@ -285,3 +293,47 @@ class ResumableDistributedSampler(Sampler[int]):
             epoch, off = divmod(start, old_len)
             start = epoch * self.epoch_length + min(off, self.epoch_length)
         self.start_index = start
+
+
+# --------------------------------------------------------------------------- document masking
+
+
+def document_positions(ids: torch.Tensor, *, bos_id: int | None, eos_id: int | None) -> torch.Tensor:
+    """Position ids of packed blocks ``ids`` (``[batch, seq]``) that restart at 0 where a document starts: at a
+    ``bos_id`` token, and right after an ``eos_id`` token (each may be None); every row starts at 0 (its first
+    document is usually the tail of one cut by the block boundary).
+
+    Given to a Hugging Face model with no attention mask, these positions are what makes attention stay inside
+    each document: transformers' masking_utils.find_packed_sequence_indices turns every restart into a new
+    sequence of a block-diagonal causal mask (sdpa, eager, flex), and the flash-attention path calls the varlen
+    kernel with the sequence lengths read off them (modeling_flash_attention_utils._is_packed_sequence, which
+    needs the rows flattened into one: :func:`flatten_rows`). RoPE then sees each document from position 0, as
+    at inference."""
+    if ids.ndim != 2:
+        raise ValueError(f"expected [batch, seq] token ids, got shape {tuple(ids.shape)}")
+    start = torch.zeros_like(ids, dtype=torch.bool)
+    if bos_id is not None:
+        start |= ids == bos_id
+    if eos_id is not None:
+        start[:, 1:] |= ids[:, :-1] == eos_id
+    start[:, 0] = True
+    arange = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last_start = torch.where(start, arange, torch.zeros_like(arange)).cummax(dim=1).values
+    return arange - last_start
+
+
+def flatten_rows(batch: dict[str, torch.Tensor], ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``labels`` / ``position_ids`` of ``[batch, seq]`` as one ``[1, batch * seq]`` row, the form
+    transformers' flash-attention varlen path reads packed sequences from. The first label of every row but the
+    first becomes ``ignore_index``, so no token is trained to predict the next row's first token: the loss is over
+    the same ``batch * (seq - 1)`` targets as the unflattened batch. Other keys are left as they are."""
+    out = dict(batch)
+    rows, seq = batch["input_ids"].shape
+    for key in ("input_ids", "labels", "position_ids"):
+        if key in batch:
+            out[key] = batch[key].reshape(1, rows * seq)
+    if "labels" in batch:
+        labels = out["labels"].clone()
+        labels[0, seq::seq] = ignore_index
+        out["labels"] = labels
+    return out

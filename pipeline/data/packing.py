@@ -78,6 +78,7 @@ class Packer:
                 raise ValueError(f"{name} id {tid} is outside the vocabulary (size {self.vocab_size})")
         self._pre = [bos_id] if cfg.add_bos else []
         self._post = [eos_id] if cfg.add_eos else []
+        self.framing = [name for name, on in (("bos", cfg.add_bos), ("eos", cfg.add_eos)) if on]
         self.seq_len = cfg.seq_len
         self.writers = {
             s: ShardWriter(fs, dirpath, s, rank, cfg.seq_len, self.dtype, cfg.blocks_per_shard) for s in SPLITS
@@ -162,6 +163,7 @@ class Packer:
             "vocab_size": self.vocab_size,
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
+            "framing": self.framing,
             "documents": dict(self.documents),
             "empty_documents": dict(self.empty_documents),
             "document_tokens": dict(self.doc_tokens),
@@ -191,13 +193,15 @@ def merge_indexes(
     bos_id: int | None,
     eos_id: int | None,
     from_indexes: bool | None = None,
+    framing: list[str] | None = None,
 ) -> dict[str, Any]:
     """One index from per-rank results, shards in the order of ``parts`` (rank order).
 
     ``parts`` are either :meth:`Packer.close` statistics or indexes (as written for each rank
     part); ``from_indexes`` says which, and is detected when left ``None``. Per-split counters
     (documents, dropped tail tokens, ...) are summed; ``blocks``/``tokens`` are recomputed from
-    the shard lists. Shard file names must be unique across parts (they carry the rank)."""
+    the shard lists. Shard file names must be unique across parts (they carry the rank). ``framing`` (which
+    special tokens frame each document) is the given one, else the parts' when they all agree."""
     splits: dict[str, dict[str, Any]] = {s: {"shards": [], **{k: 0 for k in _SUMMED}} for s in SPLITS}
     for part in parts:
         is_index = from_indexes if from_indexes is not None else "splits" in part
@@ -221,4 +225,10 @@ def merge_indexes(
     dupes = sorted(f for f, c in counts.items() if c > 1)
     if dupes:
         raise ValueError(f"shard names repeat across parts: {', '.join(dupes[:5])}")
-    return new_index(seq_len=seq_len, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id, splits=splits)
+    if framing is None:
+        found = {tuple(p["framing"]) if p.get("framing") is not None else None for p in parts}
+        if len(found) > 1:
+            raise ValueError(f"parts were framed differently ({sorted(map(str, found))}): pack them with one config")
+        framing = list(found.pop()) if found and None not in found else None
+    return new_index(seq_len=seq_len, vocab_size=vocab_size, bos_id=bos_id, eos_id=eos_id, splits=splits,
+                     framing=framing)

@@ -10,7 +10,7 @@ A shard is a raw little-endian array of token ids of shape ``(blocks, seq_len)``
     {
       "format": "llmpipe-token-shards", "version": 1,
       "seq_len": 2048, "dtype": "uint16", "byteorder": "little",
-      "vocab_size": 32000, "bos_id": 1, "eos_id": 2,
+      "vocab_size": 32000, "bos_id": 1, "eos_id": 2, "framing": ["bos", "eos"],
       "splits": {
         "train": {"blocks": 123, "tokens": 251904, "documents": 40, "dropped_tail_tokens": 17,
                   "shards": [{"file": "train-00000-00000.bin", "blocks": 100, "bytes": 409600,
@@ -19,7 +19,9 @@ A shard is a raw little-endian array of token ids of shape ``(blocks, seq_len)``
       }
     }
 
-The order of ``shards`` is the order of the split: block ``i`` of the split (its stable
+``framing`` names the special tokens that frame every document in the blocks (``bos`` before it, ``eos``
+after it; absent in indexes written before the field): pretraining's document masking finds document starts
+with it. The order of ``shards`` is the order of the split: block ``i`` of the split (its stable
 ``sample_id``) is found by walking the shard list, so nothing per block is stored.
 
 Everything goes through an ``fsspec`` filesystem and a path inside it: a local folder (a PVC
@@ -151,6 +153,7 @@ class ShardIndex(_IndexModel):
     vocab_size: int
     bos_id: int | None = None
     eos_id: int | None = None
+    framing: list[Literal["bos", "eos"]] | None = None  # None: unknown (an index older than the field)
     splits: dict[str, SplitIndex]
 
     @model_validator(mode="before")
@@ -346,7 +349,7 @@ class ShardWriter:
 
 
 def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int | None,
-              splits: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              splits: dict[str, dict[str, Any]] | None = None, framing: list[str] | None = None) -> dict[str, Any]:
     """An index with the global fields filled in and the given splits (totals recomputed).
 
     Built as a :class:`ShardIndex`, so a bad split or shard entry is an error here already."""
@@ -365,6 +368,7 @@ def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int 
         "vocab_size": int(vocab_size),
         "bos_id": bos_id,
         "eos_id": eos_id,
+        **({"framing": list(framing)} if framing is not None else {}),
         "splits": entries,
     }, "new shard index")
     return index.to_dict()

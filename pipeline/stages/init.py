@@ -2,7 +2,10 @@
 
 * ``source: random``: a Llama of a preset shape (``tiny``, ``125m``, ``350m``, ``1b``; see
   :mod:`pipeline.models.llama` for the shapes and parameter counts), with any field overridden,
-  initialised from ``seed``.
+  initialised from ``seed``: every weight matrix N(0, initializer_range) (``init_std: normal``, the Hugging Face
+  Llama init), or with the residual branches' output projections (``o_proj``, ``down_proj``) at
+  initializer_range / sqrt(2 x layers) (``init_std: depth_scaled``, GPT-2 / Megatron), so that each of the 2L
+  residual additions starts as a small update and the residual stream's variance does not grow with depth.
 * ``source: pretrained``: a local Llama-family checkpoint. When its vocabulary is not ours, the
   input embedding (and an untied output head) is rebuilt for our tokenizer: rows of tokens both
   vocabularies hold (same token string) are copied, the other rows get the mean of the old
@@ -87,6 +90,9 @@ class InitConfig(StrictModel):
     max_position_embeddings: int | None = Field(None, ge=16)
     rope_theta: float | None = Field(None, gt=0)
     initializer_range: float = Field(0.02, gt=0, description="std of the random init (source: random)")
+    init_std: Literal["normal", "depth_scaled"] = Field(
+        "normal", description="source random: normal = N(0, initializer_range) for every weight matrix; depth_scaled = "
+        "the residual output projections (o_proj, down_proj) at initializer_range / sqrt(2 x layers) (GPT-2/Megatron)")
     # pretrained weights
     pretrained_path: str | None = Field(
         None, description="local folder of a Llama-family HF checkpoint with its tokenizer (a hub id only with allow_hub)"
@@ -115,6 +121,8 @@ class InitConfig(StrictModel):
         else:
             if not self.pretrained_path:
                 raise ValueError("source 'pretrained' needs `pretrained_path` (a local model folder)")
+            if self.init_std != "normal":
+                raise ValueError("init_std applies to source: random; a pretrained model keeps its trained weights")
             if self.preset is not None:
                 raise ValueError("preset applies to source: random; a pretrained model keeps its own shape (use `scale` for depth)")
             given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
@@ -148,7 +156,29 @@ def _random_model(cfg: InitConfig, vocab: int, ids: dict[str, int | None]) -> tu
 
     config = llama_config(cfg.shape(), vocab, initializer_range=cfg.initializer_range, **ids)
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(config), {}
+    model = LlamaForCausalLM(config)
+    residual_std = depth_scaled_init(model, cfg.initializer_range) if cfg.init_std == "depth_scaled" else cfg.initializer_range
+    return model, {"init_std": cfg.init_std, "initializer_range": cfg.initializer_range, "residual_out_std": residual_std}
+
+
+RESIDUAL_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the projections whose outputs are added to the residual stream
+
+
+def depth_scaled_init(model: Any, std: float) -> float:
+    """Redraw every decoder layer's residual output projections (``o_proj``, ``down_proj``) from
+    N(0, std / sqrt(2 x layers)) (GPT-2, Radford et al. 2019 sec. 2.3; Megatron-LM's scaled_init_method_normal),
+    in place, with the torch RNG as it stands; returns that std. Every other weight keeps its draw."""
+    import math
+
+    import torch
+
+    layers = model.model.layers
+    scaled = std / math.sqrt(2 * len(layers))
+    with torch.no_grad():
+        for layer in layers:
+            for name in RESIDUAL_OUTPUTS:
+                layer.get_submodule(name).weight.normal_(0.0, scaled)
+    return scaled
 
 
 def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab: int, ids: dict[str, int | None]) -> tuple[Any, dict[str, Any]]:
@@ -329,6 +359,9 @@ class InitStage(Stage):
             ("vocab", f"{m['vocab_size']:,} rows for {m['tokenizer_size']:,} tokens"),
             ("dtype", m["dtype"] + (", tied embeddings" if m["tie_word_embeddings"] else "")),
         ]
+        if m.get("init_std"):
+            rows.append(("init std", f"N(0, {m['initializer_range']:g})" + (
+                f", residual outputs {m['residual_out_std']:.4g}" if m["init_std"] == "depth_scaled" else "")))
         if "vocab_matched" in m:
             rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, {m['vocab_new']:,} new"))
         sc = m.get("scale") or {}

@@ -49,6 +49,11 @@ class PretrainStage(Stage):
         ]
         if m.get("mfu") is not None:
             rows.append(("MFU", m["mfu"]))
+        if m.get("data_wait_fraction") is not None:
+            rows.append(("waiting for data", f"{m['data_wait_fraction']:.1%} of the step time ({m['data_wait_s']:.1f} s; "
+                                             f"dataloader workers {m.get('dataloader_workers', '?')})"))
+        if m.get("document_masking"):
+            rows.append(("attention", "within documents (document_masking)"))
         kernels = [k for k, on in (("compile", m.get("compile")), ("liger", m.get("liger_kernels"))) if on]
         if m.get("attention") not in (None, "sdpa") or kernels:
             rows.append(("kernels", ", ".join([f"attention {m.get('attention')}", *kernels])))

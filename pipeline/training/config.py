@@ -60,6 +60,10 @@ class PretrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     shuffle: bool = True
+    document_masking: bool = Field(
+        False, description="attend only within each document of a packed block (position ids restart per document: "
+                           "a block-diagonal mask with sdpa/eager, the varlen kernel with flash_attention_2); false: "
+                           "blocks are attended whole, across document boundaries (see docs/benchmarks.md)")
     # -- kernels (how fast it runs, not what it learns)
     attention: Literal["sdpa", "flash_attention_2", "eager"] = ExecField(
         "sdpa", description="attention kernel: sdpa (PyTorch's, flash/memory-efficient on GPU), flash_attention_2 "
@@ -81,7 +85,11 @@ class PretrainConfig(StrictModel):
         None, gt=0, description="per-device dense peak FLOP/s for MFU on CUDA; None: from the GPU's name and the "
                                 "precision (pipeline/training/flops.py's datasheet table; a GPU not in it gets no MFU)")
     cpu_peak_flops: float | None = ExecField(None, gt=0, description="per-process peak FLOP/s for MFU on CPU (None: no MFU)")
-    dataloader_workers: int = ExecField(0, ge=0, le=1)
+    dataloader_workers: int | None = ExecField(
+        None, ge=0, le=1, description="1: batches are read and collated in a background process, overlapping the "
+                                      "step; 0: in the training process. None: 1 on CUDA, 0 on CPU (where a worker "
+                                      "would take a core from the step). At most 1: the stream of a rank is one "
+                                      "resumable sequence, which more workers would each replay")
     verify_shards: bool = ExecField(True, description="check every shard's sha256 when opening")
 
     @model_validator(mode="after")

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from pipeline import tracking
-from pipeline.data.packed import PackedDataset, ResumableDistributedSampler
+from pipeline.data.packed import PackedDataset, ResumableDistributedSampler, document_positions, flatten_rows
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
 from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager, ResumePoint
@@ -89,6 +89,13 @@ def check_kernels(cfg: Any, precision: str, *, cuda: bool | None = None) -> None
     if cfg.compile and not cuda:
         if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
             raise ConfigError("compile on CPU needs a C++ compiler for inductor (g++ or clang++); none is on PATH")
+
+
+def dataloader_workers(cfg: Any) -> int:
+    """The configured ``dataloader_workers``, or by default 1 on CUDA (loading overlaps the step) and 0 on CPU."""
+    if cfg.dataloader_workers is not None:
+        return int(cfg.dataloader_workers)
+    return 1 if torch.cuda.is_available() else 0
 
 
 def innermost_optimizer(opt: Any) -> str | None:
@@ -319,14 +326,31 @@ def _forever(sampler: Any) -> Iterator[int]:
         yield from iter(sampler)
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    ids = torch.stack([it["input_ids"] for it in items])
-    return {
-        "input_ids": ids,
-        "labels": ids.clone(),
-        "sample_id": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
-        "phase": torch.tensor([int(it.get("phase", 0)) for it in items], dtype=torch.long),
-    }
+@dataclass(frozen=True)
+class Collate:
+    """Blocks -> a batch: ``input_ids``, ``labels`` (the same ids: the model shifts them), the blocks' sample ids and
+    phase. With ``document_masking``, ``position_ids`` that restart at every document
+    (:func:`~pipeline.data.packed.document_positions`), which keeps attention inside documents; with ``flatten``
+    too (flash_attention_2's varlen kernel), the rows become one (:func:`~pipeline.data.packed.flatten_rows`)."""
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+    document_masking: bool = False
+    flatten: bool = False
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = torch.stack([it["input_ids"] for it in items])
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if self.document_masking:
+            batch["position_ids"] = document_positions(ids, bos_id=self.bos_id, eos_id=self.eos_id)
+            if self.flatten:
+                batch = flatten_rows(batch)
+        batch["sample_id"] = torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long)
+        batch["phase"] = torch.tensor([int(it.get("phase", 0)) for it in items], dtype=torch.long)
+        return batch
+
+
+collate = Collate()  # no document masking
 
 
 # --------------------------------------------------------------------------------- logging
@@ -373,7 +397,7 @@ class PretrainTrainer(DecayGroups, TimedBatches, CheckpointedTrainer, Trainer):
 
     def __init__(self, *args: Any, stream: TrainStream, checkpoints: CheckpointManager,
                  schedule: Callable[[int], float], workers: int, **kwargs: Any):
-        self.stream, self.schedule, self.workers = stream, schedule, workers
+        self.stream, self.schedule, self.workers = stream, schedule, workers  # batches: the data_collator
         self._step_ids: list[int] = []
         self._step_phase: int = 0
         # set by build_trainer
@@ -385,7 +409,7 @@ class PretrainTrainer(DecayGroups, TimedBatches, CheckpointedTrainer, Trainer):
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         # not prepared by accelerate: the sampler inside the stream already shards by rank
         return torch.utils.data.DataLoader(
-            self.stream, batch_size=self.args.per_device_train_batch_size, collate_fn=collate,
+            self.stream, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator,
             num_workers=self.workers, pin_memory=torch.cuda.is_available(),
         )
 
@@ -526,6 +550,7 @@ class PretrainData:
     val: torch.utils.data.Subset | None  # the latest phase's validation split, capped at eval_max_blocks
     seq_len: int
     accum: int  # gradient accumulation steps
+    boundaries: tuple[int | None, int | None] = (None, None)  # (document start id, document end id)
 
     @property
     def vocab_size(self) -> int:
@@ -558,7 +583,15 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
         v = vals[-1]  # the validation split of the latest phase's data
         n = len(v) if cfg.eval_max_blocks is None else min(len(v), cfg.eval_max_blocks)
         val = torch.utils.data.Subset(v, range(n))
-    return PretrainData(plan, datasets, val, seq_len, accum)
+    boundaries = {d.document_boundaries() for d in datasets}
+    if cfg.document_masking:
+        if len(boundaries) != 1:
+            raise InputError("document_masking: the phases' shards frame documents with different tokens "
+                             f"({sorted(map(str, boundaries))}); repack them with one tokenizer and add_bos/add_eos")
+        if boundaries == {(None, None)}:
+            raise InputError("document_masking needs documents framed by bos or eos tokens, but these shards were packed "
+                             "with add_bos and add_eos false: repack with either, or set document_masking: false")
+    return PretrainData(plan, datasets, val, seq_len, accum, boundaries.pop())
 
 
 def model_folders(cfg: Any, ctx: Any, tmp: str) -> tuple[str, str]:
@@ -629,7 +662,7 @@ def trainer_arguments(cfg: Any, ctx: Any, precision: str, data: PretrainData,
         eval_strategy="steps" if data.val is not None else "no",
         eval_steps=cfg.eval_every or total,
         ignore_data_skip=True,  # TrainStream starts at the data position itself
-        dataloader_num_workers=cfg.dataloader_workers,
+        dataloader_num_workers=dataloader_workers(cfg),
         prediction_loss_only=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen=False,
@@ -671,9 +704,11 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     stream = TrainStream(data.train, data.plan, rank=ctx.rank, world=world, micro=cfg.micro_batch_size,
                          accum=data.accum, seed=cfg.seed, shuffle=cfg.shuffle, start_step=start.step,
                          start_index=start.index)
-    trainer = PretrainTrainer(model=model, args=args, train_dataset=stream, eval_dataset=data.val, data_collator=collate,
+    batches = Collate(*data.boundaries, document_masking=cfg.document_masking,
+                      flatten=cfg.document_masking and cfg.attention == "flash_attention_2")
+    trainer = PretrainTrainer(model=model, args=args, train_dataset=stream, eval_dataset=data.val, data_collator=batches,
                               processing_class=tokenizer, stream=stream, checkpoints=checkpoints,
-                              schedule=lr_multiplier(cfg, total), workers=cfg.dataloader_workers)
+                              schedule=lr_multiplier(cfg, total), workers=dataloader_workers(cfg))
     n_all, fpt = model_size(model, data.seq_len)
     metrics_log = JsonlLog(checkpoints.root / METRICS_FILE, main)
     trainer.n_params = n_all
@@ -694,7 +729,8 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     metrics_log.write({"kind": "start", "step": start.step, "resumed_from": start.checkpoint, "world_size": world,
                        "grad_accum": data.accum, "micro_batch_size": cfg.micro_batch_size, "seq_len": data.seq_len,
                        "global_batch_tokens": cfg.global_batch_tokens, "precision": precision,
-                       "zero_stage": cfg.zero_stage, "params": n_all, "flops_per_token": fpt,
+                       "zero_stage": cfg.zero_stage, "document_masking": cfg.document_masking,
+                       "params": n_all, "flops_per_token": fpt,
                        "peak_flops": peak, "peak_flops_source": peak_source,
                        "phases": [p.__dict__ for p in data.plan]})
     if main:
@@ -733,6 +769,8 @@ def result(cfg: Any, ctx: Any, trainer: PretrainTrainer, data: PretrainData, sta
         "precision": precision,
         "optimizer": innermost_optimizer(trainer.optimizer),
         "attention": cfg.attention,
+        "document_masking": cfg.document_masking,
+        "dataloader_workers": dataloader_workers(cfg),
         "compile": cfg.compile,
         "liger_kernels": cfg.liger_kernels,
         "params": trainer.n_params,

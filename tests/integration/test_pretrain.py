@@ -200,6 +200,11 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path):
     evals = _records(run_root, "eval")
     assert evals, "no validation records"
     assert m["optimizer"] == "AdamW" and m["offload"] is False
+    assert m["dataloader_workers"] == 0 and m["document_masking"] is False  # the CPU defaults
+    from pipeline.stages import get_stage
+
+    rows = dict(get_stage("pretrain").summary(m))
+    assert rows["waiting for data"].endswith(f"of the step time ({m['data_wait_s']:.1f} s; dataloader workers 0)")
     random_init = math.log(VOCAB)  # ~3.87 nats
     assert m["val_loss"] < 0.5 * random_init, m
     assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]))
@@ -319,6 +324,70 @@ def test_compile_and_attention_kernels_in_process(run_root, tmp_path):
                                           compile=True))
     m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
     assert m["resumed_from_step"] == 2 and m["steps"] == 4
+
+def _write_documents(storage, name: str, framing: list[str], seed: int = 5, n_blocks: int = 32) -> None:
+    """Blocks cut from a stream of framed documents (bos, 3-12 words in a progression, eos), as pack writes them."""
+    from pipeline.data.shards import ShardWriter, dtype_for_vocab, new_index, write_index
+
+    rng = np.random.default_rng(seed)
+    stream: list[int] = []
+    while len(stream) < n_blocks * SEQ:
+        start, n = int(rng.integers(0, VOCAB - 3)), int(rng.integers(3, 13))
+        words = [3 + (start + 2 * k) % (VOCAB - 3) for k in range(n)]
+        stream += ([1] if "bos" in framing else []) + words + ([2] if "eos" in framing else [])
+    out = storage.begin(name)
+    with ShardWriter(out.fs, out.path(), "train", 0, SEQ, dtype_for_vocab(VOCAB), 64) as w:
+        w.write_blocks(np.array(stream[:n_blocks * SEQ], dtype=np.int64).reshape(n_blocks, SEQ))
+    infos = w.close()
+    for i in infos:
+        out.record(i.file, i.bytes, i.sha256)
+    splits = {"train": {"documents": 0, "dropped_tail_tokens": 0, "shards": [i.to_dict() for i in infos]}}
+    write_index(out.fs, out.path(), new_index(seq_len=SEQ, vocab_size=VOCAB, bos_id=1, eos_id=2, splits=splits,
+                                              framing=framing))
+    out.commit({"stage": "pack", "config_hash": f"test-{name}", "inputs": {}, "metrics": {}})
+
+
+def test_document_masking_reaches_the_model(run_root, tmp_path):
+    """document_masking: true trains on position ids that restart per document: the first step's logged loss is the
+    loss of the initial weights on that step's blocks with :func:`document_positions`, and not the loss of the
+    same blocks attended whole. Shards whose documents are not framed are refused before training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import runner
+    from pipeline.data.packed import PackedDataset, document_positions
+    from pipeline.errors import InputError
+    from pipeline.stages import load_config
+    from pipeline.storage import Storage
+
+    storage = Storage(str(run_root))
+    _write_documents(storage, "shards-docs", ["bos", "eos"])
+    _write_documents(storage, "shards-unframed", [])
+    common = dict(max_steps=2, checkpoint_every=0, eval_every=0, log_every=1, generation={"every": 0, "prompts": []},
+                  weight_decay=0.0, document_masking=True)
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", phases=[{"name": "docs", "shards": "shards-docs"}],
+                                          checkpoint_dir=str(tmp_path / "ck"), **common))
+    m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+    assert m["document_masking"] is True and m["steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r["loss"] for r in records if r["kind"] == "train" and r["step"] == 1)
+    ids_step1 = next(r["sample_ids"] for r in records if r["kind"] == "samples" and r["step"] == 1)
+    ds = PackedDataset(str(run_root / "shards-docs"), "train")
+    assert ds.document_boundaries() == (1, 2)
+    blocks = torch.stack([ds[i]["input_ids"] for i in ids_step1])
+    model = AutoModelForCausalLM.from_pretrained(run_root / "models" / "init", dtype=torch.float32)
+    model.config.use_cache = False
+    with torch.no_grad():
+        masked = model(input_ids=blocks, labels=blocks, position_ids=document_positions(blocks, bos_id=1, eos_id=2)).loss
+        whole = model(input_ids=blocks, labels=blocks).loss
+    assert logged == pytest.approx(float(masked), rel=1e-4)
+    assert abs(float(whole) - float(masked)) > 1e-3, (float(whole), float(masked))
+    # unframed documents: no document starts to mask at
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", phases=[{"name": "x", "shards": "shards-unframed"}],
+                                          checkpoint_dir=str(tmp_path / "ck2"), **common))
+    with pytest.raises(InputError, match="document_masking needs documents framed by bos or eos"):
+        runner.run_stage("pretrain", cfg, storage, progress=False)
+
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_two_processes_through_launcher(run_root, tmp_path, stage):

@@ -76,3 +76,19 @@ def test_a_bound_below_the_api_fails_check_floors(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "pyproject.toml"), str(tmp_path / "floors.txt")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_torch_floor_below_sft_packing_masks_fails_check_floors(tmp_path):
+    """torch is outside the lock (the platform's build) but held to its API floor all the same: SFT packing needs the
+    per-example masks transformers builds only on torch >= 2.6, so torch>=2.5 in pyproject.toml fails."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "0"\ndependencies = ["torch>=2.5"]\n')
+    (tmp_path / "floors.txt").write_text("")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "pyproject.toml"), str(tmp_path / "floors.txt")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "torch: pyproject.toml says >=2.5, but pipeline/training/posttrain/trainers.py calls" in proc.stderr
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "0"\ndependencies = ["torch>=2.6"]\n')
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "pyproject.toml"), str(tmp_path / "floors.txt")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+

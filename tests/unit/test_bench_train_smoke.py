@@ -56,6 +56,9 @@ def test_both_sides_same_samples_positive_throughput(bench, tmp_path):
     # (Trainer._get_num_items_in_batch, `_loss_shifts_labels`)
     assert ours.losses[1] == pytest.approx(plain.losses[1], abs=2e-4)
     assert "fused=True" in ours.optimizer and "fused=True" in plain.optimizer
+    # the document-masking side trains on the same samples; its shards frame documents for it
+    masked = bench.run_ours(root, shape, hyper, steps, warmup, zero=0, side="ours-z0-docmask", document_masking=True)
+    assert masked.side == "ours-z0-docmask" and masked.sample_ids == ours.sample_ids and masked.steps_per_s > 0
 
 
 def test_flop_formula_by_hand(gpu):
@@ -83,11 +86,13 @@ def test_125m_on_meta_device(gpu):
 def test_gpu_args_and_no_cuda_exit(gpu, monkeypatch, capsys):
     import torch
 
-    args = gpu.parse(["--presets", "125m,1b", "--compile", "off", "--liger", "off"])
+    args = gpu.parse(["--presets", "125m,1b", "--compile", "off", "--liger", "off", "--docmask", "off"])
     assert [p.name for p in args.preset_list] == ["125m", "1b"] and gpu.sides_for(args) == ["ours", "plain"]
-    both = gpu.parse(["--compile", "on", "--liger", "on"])
-    assert gpu.sides_for(both) == ["ours", "plain", "ours+compile", "plain+compile", "ours+liger", "plain+liger"]
-    assert [gpu.twin(s) for s in ("ours", "ours+compile", "ours+liger")] == ["plain", "plain+compile", "plain+liger"]
+    both = gpu.parse(["--compile", "on", "--liger", "on", "--docmask", "on"])
+    assert gpu.sides_for(both)[:7] == ["ours", "plain", "ours+compile", "plain+compile", "ours+liger", "plain+liger",
+                                       "ours+docmask"]
+    assert [gpu.twin(s) for s in ("ours", "ours+compile", "ours+liger", "ours+docmask", "ours+docmask+flash")] == [
+        "plain", "plain+compile", "plain+liger", "ours", "ours"]
     from pipeline.training.config import PretrainConfig
 
     for side, fields in gpu.OURS_KERNELS.items():  # every ours side is a valid stage config

@@ -111,3 +111,24 @@ def test_cluster_second_phase_data_is_produced_by_the_shipped_variants():
         assert cfg.input in cleans, path
         writes.add(cfg.output)
     assert {p.shards for p in pre.phases} <= writes and len(pre.phases) == 2
+
+
+def test_dataloader_workers_default_follows_the_device(monkeypatch):
+    """None: a background loader on CUDA (loading overlaps the step), none on CPU; a set value is kept; more than
+    one is refused (each worker would replay the rank's one resumable stream)."""
+    import torch
+    from pydantic import ValidationError
+
+    from pipeline.training.config import PretrainConfig
+    from pipeline.training.pretrain import dataloader_workers
+
+    cfg = PretrainConfig(max_steps=1)
+    assert cfg.dataloader_workers is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dataloader_workers(cfg) == 1
+    assert dataloader_workers(PretrainConfig(max_steps=1, dataloader_workers=0)) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dataloader_workers(cfg) == 0
+    assert dataloader_workers(PretrainConfig(max_steps=1, dataloader_workers=1)) == 1
+    with pytest.raises(ValidationError):
+        PretrainConfig(max_steps=1, dataloader_workers=2)

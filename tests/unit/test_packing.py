@@ -180,6 +180,11 @@ def test_merge_of_ranks_in_rank_order(tmp_path, tokenizer):
     assert read_index(LOCAL, str(out)) == index
     with pytest.raises(ValueError, match="repeat"):
         merge_indexes([parts[0], parts[0]], seq_len=32, **special(tokenizer))
+    # the framing of the documents travels into the index (document masking finds document starts with it)
+    assert index["framing"] == ["bos", "eos"] and ds.document_boundaries() == (special(tokenizer)["bos_id"],
+                                                                               special(tokenizer)["eos_id"])
+    with pytest.raises(ValueError, match="framed differently"):
+        merge_indexes([parts[0], {**parts[1], "framing": ["eos"]}], seq_len=32, **special(tokenizer))
 
 
 def test_packer_errors(tmp_path, tokenizer):
