@@ -12,14 +12,14 @@
   ratio of every tokenizer to every other. A *word* is one definition for all of them:
   :data:`WORD_PATTERN` (runs of Unicode letters/digits, apostrophe contractions kept whole).
 
-The default pre-tokenizer ("cyrillic-aware") is the Llama 3 split with changes that matter for
-Kazakh and Russian: letters keep their combining marks (``\\p{M}``); a word may carry an inner
-apostrophe or hyphen (``don't``, ``кто-то``, ``әр-түрлі``) instead of the English-only
-``'s|'t|...`` rules; and a word may start with up to three non-letters, a newline included
-(``"\\nФайл"``, ``", және"``, ``' «Ашу'``), where Llama 3 allows one and never a newline. On
-newline-separated UI text and punctuated prose that removes a separate token in front of many
-words (measured in ``benchmarks/bench_fertility.py``). Digits come in runs of up to three, or
-one by one with ``split_digits``.
+Pre-tokenizers are the ones llama.cpp implements, by its preset names (``tokenizer.ggml.pre`` of a GGUF): a model
+is only usable in llama.cpp / Ollama when they split text exactly as training did, and llama.cpp cannot take a
+regex from the file. ``llama3`` (``llama-bpe``, the default: letters with at most one leading non-letter that is
+not a newline, digits in runs of up to three), ``qwen2`` (the same with one digit per pre-token), ``gpt4o``
+(``gpt-4o``, o200k: case runs split, combining marks kept with letters) and ``gpt2``. ``cyrillic-aware`` is our
+own regex from round 1 (a word may start with up to three non-letters, a newline included; inner apostrophes and
+hyphens): a few percent fewer tokens on kk/ru, but no llama.cpp preset reproduces it, so a GGUF of such a model
+is refused, and a newline can merge with the first word of a chat answer (docs/benchmarks.md has both).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import Field, field_validator
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pipeline.config import StrictModel
 from pipeline.errors import ConfigError, InputError
@@ -50,11 +50,15 @@ class SpecialTokens(StrictModel):
         default_factory=lambda: ["<|im_start|>", "<|im_end|>"],
         description="chat-turn markers the SFT chat template uses",
     )
+    tools: list[str] = Field(
+        default_factory=lambda: ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"],
+        description="function-calling markers (Hermes / Qwen 2.5 layout): tokens of their own, not special, so that "
+                    "decoded answers keep them for the tool-call parser; [] for none")
     extra: list[str] = Field(default_factory=list)
 
     def all(self) -> list[str]:
         seen: list[str] = []
-        for tok in [self.bos, self.eos, self.pad, *self.chat, *self.extra]:
+        for tok in [self.bos, self.eos, self.pad, *self.chat, *self.tools, *self.extra]:
             if tok not in seen:
                 seen.append(tok)
         return seen
@@ -77,8 +81,11 @@ class TokenizerConfig(StrictModel):
     train_chars: int = Field(30_000_000, ge=1000, description="characters of text sampled for training")
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5, description="share of documents held out for the fertility report")
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
-    pretokenizer: Literal["cyrillic-aware", "gpt2", "llama3"] = Field(
-        "cyrillic-aware", description="regex that splits text into words before BPE"
+    add_bos: bool = Field(True, description="the saved tokenizer puts BOS before every text it encodes (with special "
+                                           "tokens), as pack does before every document and as the GGUF says")
+    pretokenizer: Literal["llama3", "qwen2", "gpt4o", "gpt2", "cyrillic-aware"] = Field(
+        "llama3", description="regex that splits text into words before BPE, by llama.cpp preset: llama3 (llama-bpe), "
+        "qwen2, gpt4o (gpt-4o), gpt2; cyrillic-aware: round 1's own, which no llama.cpp preset reproduces (no GGUF)"
     )
     split_digits: bool = Field(False, description="cyrillic-aware only: one digit per pre-token (default: runs of up to 3)")
     max_token_length: int | None = Field(None, ge=1, description="longest token the trainer may create, in characters (None: no limit)")
@@ -116,7 +123,18 @@ CYRILLIC_AWARE_PATTERN = (
     r"""|{digits}"""
     r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-PRETOKENIZERS = ("cyrillic-aware", "gpt2", "llama3")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# o200k (GPT-4o), as in llama.cpp's src/llama-vocab.cpp (LLAMA_VOCAB_PRE_TYPE_GPT4O, "original regex from
+# tokenizer.json")
+GPT4O_PATTERN = (
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"""
+    r"""|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"""
+    r"""|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+PRETOKENIZERS = ("llama3", "qwen2", "gpt4o", "gpt2", "cyrillic-aware")
+# our pre-tokenizer -> llama.cpp's preset of the same regex (tokenizer.ggml.pre); cyrillic-aware has none
+LLAMA_CPP_PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "gpt4o": "gpt-4o", "gpt2": "gpt-2"}
+PATTERNS = {"llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "gpt4o": GPT4O_PATTERN, "gpt2": GPT2_PATTERN}
 
 # One definition of "word" for every tokenizer in a report.
 WORD_PATTERN = r"[^\W_]+(?:['’ʼ][^\W_]+)*"
@@ -124,10 +142,8 @@ _WORD_RE = re.compile(WORD_PATTERN)
 
 
 def pretokenizer_pattern(kind: str, split_digits: bool = False) -> str:
-    if kind == "gpt2":
-        return GPT2_PATTERN
-    if kind == "llama3":
-        return LLAMA3_PATTERN
+    if kind in PATTERNS:
+        return PATTERNS[kind]
     if kind == "cyrillic-aware":
         return CYRILLIC_AWARE_PATTERN.replace("{digits}", r"\p{N}" if split_digits else r"\p{N}{1,3}")
     raise ConfigError(f"unknown pretokenizer {kind!r}; choose one of {', '.join(PRETOKENIZERS)}")
@@ -244,14 +260,69 @@ def train_bpe(texts_by_lang: dict[str, Iterable[str]], cfg: TokenizerConfig) -> 
 # ------------------------------------------------------------------------------ HF save / load
 
 
-def chat_template(start: str, end: str) -> str:
-    """ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn, then the assistant prompt."""
-    return (
-        "{% for message in messages %}"
-        f"{{{{ '{start}' + message['role'] + '\\n' + message['content'] + '{end}' + '\\n' }}}}"
-        "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{% endif %}}"
+TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_SYSTEM_END = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    "</tool_call>"
+)
+
+
+def chat_template(start: str = "<|im_start|>", end: str = "<|im_end|>", *, bos: bool = True, tools: bool = True,
+                  generation_markers: bool = False) -> str:
+    """ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn, then (``add_generation_prompt``) the assistant
+    header, preceded by the tokenizer's ``bos_token`` when ``bos``.
+
+    With ``tools`` it also renders function calling the way Hermes 2 Pro and Qwen 2.5 do (and llama.cpp's Hermes
+    chat format parses): the ``tools`` JSON schemas in the system turn inside ``<tools></tools>``, each assistant
+    tool call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` after its content, and
+    consecutive ``tool`` messages as one user turn of ``<tool_response>`` blocks. A message's content may be None
+    (an assistant turn that only calls). ``generation_markers`` wraps what the assistant says (content, calls and
+    ``<|im_end|>``) in ``{% generation %}``, for TRL's assistant-only loss; it does not change the text."""
+    gen_open, gen_close = ("{% generation %}", "{% endgeneration %}") if generation_markers else ("", "")
+    parts = []
+    if bos:
+        parts.append("{%- if bos_token %}{{ bos_token }}{% endif %}")
+    parts.append("{%- set ns = namespace(first=0) %}")
+    if tools:
+        parts.append(
+            "{%- if tools %}"
+            f"{{{{ '{start}system\\n' }}}}"
+            "{%- if messages and messages[0]['role'] == 'system' %}"
+            "{{ (messages[0]['content'] or '') + '\\n\\n' }}{%- set ns.first = 1 %}{%- endif %}"
+            "{{ " + json.dumps(TOOLS_SYSTEM) + " }}"
+            "{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}"
+            "{{ " + json.dumps(TOOLS_SYSTEM_END) + " }}"
+            f"{{{{ '{end}\\n' }}}}"
+            "{%- endif %}"
+        )
+    parts.append(
+        "{%- for message in messages[ns.first:] %}"
+        "{%- set content = message['content'] if message['content'] is string else '' %}"
+        "{%- if message['role'] == 'assistant' %}"
+        f"{{{{ '{start}assistant\\n' }}}}{gen_open}{{{{ content }}}}"
+        "{%- for call in (message['tool_calls'] or []) %}"
+        "{%- set fn = call['function'] if call['function'] is defined else call %}"
+        "{%- if content or not loop.first %}{{ '\\n' }}{%- endif %}"
+        "{{ '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+        "{%- if fn['arguments'] is string %}{{ fn['arguments'] }}{%- else %}{{ fn['arguments'] | tojson }}{%- endif %}"
+        "{{ '}\\n</tool_call>' }}"
+        "{%- endfor %}"
+        f"{{{{ '{end}' }}}}{gen_close}{{{{ '\\n' }}}}"
+        "{%- elif message['role'] == 'tool' %}"
+        f"{{%- if loop.first or loop.previtem['role'] != 'tool' %}}{{{{ '{start}user' }}}}{{%- endif %}}"
+        "{{ '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}"
+        f"{{%- if loop.last or loop.nextitem['role'] != 'tool' %}}{{{{ '{end}\\n' }}}}{{%- endif %}}"
+        "{%- else %}"
+        f"{{{{ '{start}' + message['role'] + '\\n' + content + '{end}\\n' }}}}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        f"{{%- if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{%- endif %}}"
     )
+    return "".join(parts)
 
 
 def save_hf(tokenizer: Tokenizer, cfg: TokenizerConfig, local_dir: str) -> None:
@@ -263,9 +334,19 @@ def save_hf(tokenizer: Tokenizer, cfg: TokenizerConfig, local_dir: str) -> None:
     if missing:
         tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     extra = [t for t in [*st.chat, *st.extra] if t not in (st.bos, st.eos, st.pad)]
+    if st.tools:  # own tokens, not special ones: a decoded answer keeps them for the tool-call parser
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in st.tools])
+    if cfg.add_bos:
+        bos_id = tokenizer.token_to_id(st.bos)
+        tokenizer.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{st.bos} $A", pair=f"{st.bos} $A {st.bos} $B",
+                                          special_tokens=[(st.bos, bos_id)]),
+        ])
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # the added tokens' flags as saved (see SpecialTokens.tools)
     kwargs: dict[str, Any] = {}
     if len(st.chat) >= 2:
-        kwargs["chat_template"] = chat_template(st.chat[0], st.chat[1])
+        kwargs["chat_template"] = chat_template(st.chat[0], st.chat[1], bos=cfg.add_bos, tools=bool(st.tools))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=st.bos,

@@ -122,12 +122,20 @@ def shipped_tasks() -> list[str]:
     return [n for n in names if n]
 
 
+def adds_bos(tok: Any) -> bool:
+    """Whether ``tok`` puts BOS before a text encoded with special tokens (our tokenizers' post-processor does)."""
+    ids = tok("a")["input_ids"]
+    return bool(tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id)
+
+
 def evaluate(model: Any, tok: Any, tasks: list[str], tm: Any, *, limit: float | None, num_fewshot: int | None,
              batch_size: int, max_length: int, seed: int, chat: bool = False) -> dict[str, Any]:
     """lm_eval's ``simple_evaluate`` on an already loaded HF model: ``{"results", "n_samples", "versions"}``."""
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str": on purpose
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
+    # BOS as in training (pack puts it before every document): lm-eval adds it only when told to
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length,
+              add_bos_token=adds_bos(tok))
     res = simple_evaluate(
         model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
         log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

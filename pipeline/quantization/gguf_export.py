@@ -36,14 +36,13 @@ tokens USER_DEFINED), the merges, bos/eos/pad (and ``<|im_end|>`` as end-of-turn
 whether BOS is prepended, and the chat template (without HF's ``{% generation %}`` markers,
 which only HF understands and which do not change the rendered text).
 
-Limitation: llama.cpp does not run the tokenizer's own pre-tokenizer regex; it picks one of its
-built-in ones by the name in ``tokenizer.ggml.pre``. GPT-2's and Llama 3's regexes map to
-``gpt-2`` and ``llama-bpe``; our Cyrillic-aware regex has no built-in twin, so it is written as
-``llama-bpe`` (the nearest: letters with one leading non-letter, digits in groups of up to 3),
-and the NFC normaliser is not applied by llama.cpp either. Text tokenised *by llama.cpp* can
-therefore split differently from the HF tokenizer (valid tokens, different ids); token ids
-tokenised by the HF tokenizer and fed to llama.cpp give the same results, which is how the
-tests compare the two.
+llama.cpp does not run the tokenizer's own pre-tokenizer regex; it picks one of its built-in ones by the name in
+``tokenizer.ggml.pre``. The tokenizer's Split regex is matched exactly against the presets we train with
+(:data:`pipeline.data.tokenization.LLAMA_CPP_PRE`: ``llama-bpe``, ``qwen2`` -- also what a tokenizer extended from
+Qwen 2/2.5/3 carries --, ``gpt-4o``, ``gpt-2``); a regex llama.cpp has no preset for (round 1's ``cyrillic-aware``)
+is refused, because llama.cpp would tokenize text differently from training; ``gguf.pre_tokenizer`` forces a name
+for a user who accepts that. llama.cpp applies no normaliser either: the tokenizer's NFC only matters for text
+that is not NFC already.
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN
+from pipeline.data.tokenization import LLAMA_CPP_PRE, PATTERNS
 from pipeline.errors import InputError
 from pipeline.models.llama import rope_settings
 
@@ -83,11 +82,6 @@ _GLOBAL_MAP = {
     "model.embed_tokens.weight": "TOKEN_EMBD",
     "model.norm.weight": "OUTPUT_NORM",
     "lm_head.weight": "OUTPUT",
-}
-# what our tokenizer trainer writes (pipeline.data.tokenization) -> llama.cpp's built-in pre-tokenizer name
-_KNOWN_PRE = {
-    "gpt2": "gpt-2",
-    "llama3": "llama-bpe",
 }
 
 
@@ -203,13 +197,25 @@ def choose_type(gguf_name: str, shape: tuple[int, ...], target: str, *, tied: bo
 # ------------------------------------------------------------------------------- tokenizer
 
 
-def _pre_name(tokenizer_json: dict[str, Any]) -> tuple[str, str]:
-    """(tokenizer.ggml.pre, how it was chosen) from a tokenizer.json's pre-tokenizer."""
-    text = json.dumps(tokenizer_json.get("pre_tokenizer"), ensure_ascii=False)
-    for kind, pattern in (("gpt2", GPT2_PATTERN), ("llama3", LLAMA3_PATTERN)):
-        if json.dumps(pattern, ensure_ascii=False)[1:-1] in text:
-            return _KNOWN_PRE[kind], f"matches the {kind} regex"
-    return "llama-bpe", "no built-in llama.cpp twin of this pre-tokenizer regex; nearest is llama-bpe"
+def _split_patterns(node: Any) -> list[str]:
+    """Every Split regex in a tokenizer.json pre-tokenizer (a Sequence or a single one)."""
+    if isinstance(node, dict):
+        if node.get("type") == "Split" and isinstance(node.get("pattern"), dict) and "Regex" in node["pattern"]:
+            return [node["pattern"]["Regex"]]
+        return [p for child in node.get("pretokenizers") or [] for p in _split_patterns(child)]
+    return []
+
+
+def _pre_name(tokenizer_json: dict[str, Any]) -> tuple[str | None, str]:
+    """(tokenizer.ggml.pre, how it was chosen) from a tokenizer.json's pre-tokenizer; None when llama.cpp has no
+    preset that splits as it does."""
+    found = _split_patterns(tokenizer_json.get("pre_tokenizer"))
+    if len(found) == 1:
+        for kind, pattern in PATTERNS.items():
+            if found[0] == pattern:
+                return LLAMA_CPP_PRE[kind], f"the {kind} regex exactly"
+    what = f"regex {found[0][:80]!r}" if len(found) == 1 else f"{len(found)} split regexes"
+    return None, f"llama.cpp has no preset for this pre-tokenizer ({what})"
 
 
 def strip_hf_generation_markers(template: str) -> str:
@@ -287,7 +293,12 @@ def tokenizer_meta(folder: str, vocab_size: int, config: Any = None, pre: str | 
     if pre:
         pre_name, reason = pre, "set in the config"
     else:
-        pre_name, reason = _pre_name(raw)
+        found, reason = _pre_name(raw)
+        if found is None:
+            raise InputError(f"{path}: {reason}, so llama.cpp would split text differently from training. Retrain the "
+                             "tokenizer with a llama.cpp preset (pretokenizer: llama3, qwen2, gpt4o or gpt2), or set "
+                             "gguf.pre_tokenizer: <name> in the quantize config to accept the mismatch")
+        pre_name = found
     return TokenizerMeta(tokens=tokens, types=types, merges=merges, bos_id=bos, eos_id=eos, pad_id=pad, eot_id=eot,
                          add_bos=add_bos, pre=pre_name, pre_reason=reason,
                          chat_template=strip_hf_generation_markers(template) if template else None, padded=vocab_size - n)

@@ -140,3 +140,22 @@ def llamacpp_greedy(path: str, prompt_ids: list[int], n_new: int, *, threads: in
     finally:
         llm.close() if hasattr(llm, "close") else None
     return out
+
+
+def llamacpp_tokenize(path: str, texts: list[str], *, add_special: bool = False) -> list[list[int]]:
+    """llama.cpp's own ids for each text (its tokenizer, as the GGUF describes it: vocabulary, merges,
+    ``tokenizer.ggml.pre``); ``add_special`` adds BOS when the GGUF says ``add_bos_token``."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        return [list(llm.tokenize(t.encode("utf-8"), add_bos=add_special, special=False)) for t in texts]
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+
+
+def llamacpp_greedy_text(path: str, text: str, n_new: int, *, threads: int | None = None) -> tuple[list[int], list[int]]:
+    """(llama.cpp's ids of ``text`` with BOS as the GGUF says, its ``n_new`` argmax tokens after them): the prompt
+    tokenized by llama.cpp itself, as llama-server or Ollama would."""
+    prompt = llamacpp_tokenize(path, [text], add_special=True)[0]
+    return prompt, llamacpp_greedy(path, prompt, n_new, threads=threads)

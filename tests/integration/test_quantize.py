@@ -236,6 +236,65 @@ def test_gguf_runs_in_llama_cpp(tmp_path, tied):
         assert ppl_cpp == pytest.approx(ppl_deq, rel=2e-2)
 
 
+def _heldout_texts() -> dict[str, list[str]]:
+    """Held-out kk/ru/en documents: the offline corpus' heldout files when `make corpus` fetched them (one document
+    per blank-line-separated paragraph group, as fetch_corpus writes them), else the test corpus fixtures."""
+    import os
+
+    cache = Path(os.environ.get("LLMPIPE_CACHE", REPO / ".cache")) / "corpus" / "heldout"
+    out: dict[str, list[str]] = {}
+    for lang in ("kk", "ru", "en"):
+        f = cache / f"{lang}.txt"
+        if f.is_file():
+            out[lang] = [d for d in f.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        else:
+            out[lang] = []
+            for p in sorted((REPO / "tests" / "fixtures" / "corpus" / lang).glob("*.jsonl")):
+                out[lang] += [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_text_like_training(tmp_path):
+    """llama.cpp reads our GGUF's tokenizer (vocabulary, merges, tokenizer.ggml.pre, add_bos) and tokenizes held-out
+    kk/ru/en text itself into exactly the ids the HF tokenizer gives, for every document; and greedy generation from
+    a text prompt that llama.cpp tokenizes (BOS added as the GGUF says) equals transformers' from the HF tokenizer's
+    ids (BOS added by its post-processor)."""
+    _need_llama_cpp()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.quantization import gguf_export as ge
+    from pipeline.quantization import quality
+    from tests.fixtures.quantize_model import build
+
+    folder = tmp_path / "model"
+    build(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    path = str(tmp_path / "m-F16.gguf")
+    ge.write_gguf(path, model.state_dict(), model.config, str(folder), "F16")
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "llama-bpe"
+    assert bool(fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) is True
+    shares = {}
+    for lang, docs in _heldout_texts().items():
+        ours = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+        theirs = quality.llamacpp_tokenize(path, docs)
+        same = sum(a == b for a, b in zip(ours, theirs))
+        shares[lang] = (same, len(docs))
+        bad = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        assert same == len(docs) > 0, (lang, same, len(docs), bad is not None and docs[bad][:200])
+    print("llama.cpp ids identical to ours: " + ", ".join(f"{k} {s}/{n}" for k, (s, n) in shares.items()))
+    prompt = '{"instruction": "Назови столицу страны.", "input": "Франция", "output": "'
+    want_prompt = tok(prompt)["input_ids"]
+    assert want_prompt[0] == tok.bos_token_id
+    got_prompt, got = quality.llamacpp_greedy_text(path, prompt, 24, threads=2)
+    assert got_prompt == want_prompt
+    assert got == quality.hf_greedy(model, want_prompt, 24)
+
+
 @pytest.mark.slow
 def test_stage_with_llama_cpp(run_root, capsys):
     _need_llama_cpp()

@@ -137,7 +137,7 @@ def test_header_and_tokenizer_metadata(written, tok_dir):
 
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     hf = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-    assert jinja2.Template(template).render(messages=msgs, add_generation_prompt=False) == hf
+    assert jinja2.Template(template).render(messages=msgs, add_generation_prompt=False, bos_token=tok.bos_token) == hf
     assert res.tokenizer["padded_rows"] == 8
 
 
@@ -231,7 +231,7 @@ def test_type_choice_and_fallback():
 
 
 def test_pre_tokenizer_names_and_template_markers():
-    from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN, pretokenizer_pattern
+    from pipeline.data.tokenization import GPT2_PATTERN, LLAMA3_PATTERN, PATTERNS, QWEN2_PATTERN, pretokenizer_pattern
 
     def raw(pattern):
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
@@ -239,8 +239,10 @@ def test_pre_tokenizer_names_and_template_markers():
 
     assert ge._pre_name(raw(GPT2_PATTERN))[0] == "gpt-2"
     assert ge._pre_name(raw(LLAMA3_PATTERN))[0] == "llama-bpe"
+    assert ge._pre_name(raw(QWEN2_PATTERN))[0] == "qwen2"
+    assert {ge._pre_name(raw(p))[0] for p in PATTERNS.values()} == {"llama-bpe", "qwen2", "gpt-4o", "gpt-2"}
     name, why = ge._pre_name(raw(pretokenizer_pattern("cyrillic-aware")))
-    assert name == "llama-bpe" and "no built-in" in why
+    assert name is None and "llama.cpp has no preset" in why
     t = "{% for m in messages %}{% generation %}{{ m['content'] }}{%- endgeneration -%}{% endfor %}"
     assert ge.strip_hf_generation_markers(t) == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 

@@ -179,10 +179,27 @@ def test_chat_template_renders_chatml(hf_dir):
     at = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
     messages = [{"role": "system", "content": "Сен көмекшісің."}, {"role": "user", "content": "Сәлем!"}]
     text = at.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == "<|im_start|>system\nСен көмекшісің.<|im_end|>\n<|im_start|>user\nСәлем!<|im_end|>\n<|im_start|>assistant\n"
+    assert text == ("<|begin_of_text|><|im_start|>system\nСен көмекшісің.<|im_end|>\n<|im_start|>user\nСәлем!<|im_end|>\n"
+                    "<|im_start|>assistant\n")
     ids = at.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, return_dict=False)
     assert ids.count(at.convert_tokens_to_ids("<|im_start|>")) == 2
     assert ids.count(at.convert_tokens_to_ids("<|im_end|>")) == 2
+    assert ids[0] == at.bos_token_id and ids.count(at.bos_token_id) == 1
+
+
+def test_bos_is_added_like_pack_adds_it_and_tool_tokens_survive_decoding(hf_dir):
+    """The saved tokenizer puts BOS before a text encoded with special tokens (pack puts it before every document;
+    the GGUF's add_bos follows from this), none without; the tool-call markers are tokens of their own that a decode
+    skipping special tokens keeps (the tool-call parser reads them)."""
+    from transformers import AutoTokenizer
+
+    at = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    plain = at("Сәлем әлем", add_special_tokens=False)["input_ids"]
+    assert at("Сәлем әлем")["input_ids"] == [at.bos_token_id, *plain]
+    call = at.convert_tokens_to_ids("<tool_call>")
+    assert call not in (at.unk_token_id, None) and at("<tool_call>", add_special_tokens=False)["input_ids"] == [call]
+    text = 'Жауап <tool_call>\n{"name": "f"}\n</tool_call>'
+    assert at.decode(at(text)["input_ids"], skip_special_tokens=True) == text
 
 
 # ---------------------------------------------------------------------------------- fertility
