@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data.packed import PackedDataset
 from pipeline.errors import InputError
-from pipeline.evaluation import generation, harness, loading, perplexity, report
+from pipeline.evaluation import generation, harness, loading, perplexity, report, tool_use
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Plan:
     texts: dict[str, list[str]] | None = None
     prompts: list[str] | None = None
     task_manager: Any = None
+    tool_items: list[dict[str, Any]] | None = None
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -104,6 +105,12 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
         if not prompts:
             raise InputError("the prompt set is empty (generation.prompts and generation.prompts_file hold no prompt)")
         plan.prompts = prompts
+
+    if cfg.tool_use is not None:
+        plan.tool_items = tool_use.load_items(cfg.tool_use.files, cfg.tool_use.max_items)
+        if not any(plan.chat.values()):
+            raise InputError("tool_use is set but no model is evaluated with its chat template (chat: true, or a model "
+                             "from sft/dpo): function calling needs one")
 
     if cfg.lm_eval is not None:
         folders_ = harness.materialize(cfg.lm_eval.include_paths, os.path.join(scratch, "tasks"))
@@ -194,6 +201,15 @@ def _one_model(cfg: Any, ctx: Any, out: Any, plan: Plan, m: Any, device: str, dt
         shown = {k: v for k, v in harness.flat_metrics(res["results"]).items() if k.endswith("_acc")}
         ctx.log("  lm_eval " + ", ".join(f"{k[8:-4]} {v:.3f}" for k, v in shown.items())
                 + f" [{time.perf_counter() - t0:.0f}s]")
+    if plan.tool_items is not None and plan.chat[m.name]:
+        tu = tool_use.evaluate(lm.model, lm.tokenizer, plan.tool_items, max_new_tokens=cfg.tool_use.max_new_tokens,
+                               device=device, max_positions=lm.max_positions, bar=ctx.bar)
+        flat.update(tool_use.flat_metrics(tu["scores"]))
+        detail["tool_use"] = tu["scores"]
+        out.write_json(f"{m.name}/tool_use.json", tu)
+        o = tu["scores"]["overall"]
+        ctx.log("  tool use: " + ", ".join(f"{k} {o[k]['share']:.2f} (n={o[k]['n']})" for k in tool_use.MEASURES
+                                           if o[k]["share"] is not None) + f" [{time.perf_counter() - t0:.0f}s]")
     flat = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
     del lm
     return flat, detail, records
@@ -245,13 +261,16 @@ def _write_report(cfg: Any, ctx: Any, out: Any, flat: dict[str, dict[str, Any]],
 
     if cfg.lm_eval is not None:
         tasks = list(dict.fromkeys(t for lb in labels for t in details[lb]["lm_eval"]["results"]))
-        headers = ["task", "documents"] + [f"{lb} {metric}" for lb in labels for metric in ("acc", "acc_norm")]
+        headers = ["task", "documents"] + [f"{lb} {metric}" for lb in labels for metric in ("acc [95% CI]", "acc_norm")]
         rows = []
         for t in tasks:
             n = details[labels[0]]["lm_eval"]["results"].get(t, {}).get("sample_len")
-            rows.append([t, n] + [flat[lb].get(f"lm_eval_{t}_{metric}") for lb in labels for metric in ("acc", "acc_norm")])
+            rows.append([t, n] + [cell for lb in labels for cell in (
+                report.share_with_interval(flat[lb].get(f"lm_eval_{t}_acc"), n), flat[lb].get(f"lm_eval_{t}_acc_norm"))])
         sec = report.Section("lm-evaluation-harness", text=f"tasks: {', '.join(cfg.lm_eval.tasks)}; "
-                             f"limit: {_num(cfg.lm_eval.limit)}; chance is 0.25 on 4-way multiple choice.",
+                             f"limit: {_num(cfg.lm_eval.limit)}; chance is 0.25 on 4-way multiple choice; brackets: the "
+                             "95% Wilson interval of the accuracy over that many documents (a group's n sums its "
+                             "tasks').",
                              tables=[report.Table(headers, rows)])
         if cfg.plots:
             name = report.plot_grouped({lb: {t: flat[lb][f"lm_eval_{t}_acc"] for t in tasks
@@ -260,6 +279,26 @@ def _write_report(cfg: Any, ctx: Any, out: Any, flat: dict[str, dict[str, Any]],
             if name:
                 sec.images.append((name, "lm_eval accuracy per task and model"))
         sections.append(sec)
+
+    if plan.tool_items is not None:
+        langs = list(dict.fromkeys([*sorted({i["lang"] for i in plan.tool_items}), "overall"]))
+        rows = []
+        for lb in labels:
+            sc = details[lb].get("tool_use")
+            for lang in langs:
+                if sc is None:
+                    rows.append([lb, lang] + ["(no chat template)"] + ["–"] * (len(tool_use.MEASURES) - 1))
+                    continue
+                rows.append([lb, lang] + [report.share_with_interval(sc[lang][k]["share"], sc[lang][k]["n"])
+                                          for k in tool_use.MEASURES])
+        n_call = sum(1 for i in plan.tool_items if i["reference"])
+        sections.append(report.Section(
+            "Function calling", text=f"{len(plan.tool_items)} held-out tool-use conversations ({n_call} expect a "
+            f"call, {len(plan.tool_items) - n_call} expect none) from {', '.join(cfg.tool_use.files)}; greedy, at most "
+            f"{cfg.tool_use.max_new_tokens} new tokens. valid: parseable calls to offered tools with schema-valid "
+            "arguments; name / arguments: equal to the reference's (order of calls and keys ignored); abstain: no call "
+            "where none fits. Brackets: 95% Wilson intervals.",
+            tables=[report.Table(["model", "language", *tool_use.MEASURES], rows)]))
 
     if cfg.generation is not None and plan.prompts:
         g = cfg.generation

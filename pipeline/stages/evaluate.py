@@ -109,12 +109,23 @@ class LMEvalSettings(StrictModel):
     chat: bool = Field(False, description="render task prompts with the chat template (apply_chat_template)")
 
 
+class ToolUseEval(StrictModel):
+    """Function calling on held-out tool-use conversations (chat models only): valid calls, right name, right
+    arguments, right abstention, per language (pipeline/evaluation/tool_use.py)."""
+
+    files: list[str] = Field(..., min_length=1, description="tool-use conversations: chat records with tools (or "
+                                                            "xlam / glaive / hermes records), with a lang field")
+    max_items: int | None = Field(None, ge=1, description="conversations per file (None: all)")
+    max_new_tokens: int = Field(96, ge=8, le=4096, description="room for the answer and its calls")
+
+
 class EvaluateConfig(StrictModel):
     models: list[EvalModel] = Field(..., min_length=1, description="the models to compare, in report column order")
     perplexity: ShardPerplexity | None = Field(default_factory=ShardPerplexity, description="null: skip")
     heldout: HeldoutText | None = Field(default_factory=HeldoutText, description="null: skip")
     generation: PromptGeneration | None = Field(default_factory=PromptGeneration, description="null: skip")
     lm_eval: LMEvalSettings | None = Field(default_factory=LMEvalSettings, description="null: skip")
+    tool_use: ToolUseEval | None = Field(None, description="function-calling evaluation; null: skip")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass for perplexity")
     max_length: int | None = Field(1024, ge=16, description="context of the raw-text windows (capped by the model's "
                                                             "positions; None: the model's)")
@@ -144,8 +155,8 @@ class EvaluateConfig(StrictModel):
         if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
             raise ValueError(f"stride {self.stride} must be below max_length {self.max_length} (max_length - 1 "
                              "is the one-token overlap): a window must keep at least one id of context")
-        if not any((self.perplexity, self.heldout, self.generation, self.lm_eval)):
-            raise ValueError("perplexity, heldout, generation and lm_eval are all null: nothing to evaluate")
+        if not any((self.perplexity, self.heldout, self.generation, self.lm_eval, self.tool_use)):
+            raise ValueError("perplexity, heldout, generation, lm_eval and tool_use are all null: nothing to evaluate")
         return self
 
 
@@ -183,6 +194,9 @@ class EvaluateStage(Stage):
             if accs:
                 top = min(accs, key=len)  # the group when there is one
                 parts.append(f"{top} acc {accs[top]:.3f}")
+            if per.get("tool_arguments") is not None:
+                parts.append(f"tool calls: valid {per['tool_valid']:.2f}, args {per['tool_arguments']:.2f}, "
+                             f"abstain {per['tool_abstain'] if per.get('tool_abstain') is not None else float('nan'):.2f}")
             rows.append((label, ", ".join(parts) or "-"))
         if m.get("best_val_loss_model"):
             rows.append(("lowest val loss", m["best_val_loss_model"]))

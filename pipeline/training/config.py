@@ -137,8 +137,11 @@ class DataSource(StrictModel):
 
     path: str = Field(..., description="local .jsonl/.json/.parquet file, a folder of them, a datasets save_to_disk "
                                        "folder, or a Hugging Face hub dataset name")
-    format: Literal["auto", "alpaca", "chat", "preference"] = Field(
-        "auto", description="record layout; auto: messages -> chat, instruction+output -> alpaca, prompt+chosen+rejected -> preference")
+    format: Literal["auto", "alpaca", "chat", "preference", "xlam", "glaive", "hermes"] = Field(
+        "auto", description="record layout; auto: messages -> chat (tools / tool_calls / tool messages allowed), "
+                            "instruction+output -> alpaca, prompt+chosen+rejected -> preference, query+tools+answers -> "
+                            "xlam, system+chat -> glaive, conversations -> hermes (tool-use formats: bad records are "
+                            "counted by reason and skipped)")
     split: str = Field("train", description="split of a Hugging Face dataset (DatasetDict folder or hub name)")
     max_examples: int | None = Field(None, ge=1, description="use only the first N records of this source")
 

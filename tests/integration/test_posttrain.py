@@ -80,6 +80,36 @@ def test_sft_learns_follows_template_and_stops(run_root):
     assert _run("sft", run_root, cfg).status == "up to date"
 
 
+def test_sft_on_tool_use_then_function_calling_evaluation(run_root):
+    """SFT on the kk/ru/en tool-use fixture (tools in the system turn, calls and results), then evaluate's function
+    calling on the held-out set: real shares per language with intervals in the manifest and the report."""
+    from pipeline import runner
+    from pipeline.stages import get_stage
+    from pipeline.storage import Storage
+    from tests.fixtures.posttrain.tiny import commit_model
+
+    storage = Storage(str(run_root))
+    commit_model(storage, "models/pretrain-long", max_pos=1024)
+    cfg = _cfg("sft", model="models/pretrain-long", data=[{"path": str(FIX / "tools.jsonl")}], max_length=1024,
+               max_steps=30, lr=3e-3, micro_batch_size=4)
+    m = _run("sft", run_root, cfg).manifest["metrics"]
+    assert m["tool_conversations"] == m["train_examples"] > 0 and m["misaligned_conversations"] == 0
+    assert m["data_skipped"] == {} and m["eval_loss_after"] < m["eval_loss_before"], m
+    ev = get_stage("evaluate").config.model_validate({
+        "models": [{"path": "models/sft", "label": "sft", "chat": True}], "perplexity": None, "heldout": None,
+        "generation": None, "lm_eval": None, "plots": False,
+        "tool_use": {"files": [str(FIX / "tools_eval.jsonl")], "max_new_tokens": 48}})
+    res = runner.run_stage("evaluate", ev, storage, progress=False).manifest["metrics"]["models"]["sft"]
+    for key in ("tool_valid", "tool_name", "tool_arguments", "tool_abstain", "tool_valid_kk", "tool_arguments_ru",
+                "tool_abstain_en"):
+        assert 0.0 <= res[key] <= 1.0, (key, res)
+    print({k: v for k, v in res.items() if k.startswith("tool_")})
+    details = json.loads((run_root / "eval" / "sft" / "tool_use.json").read_text(encoding="utf-8"))
+    assert len(details["items"]) == 54 and details["scores"]["overall"]["arguments"]["n"] == 45
+    report = (run_root / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "## Function calling" in report and "| sft | kk |" in report and " [" in report
+
+
 def test_sft_lora_merges_into_a_plain_model(run_root):
     import torch
     from peft import PeftModel

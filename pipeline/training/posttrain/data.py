@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 import os
 import random
 from typing import Any, Iterable, Iterator
@@ -28,10 +29,18 @@ import fsspec
 
 from pipeline.data import readers
 from pipeline.errors import ConfigError, InputError
+from pipeline.training.posttrain.tools import (
+    TOOL_FORMATS,
+    BadToolRecord,
+    check_tool_calls,
+    check_tools,
+    detect_tool_format,
+    to_tool_example,
+)
 from pipeline.storage import sha256_file
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # as named in messages; .ndjson and compressed ones are read too
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _PARQUET_BATCH = 4096
 
 
@@ -131,6 +140,9 @@ def _hub_records(name: str, split: str) -> Iterator[tuple[str, Any]]:
 def detect_format(rec: Any) -> str | None:
     if not isinstance(rec, dict):
         return None
+    tool_format = detect_tool_format(rec)
+    if tool_format:
+        return tool_format
     if "messages" in rec:
         return "chat"
     if "chosen" in rec or "rejected" in rec:
@@ -151,18 +163,29 @@ def _text(rec: dict, key: str, where: str, *, required: bool = True) -> str:
     return value
 
 
-def check_messages(messages: Any, where: str, *, need_assistant: bool = True) -> list[dict[str, str]]:
+def check_messages(messages: Any, where: str, *, need_assistant: bool = True) -> list[dict[str, Any]]:
+    """``[{role, content}]`` checked; an assistant message may carry ``tool_calls`` (then its content may be empty or
+    null), normalised by :func:`~pipeline.training.posttrain.tools.check_tool_calls`; ``tool`` messages hold results."""
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise InputError(f"{where}: messages[{i}] needs 'role' and 'content'")
         if m["role"] not in ROLES:
             raise InputError(f"{where}: messages[{i}] has role {m['role']!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
+        content = m.get("content")
+        calls = m.get("tool_calls")
+        if calls is not None and m["role"] != "assistant":
+            raise InputError(f"{where}: messages[{i}] has tool_calls but role {m['role']!r}; only assistant turns call tools")
+        if content is None and calls:
+            content = ""
+        if not isinstance(content, str):
             raise InputError(f"{where}: messages[{i}].content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = check_tool_calls(calls, f"{where}: messages[{i}]")
+        out.append(msg)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise InputError(f"{where}: the conversation has no assistant turn to learn from")
     return out
@@ -185,7 +208,12 @@ def to_sft_example(rec: Any, where: str, fmt: str = "auto") -> dict[str, Any]:
     if kind == "chat":
         if "messages" not in rec:
             raise InputError(f"{where}: chat record has no 'messages' (fields: {', '.join(rec) or 'none'})")
-        return {"messages": check_messages(rec["messages"], where)}
+        example: dict[str, Any] = {"messages": check_messages(rec["messages"], where)}
+        if rec.get("tools") not in (None, [], ""):
+            example["tools"] = check_tools(rec["tools"], where)
+        return example
+    if kind in TOOL_FORMATS:
+        return to_tool_example(rec, where, kind)
     if kind == "alpaca":
         return {"messages": alpaca_to_messages(rec, where)}
     raise InputError(f"{where}: not an instruction record: expected 'messages' (chat) or 'instruction'/'input'/'output' "
@@ -224,27 +252,38 @@ def to_preference_example(rec: Any, where: str) -> dict[str, Any]:
             "rejected": _turns(rec["rejected"], where, "rejected")}
 
 
-def load_examples(sources: Iterable[Any], kind: str) -> list[dict[str, Any]]:
-    """All examples of ``sources`` (config ``DataSource`` objects), ``kind`` = ``sft`` or ``preference``."""
+def load_examples(sources: Iterable[Any], kind: str, skipped: Counter | None = None) -> list[dict[str, Any]]:
+    """All examples of ``sources`` (config ``DataSource`` objects), ``kind`` = ``sft`` or ``preference``.
+
+    A bad record of our own formats stops the load (:class:`InputError` naming it); a bad record of a public
+    tool-use format (xlam, glaive, hermes) is skipped and counted by reason in ``skipped`` (``"<format>: <reason>"``).
+    """
     out: list[dict[str, Any]] = []
     for src in sources:
         n = 0
         for where, rec in read_records(src.path, src.split):
             if src.max_examples is not None and n >= src.max_examples:
                 break
+            n += 1
             if kind == "sft":
                 if src.format == "preference":
                     raise ConfigError(f"data {src.path}: format 'preference' is for dpo/reward, not sft")
-                out.append(to_sft_example(rec, where, src.format))
+                try:
+                    out.append(to_sft_example(rec, where, src.format))
+                except BadToolRecord as exc:
+                    fmt = src.format if src.format != "auto" else detect_format(rec)
+                    if fmt not in TOOL_FORMATS:
+                        raise
+                    if skipped is not None:
+                        skipped[f"{fmt}: {exc.reason}"] += 1
             else:
-                if src.format in ("alpaca", "chat"):
+                if src.format in ("alpaca", "chat", *TOOL_FORMATS):
                     raise ConfigError(f"data {src.path}: format {src.format!r} has no preference pairs")
                 out.append(to_preference_example(rec, where))
-            n += 1
         if n == 0:
             raise InputError(f"data {src.path} holds no records")
     if not out:
-        raise InputError("the training data is empty")
+        raise InputError("the training data is empty" + (f" (every record was skipped: {dict(skipped)})" if skipped else ""))
     return out
 
 
@@ -278,8 +317,14 @@ def data_fingerprints(sources: Iterable[Any]) -> dict[str, str | None]:
     return out
 
 
-def load_train_eval(cfg: Any, kind: str) -> tuple[list, list]:
-    examples = load_examples(cfg.data, kind)
-    if cfg.eval_data:
-        return examples, load_examples(cfg.eval_data, kind)
+def load_train_eval(cfg: Any, kind: str, skipped: Counter | None = None) -> tuple[list, list]:
+    """(train, held-out) examples of a config; every example has a ``tools`` key when any has one (a datasets
+    table takes its columns from the first row)."""
+    examples = load_examples(cfg.data, kind, skipped)
+    held = load_examples(cfg.eval_data, kind, skipped) if cfg.eval_data else None
+    if any("tools" in e for e in examples + (held or [])):
+        for e in examples + (held or []):
+            e.setdefault("tools", None)
+    if held is not None:
+        return examples, held
     return split_examples(examples, cfg.eval_fraction, cfg.seed)

@@ -17,7 +17,9 @@ On a cluster each start is counted against the restart budget (:mod:`pipeline.tr
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections import Counter
 import warnings
 from typing import Any
 
@@ -50,7 +52,13 @@ from pipeline.training.posttrain.measures import (
     pair_stats,
     reward_scores,
 )
-from pipeline.training.posttrain.templates import check_max_length, model_folder, prepare_tokenizer, stop_token_ids
+from pipeline.training.posttrain.templates import (
+    assistant_alignment,
+    check_max_length,
+    model_folder,
+    prepare_tokenizer,
+    stop_token_ids,
+)
 from pipeline.training.restarts import count_start
 
 GENERATIONS_FILE = "generations.json"
@@ -266,9 +274,27 @@ def sft_trainer(cfg: Any, model: Any, tok: Any, train: list, held: list, args_kw
                       peft_config=lora_config(cfg, "CAUSAL_LM"), checkpoints=checkpoints)
 
 
+def check_alignment(run: Any, train: list, limit: int = 256) -> int:
+    """Warns (one line) when the chat template's training tokens are not what generation after the prompt produces
+    (:func:`~pipeline.training.posttrain.templates.assistant_alignment`) on the first ``limit`` conversations;
+    returns how many of them differ."""
+    bad = [(i, why) for i, ex in enumerate(train[:limit])
+           if (why := assistant_alignment(run.tok, ex["messages"], json.loads(ex["tools"]) if ex.get("tools") else None))]
+    if bad:
+        run.log(f"sft: warning: in {len(bad)} of {min(limit, len(train))} conversations the assistant tokens trained on "
+                f"are not the tokens generation after the prompt produces (conversation {bad[0][0]}: {bad[0][1]}); "
+                "retrain the tokenizer with a llama.cpp pre-tokenizer (pretokenizer: llama3) or fix chat_template")
+    return len(bad)
+
+
 def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
-    train, held = load_train_eval(cfg, "sft")
+    skipped: Counter = Counter()
+    train, held = load_train_eval(cfg, "sft", skipped)
     with PostTrainRun(cfg, ctx, out, "sft") as run:
+        if skipped:
+            run.log(f"sft: skipped {sum(skipped.values())} bad tool-use records: "
+                    + ", ".join(f"{k} {v}" for k, v in skipped.most_common()))
+        misaligned = check_alignment(run, train) if run.main else None
         kw = run.arguments(bool(held))
         model = _causal_lm(run.model_dir)
         run.log(f"sft: {len(train)} train / {len(held)} held-out conversations, {'LoRA' if cfg.lora else 'full'}, "
@@ -281,7 +307,8 @@ def train_sft(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         after = heldout_loss(trainer.model, eval_rows) if measure else None
         gens = generate_samples(trainer.model, run.tok, cfg.generation, synced=run.synced) if (run.main or run.synced) else []
         metrics = run.metrics(trainer, len(train), len(held))
-        metrics.update(eval_loss_before=before, eval_loss_after=after, packing=cfg.packing,
+        metrics.update(eval_loss_before=before, eval_loss_after=after, packing=cfg.packing, data_skipped=dict(skipped),
+                       tool_conversations=sum(1 for e in train if e.get("tools")), misaligned_conversations=misaligned,
                        generations_stopped=sum(g["stopped"] for g in gens) if gens else None)
         if before is not None and after is not None:
             run.log(f"sft: held-out loss {before:.4f} -> {after:.4f}")
