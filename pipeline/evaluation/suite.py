@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data.packed import PackedDataset
 from pipeline.errors import InputError
-from pipeline.evaluation import generation, harness, loading, perplexity, report, tool_use
+from pipeline.evaluation import continuation, generation, harness, loading, perplexity, report, tool_use
 
 
 @dataclass
@@ -32,6 +32,8 @@ class Plan:
     prompts: list[str] | None = None
     task_manager: Any = None
     tool_items: list[dict[str, Any]] | None = None
+    extra_tasks: list[str] | None = None  # the generated continuation group
+    continuation_items: dict[str, int] | None = None
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -64,7 +66,7 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
 
     shards_name = cfg.perplexity.artifact if cfg.perplexity is not None else "shards"
     sample = None
-    if cfg.perplexity is not None or (cfg.heldout is not None and cfg.heldout.from_run):
+    if cfg.perplexity is not None or (cfg.heldout is not None and cfg.heldout.from_run) or cfg.continuation is not None:
         shards = ctx.inputs[shards_name]
         split = cfg.perplexity.split if cfg.perplexity is not None else "val"
         plan.val = PackedDataset(shards.url(), split, storage_options=ctx.storage.storage_options)
@@ -114,7 +116,26 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
 
     if cfg.lm_eval is not None:
         folders_ = harness.materialize(cfg.lm_eval.include_paths, os.path.join(scratch, "tasks"))
-        plan.task_manager = harness.task_manager(cfg.lm_eval.tasks, folders_)
+        plan.extra_tasks = []
+        if cfg.continuation is not None:
+            c = cfg.continuation
+            clean = cfg.heldout.clean if cfg.heldout is not None else "clean"
+            docs = perplexity.heldout_from_run(ctx.inputs[clean], ctx.inputs[shards_name].manifest.get("config", {}),
+                                               c.languages, c.max_documents, bar=ctx.bar)
+            items = continuation.build_items(docs, per_language=c.items_per_language, context_chars=c.context_chars,
+                                             continuation_chars=c.continuation_chars, choices=c.choices, seed=c.seed)
+            plan.continuation_items = {lang: len(v) for lang, v in items.items()}
+            short = [lang for lang, n in plan.continuation_items.items() if n == 0]
+            if short:
+                ctx.log(f"evaluate: continuation: no items for {', '.join(short)} (fewer than {c.choices} validation "
+                        "documents long enough)")
+            cont_dir = os.path.join(scratch, "tasks", "continuation")
+            plan.extra_tasks = continuation.write_tasks(items, cont_dir)
+            if plan.extra_tasks:
+                folders_.append(cont_dir)
+                ctx.log("evaluate: continuation task items: "
+                        + ", ".join(f"{lang} {n}" for lang, n in plan.continuation_items.items()))
+        plan.task_manager = harness.task_manager([*cfg.lm_eval.tasks, *plan.extra_tasks], folders_)
     return plan
 
 
@@ -195,6 +216,12 @@ def _one_model(cfg: Any, ctx: Any, out: Any, plan: Plan, m: Any, device: str, dt
         res = harness.evaluate(lm.model, lm.tokenizer, le.tasks, plan.task_manager, limit=le.limit,
                                num_fewshot=le.num_fewshot, batch_size=le.batch_size, max_length=lm.max_positions,
                                seed=cfg.seed, chat=le.chat)
+        if plan.extra_tasks:  # the generated continuation task: every item (lm_eval's limit is for the others)
+            more = harness.evaluate(lm.model, lm.tokenizer, plan.extra_tasks, plan.task_manager, limit=None,
+                                    num_fewshot=0, batch_size=le.batch_size, max_length=lm.max_positions,
+                                    seed=cfg.seed, chat=False)
+            for key in ("results", "n_samples", "versions"):
+                res[key] = {**res[key], **more[key]}
         flat.update(harness.flat_metrics(res["results"]))
         detail["lm_eval"] = res
         out.write_json(f"{m.name}/lm_eval.json", res)
@@ -270,7 +297,10 @@ def _write_report(cfg: Any, ctx: Any, out: Any, flat: dict[str, dict[str, Any]],
         sec = report.Section("lm-evaluation-harness", text=f"tasks: {', '.join(cfg.lm_eval.tasks)}; "
                              f"limit: {_num(cfg.lm_eval.limit)}; chance is 0.25 on 4-way multiple choice; brackets: the "
                              "95% Wilson interval of the accuracy over that many documents (a group's n sums its "
-                             "tasks').",
+                             "tasks')." + (" llmpipe_cont: the continuation-choice task generated from the run's "
+                                           "validation documents (never trained on), every item, items per language: "
+                                           + ", ".join(f"{k} {v}" for k, v in (plan.continuation_items or {}).items())
+                                           if plan.extra_tasks else ""),
                              tables=[report.Table(headers, rows)])
         if cfg.plots:
             name = report.plot_grouped({lb: {t: flat[lb][f"lm_eval_{t}_acc"] for t in tasks

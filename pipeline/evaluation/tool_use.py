@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pipeline.errors import InputError
@@ -28,12 +29,16 @@ from pipeline.evaluation.report import wilson
 MEASURES = ("valid", "name", "arguments", "abstain")
 
 
+BUILTIN = {"llmpipe:tools_eval": Path(__file__).parent / "tasks" / "tools_eval.jsonl"}  # shipped in the package
+
+
 def load_items(paths: list[str], max_items: int | None) -> list[dict[str, Any]]:
-    """``{"lang", "messages" (the prompt), "tools" (JSON text or None), "reference" [{name, arguments}]}`` items."""
+    """``{"lang", "messages" (the prompt), "tools" (JSON text or None), "reference" [{name, arguments}]}`` items;
+    ``llmpipe:tools_eval`` names the held-out kk/ru/en set shipped in the package."""
     from pipeline.training.posttrain.data import read_records, to_sft_example
 
     items: list[dict[str, Any]] = []
-    for path in paths:
+    for path in (str(BUILTIN.get(p, p)) for p in paths):
         n = 0
         for where, rec in read_records(path):
             ex = to_sft_example(rec, where)

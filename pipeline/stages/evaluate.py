@@ -113,10 +113,24 @@ class ToolUseEval(StrictModel):
     """Function calling on held-out tool-use conversations (chat models only): valid calls, right name, right
     arguments, right abstention, per language (pipeline/evaluation/tool_use.py)."""
 
-    files: list[str] = Field(..., min_length=1, description="tool-use conversations: chat records with tools (or "
+    files: list[str] = Field(..., min_length=1, description="tool-use conversations (llmpipe:tools_eval: the shipped kk/ru/en set): chat records with tools (or "
                                                             "xlam / glaive / hermes records), with a lang field")
     max_items: int | None = Field(None, ge=1, description="conversations per file (None: all)")
     max_new_tokens: int = Field(96, ge=8, le=4096, description="room for the answer and its calls")
+
+
+class ContinuationTask(StrictModel):
+    """A generated lm-eval task per language from the run's validation documents (never trained on): a passage's
+    opening and its true next words among endings from other documents (pipeline/evaluation/continuation.py)."""
+
+    languages: list[str] = Field(default_factory=lambda: ["kk", "ru", "en"], min_length=1)
+    items_per_language: int = Field(600, ge=10, description="at most this many items per language (500+ gives a 95% "
+                                                            "interval of about +-4 points)")
+    max_documents: int = Field(5000, ge=4, description="validation documents read per language")
+    context_chars: int = Field(240, ge=20, description="length of the opening, cut at a word boundary")
+    continuation_chars: int = Field(120, ge=10, description="length of each ending, cut at a word boundary")
+    choices: int = Field(4, ge=2, le=10)
+    seed: int = 0
 
 
 class EvaluateConfig(StrictModel):
@@ -126,6 +140,8 @@ class EvaluateConfig(StrictModel):
     generation: PromptGeneration | None = Field(default_factory=PromptGeneration, description="null: skip")
     lm_eval: LMEvalSettings | None = Field(default_factory=LMEvalSettings, description="null: skip")
     tool_use: ToolUseEval | None = Field(None, description="function-calling evaluation; null: skip")
+    continuation: ContinuationTask | None = Field(None, description="generated continuation-choice task per language, "
+                                                                    "run with lm_eval's settings; null: skip")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass for perplexity")
     max_length: int | None = Field(1024, ge=16, description="context of the raw-text windows (capped by the model's "
                                                             "positions; None: the model's)")
@@ -155,6 +171,9 @@ class EvaluateConfig(StrictModel):
         if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
             raise ValueError(f"stride {self.stride} must be below max_length {self.max_length} (max_length - 1 "
                              "is the one-token overlap): a window must keep at least one id of context")
+        if self.continuation is not None and self.lm_eval is None:
+            raise ValueError("continuation runs as lm-eval tasks: give lm_eval settings (e.g. lm_eval: {tasks: "
+                             "[llmpipe_mc]}) or set continuation: null")
         if not any((self.perplexity, self.heldout, self.generation, self.lm_eval, self.tool_use)):
             raise ValueError("perplexity, heldout, generation, lm_eval and tool_use are all null: nothing to evaluate")
         return self
@@ -172,8 +191,9 @@ class EvaluateStage(Stage):
         names: list[str] = [m.path for m in cfg.models]
         if cfg.perplexity is not None:
             names.append(cfg.perplexity.artifact)
-        if cfg.heldout is not None and cfg.heldout.from_run:
-            names += ["shards" if cfg.perplexity is None else cfg.perplexity.artifact, cfg.heldout.clean]
+        if (cfg.heldout is not None and cfg.heldout.from_run) or cfg.continuation is not None:
+            clean = cfg.heldout.clean if cfg.heldout is not None else "clean"
+            names += ["shards" if cfg.perplexity is None else cfg.perplexity.artifact, clean]
         return list(dict.fromkeys(names))
 
     def run(self, cfg: EvaluateConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:

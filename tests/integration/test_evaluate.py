@@ -46,6 +46,7 @@ def _eval_config(path: Path, **over) -> Path:
         "heldout": {"max_documents": 12},
         "generation": {"prompts": PROMPTS, "max_new_tokens": 6},
         "lm_eval": {"tasks": ["llmpipe_mc"], "limit": 6, "batch_size": 16},
+        "continuation": {"items_per_language": 30, "context_chars": 120, "continuation_chars": 60},
         "max_length": 128,
     }
     cfg.update(over)
@@ -91,6 +92,23 @@ def test_trained_model_beats_random_init_on_the_same_data(evaluated):
     assert manifest["metrics"]["best_val_loss_model"] in ("pretrain", "sft")
 
 
+def test_continuation_task_is_generated_from_validation_documents_and_run_whole(evaluated):
+    """The generated continuation-choice task runs every item (lm_eval's limit of 6 is for the shipped tasks), per
+    language, with the 95% interval beside each accuracy in the report."""
+    root, _, manifest = evaluated
+    res = json.loads((root / "eval" / "pretrain" / "lm_eval.json").read_text(encoding="utf-8"))
+    n = res["n_samples"]
+    langs = [k for k in n if k.startswith("llmpipe_cont_")]
+    assert langs and all(n[k]["effective"] > 6 for k in langs), n
+    for label in ("random", "pretrain", "sft"):
+        m = manifest["metrics"]["models"][label]
+        assert 0 <= m["lm_eval_llmpipe_cont_acc"] <= 1, m
+    print({lb: round(manifest["metrics"]["models"][lb]["lm_eval_llmpipe_cont_acc_norm"], 3)
+           for lb in ("random", "pretrain", "sft")})
+    report = (root / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "llmpipe_cont_" in report and re.search(r"\| 0\.\d{3} \[0\.\d\d, [01]\.\d\d\] \|", report)
+
+
 def test_lm_eval_runs_the_shipped_tasks_with_the_limit(evaluated):
     root, _, manifest = evaluated
     for label, m in manifest["metrics"]["models"].items():
@@ -98,7 +116,7 @@ def test_lm_eval_runs_the_shipped_tasks_with_the_limit(evaluated):
             for metric in ("acc", "acc_norm"):
                 assert 0.0 <= m[f"lm_eval_{task}_{metric}"] <= 1.0, (label, task, metric)
         raw = json.loads((root / "eval" / label / "lm_eval.json").read_text(encoding="utf-8"))
-        assert {t: n["effective"] for t, n in raw["n_samples"].items()} == {
+        assert {t: n["effective"] for t, n in raw["n_samples"].items() if not t.startswith("llmpipe_cont")} == {
             "llmpipe_mc_kk": 6, "llmpipe_mc_ru": 6, "llmpipe_mc_en": 6}
         # accuracy is a share of 6 answers
         assert round(m["lm_eval_llmpipe_mc_kk_acc"] * 6, 6) == int(round(m["lm_eval_llmpipe_mc_kk_acc"] * 6))
@@ -156,7 +174,7 @@ def test_same_seed_same_sampled_generations(evaluated, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
     small = _eval_config(tmp_path / "e.yaml", models=[{"path": "models/pretrain", "label": "pretrain"}],
-                         perplexity=None, heldout=None, lm_eval=None)
+                         perplexity=None, heldout=None, lm_eval=None, continuation=None)
     assert main(["run", "evaluate", "-c", str(small), "--root", str(copy), "--no-progress"]) == 0
     after = json.loads((copy / "eval" / "pretrain" / "generations.json").read_text(encoding="utf-8"))
     assert [g["sampled"]["text"] for g in after] == [g["sampled"]["text"] for g in before]

@@ -137,3 +137,6 @@ def test_eval_items_from_the_held_out_fixture():
     assert len(items) == 54 and {i["lang"] for i in items} == {"kk", "ru", "en"}
     assert sum(1 for i in items if not i["reference"]) == 9  # the no-tool requests
     assert all(i["messages"][-1]["role"] == "user" for i in items)
+    assert load_items(["llmpipe:tools_eval"], None) == [{**i, "where": i["where"].replace(
+        str(FIXTURES / "tools_eval.jsonl"), str(Path(__file__).resolve().parents[2] / "pipeline" / "evaluation" /
+                                                "tasks" / "tools_eval.jsonl"))} for i in items]
