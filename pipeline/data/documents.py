@@ -90,6 +90,17 @@ class DocumentSet:
     def __len__(self) -> int:
         return sum(p["rows"] for p in self.parts)
 
+    @property
+    def columns(self) -> list[str]:
+        """The column names of the parts (read from the first part's schema; [] when there are no parts)."""
+        if not self.parts:
+            return []
+        try:
+            with self.artifact.open(self.parts[0]["file"], "rb") as fh:
+                return list(pq.ParquetFile(fh).schema_arrow.names)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"cannot read {self.artifact.url(self.parts[0]['file'])}: {exc}") from None
+
     def iter_batches(
         self, start: int = 0, stop: int | None = None, columns: list[str] | None = None, batch_size: int = 1024
     ) -> Iterator[dict[str, list[Any]]]:

@@ -35,6 +35,9 @@ class PackingConfig(StrictModel):
     blocks_per_shard: int = Field(8192, ge=1)
     add_bos: bool = True
     add_eos: bool = True
+    val_by_language: bool = Field(True, description="also write each language's validation documents as split "
+                                                    "val_<lang> (pretraining reports loss and bits per byte per "
+                                                    "language); ~val_fraction more storage")
     seed: int = 0
 
 
@@ -80,39 +83,60 @@ class Packer:
         self._post = [eos_id] if cfg.add_eos else []
         self.framing = [name for name, on in (("bos", cfg.add_bos), ("eos", cfg.add_eos)) if on]
         self.seq_len = cfg.seq_len
-        self.writers = {
-            s: ShardWriter(fs, dirpath, s, rank, cfg.seq_len, self.dtype, cfg.blocks_per_shard) for s in SPLITS
-        }
-        self._tail = {s: np.zeros(0, dtype=self.dtype) for s in SPLITS}
-        self.documents = {s: 0 for s in SPLITS}
-        self.empty_documents = {s: 0 for s in SPLITS}
-        self.doc_tokens = {s: 0 for s in SPLITS}  # the documents' own tokens, without BOS/EOS
-        self.stream_tokens = {s: 0 for s in SPLITS}  # with BOS/EOS: what was packed (blocks + dropped tail)
+        self.writers: dict[str, ShardWriter] = {}
+        self._tail: dict[str, np.ndarray] = {}
+        self.documents: dict[str, int] = {}
+        self.empty_documents: dict[str, int] = {}
+        self.doc_tokens: dict[str, int] = {}  # the documents' own tokens, without BOS/EOS
+        self.stream_tokens: dict[str, int] = {}  # with BOS/EOS: what was packed (blocks + dropped tail)
+        self.doc_bytes: dict[str, int] = {}  # UTF-8 bytes of the documents' text (bits per byte)
+        for split in SPLITS:
+            self._open(split)
         self._encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
         self._closed: dict[str, Any] | None = None
 
+    def _open(self, split: str) -> None:
+        if split in self.writers:
+            return
+        self.writers[split] = ShardWriter(self.fs, self.dirpath, split, self.rank, self.seq_len, self.dtype,
+                                          self.cfg.blocks_per_shard)
+        self._tail[split] = np.zeros(0, dtype=self.dtype)
+        for counter in (self.documents, self.empty_documents, self.doc_tokens, self.stream_tokens, self.doc_bytes):
+            counter[split] = 0
+
     # ---------------------------------------------------------------------------- feeding
-    def add(self, ids: list[str], texts: list[str]) -> None:
-        """Pack one batch of documents (``ids[i]`` names ``texts[i]``)."""
+    def add(self, ids: list[str], texts: list[str], langs: list[str | None] | None = None) -> None:
+        """Pack one batch of documents (``ids[i]`` names ``texts[i]``, in language ``langs[i]``: with
+        ``val_by_language``, a validation document also goes to split ``val_<lang>``)."""
         if self._closed is not None:
             raise ValueError("add() after close()")
-        if len(ids) != len(texts):
-            raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+        if len(ids) != len(texts) or (langs is not None and len(langs) != len(texts)):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts" + (f" and {len(langs)} languages" if langs else ""))
         if not texts:
             return
         cfg = self.cfg
         encodings = self._encode(list(texts), add_special_tokens=False)
         id_lists = [e.ids for e in encodings]
+        nbytes = [len(t.encode("utf-8")) for t in texts]
         if cfg.val_fraction > 0:
             val = [route_to_val(str(d), cfg.val_fraction, cfg.seed) for d in ids]
             if any(val):
-                self._append("val", [lst for lst, v in zip(id_lists, val) if v])
+                self._append("val", [lst for lst, v in zip(id_lists, val) if v], [b for b, v in zip(nbytes, val) if v])
+                if langs is not None and cfg.val_by_language:
+                    for lang in sorted({str(g) for g, v in zip(langs, val) if v and g}):
+                        pick = [v and g == lang for g, v in zip(langs, val)]
+                        split = f"val_{lang}"
+                        self._open(split)
+                        self._append(split, [lst for lst, k in zip(id_lists, pick) if k],
+                                     [b for b, k in zip(nbytes, pick) if k])
                 id_lists = [lst for lst, v in zip(id_lists, val) if not v]
-        self._append("train", id_lists)
+                nbytes = [b for b, v in zip(nbytes, val) if not v]
+        self._append("train", id_lists, nbytes)
 
-    def _append(self, split: str, id_lists: list[list[int]]) -> None:
+    def _append(self, split: str, id_lists: list[list[int]], nbytes: list[int] | None = None) -> None:
         if not id_lists:
             return
+        self.doc_bytes[split] += sum(nbytes or [])
         n = len(id_lists)
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=n)
         empty = int(np.count_nonzero(lengths == 0))
@@ -155,7 +179,7 @@ class Packer:
         if self._closed is not None:
             return self._closed
         infos: dict[str, list[ShardInfo]] = {s: w.close() for s, w in self.writers.items()}
-        blocks = {s: sum(i.blocks for i in infos[s]) for s in SPLITS}
+        blocks = {s: sum(i.blocks for i in infos[s]) for s in infos}
         self._closed = {
             "rank": self.rank,
             "seq_len": self.seq_len,
@@ -168,10 +192,11 @@ class Packer:
             "empty_documents": dict(self.empty_documents),
             "document_tokens": dict(self.doc_tokens),
             "stream_tokens": dict(self.stream_tokens),
+            "document_bytes": dict(self.doc_bytes),
             "blocks": blocks,
-            "tokens": {s: blocks[s] * self.seq_len for s in SPLITS},
-            "dropped_tail_tokens": {s: int(len(self._tail[s])) for s in SPLITS},
-            "shards": {s: [i.to_dict() for i in infos[s]] for s in SPLITS},
+            "tokens": {s: blocks[s] * self.seq_len for s in infos},
+            "dropped_tail_tokens": {s: int(len(self._tail[s])) for s in infos},
+            "shards": {s: [i.to_dict() for i in infos[s]] for s in infos},
         }
         return self._closed
 
@@ -182,7 +207,7 @@ class Packer:
 
 # ------------------------------------------------------------------------------------ merge
 
-_SUMMED = ("documents", "empty_documents", "document_tokens", "stream_tokens", "dropped_tail_tokens")
+_SUMMED = ("documents", "empty_documents", "document_tokens", "stream_tokens", "document_bytes", "dropped_tail_tokens")
 
 
 def merge_indexes(

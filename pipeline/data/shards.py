@@ -132,6 +132,7 @@ class SplitIndex(_IndexModel):
     empty_documents: int | None = None
     document_tokens: int | None = None
     stream_tokens: int | None = None
+    document_bytes: int | None = None  # UTF-8 bytes of the documents' text: bits per byte = loss x tokens / bytes
     dropped_tail_tokens: int | None = None
 
     @model_validator(mode="after")

@@ -90,8 +90,10 @@ class PackStage(ShardedStage):
                 raise InputError(f"the tokenizer has no {key[:3]} token but pack.add_{key[:3]} is true")
         packer = Packer(tokenizer, cfg, out.fs, out.path(), ctx.rank, **special)
         with ctx.bar(total=stop - start, desc="pack", unit=" doc") as bar:
-            for batch in clean.iter_batches(start, stop, columns=["id", "text"], batch_size=cfg.batch_size):
-                packer.add(batch["id"], batch["text"])
+            with_lang = cfg.val_by_language and "lang" in clean.columns
+            columns = ["id", "text", "lang"] if with_lang else ["id", "text"]
+            for batch in clean.iter_batches(start, stop, columns=columns, batch_size=cfg.batch_size):
+                packer.add(batch["id"], batch["text"], batch["lang"] if with_lang else None)
                 bar.update(len(batch["id"]))
         stats = packer.close()
         for split in stats["shards"].values():

@@ -47,6 +47,12 @@ class PretrainStage(Stage):
             ("val perplexity", m.get("val_perplexity")),
             ("tokens/s", m.get("tokens_per_s")),
         ]
+        langs = sorted(k[len("val_loss_"):] for k in m if k.startswith("val_loss_"))
+        if langs:
+            rows.append(("val loss per language", ", ".join(
+                f"{lang} {m[f'val_loss_{lang}']:.4f}" + (f" ({m[f'val_bpb_{lang}']:.3f} bits/byte)"
+                                                          if m.get(f"val_bpb_{lang}") is not None else "")
+                for lang in langs)))
         if m.get("mfu") is not None:
             rows.append(("MFU", m["mfu"]))
         if m.get("data_wait_fraction") is not None:

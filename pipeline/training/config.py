@@ -61,9 +61,10 @@ class PretrainConfig(StrictModel):
     seed: int = 0
     shuffle: bool = True
     document_masking: bool = Field(
-        False, description="attend only within each document of a packed block (position ids restart per document: "
-                           "a block-diagonal mask with sdpa/eager, the varlen kernel with flash_attention_2); false: "
-                           "blocks are attended whole, across document boundaries (see docs/benchmarks.md)")
+        True, description="attend only within each document of a packed block (position ids restart per document: "
+                          "a block-diagonal mask with sdpa/eager, the varlen kernel with flash_attention_2), as the "
+                          "model is used at inference; false: blocks are attended whole, across document boundaries. "
+                          "Default from the experiment in docs/benchmarks.md")
     # -- kernels (how fast it runs, not what it learns)
     attention: Literal["sdpa", "flash_attention_2", "eager"] = ExecField(
         "sdpa", description="attention kernel: sdpa (PyTorch's, flash/memory-efficient on GPU), flash_attention_2 "

@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -447,8 +448,10 @@ class MetricsCallback(TrainerCallback):
     validation loss, to ``metrics.jsonl`` and one log line each (rank 0)."""
 
     def __init__(self, trainer: PretrainTrainer, log: JsonlLog, *, tokens_per_step: int, world: int, fpt: float,
-                 peak: float | None, cuda: bool, ctx: Any, clock: StepClock | None = None):
+                 peak: float | None, cuda: bool, ctx: Any, clock: StepClock | None = None,
+                 tokens_per_byte: dict[str, float] | None = None):
         self.trainer, self.log, self.tokens_per_step, self.world = trainer, log, tokens_per_step, world
+        self.tokens_per_byte = tokens_per_byte
         self.fpt, self.peak, self.cuda, self.ctx = fpt, peak, cuda, ctx
         self.clock = clock or StepClock(cuda)
         self.last: dict[str, Any] = {}
@@ -465,13 +468,20 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = dict(logs or {})
         step = state.global_step
-        if "eval_loss" in logs:
-            loss = float(logs["eval_loss"])
-            rec = {"kind": "eval", "step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
-            self.last.update(val_loss=rec["val_loss"], val_perplexity=rec["val_perplexity"])
+        found = eval_metrics(logs, self.tokens_per_byte)
+        if found:
+            rec = {"kind": "eval", "step": step, **found}
+            self.last.update(found)
             self.log.write(rec)
             if self.log.enabled:
-                self.ctx.log(f"step {step}: val loss {loss:.4f}  ppl {rec['val_perplexity']:.2f}")
+                if "val_loss" in found:
+                    self.ctx.log(f"step {step}: val loss {found['val_loss']:.4f}  ppl {found['val_perplexity']:.2f}"
+                                 + (f"  {found['val_bpb']:.3f} bits/byte" if found.get("val_bpb") else ""))
+                else:
+                    lang = next(k for k in found if k.startswith("val_loss_"))[len("val_loss_"):]
+                    bpb = found.get(f"val_bpb_{lang}")
+                    self.ctx.log(f"step {step}: val {lang} loss {found[f'val_loss_{lang}']:.4f}"
+                                 + (f"  {bpb:.3f} bits/byte" if bpb else ""))
             return
         if "loss" not in logs:
             if "train_runtime" in logs:
@@ -493,6 +503,33 @@ class MetricsCallback(TrainerCallback):
             self.ctx.log(f"step {step}: loss {rec['loss']:.4f}  lr {rec['lr']:.3g}  grad norm {gn}  "
                          f"tok/s {tps or 0:,.0f}" + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else "")
                          + wait)
+
+
+_EVAL_LOSS = re.compile(r"^eval_(?:(.+)_)?loss$")
+
+
+def eval_metrics(logs: dict[str, Any], tokens_per_byte: dict[str, float] | None = None) -> dict[str, float]:
+    """Validation numbers from a Trainer evaluation's logs: ``eval_loss`` / ``eval_val_loss`` -> ``val_loss``,
+    ``val_perplexity`` and ``val_bpb``; ``eval_<lang>_loss`` (the per-language splits) -> ``val_loss_<lang>``,
+    ``val_bpb_<lang>``. Bits per byte = loss / ln 2 x the split's packed tokens per UTF-8 byte of its documents (BOS
+    and EOS included in the tokens; a block's dropped tail makes it approximate by well under 1%)."""
+    per_byte = tokens_per_byte or {}
+    out: dict[str, float] = {}
+    for key, value in logs.items():
+        m = _EVAL_LOSS.match(key)
+        if not m or not isinstance(value, (int, float)):
+            continue
+        name, loss = m.group(1) or "val", float(value)
+        bpb = loss / math.log(2) * per_byte[name] if name in per_byte else None
+        if name == "val":
+            out.update(val_loss=loss, val_perplexity=math.exp(min(loss, 50.0)))
+            if bpb is not None:
+                out["val_bpb"] = bpb
+        else:
+            out[f"val_loss_{name}"] = loss
+            if bpb is not None:
+                out[f"val_bpb_{name}"] = bpb
+    return out
 
 
 class GenerationCallback(TrainerCallback):
@@ -551,10 +588,19 @@ class PretrainData:
     seq_len: int
     accum: int  # gradient accumulation steps
     boundaries: tuple[int | None, int | None] = (None, None)  # (document start id, document end id)
+    val_langs: dict[str, torch.utils.data.Subset] | None = None  # language -> its validation blocks (val_<lang>)
+    tokens_per_byte: dict[str, float] | None = None  # "val" and each language: packed tokens per UTF-8 byte
 
     @property
     def vocab_size(self) -> int:
         return max(d.vocab_size for d in self.train)
+
+    def eval_sets(self) -> Any:
+        """What the Trainer evaluates: the validation blocks, or with per-language splits a dict ``{"val": ...,
+        "<lang>": ...}`` (metrics ``eval_<name>_loss``)."""
+        if self.val is None or not self.val_langs:
+            return self.val
+        return {"val": self.val, **self.val_langs}
 
 
 def open_data(cfg: Any, ctx: Any) -> PretrainData:
@@ -578,11 +624,21 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
                              "document went to validation): nothing to train on")
         if len(d) < ctx.world:
             raise InputError(f"phase {ph.name}: {ph.shards}/ has {len(d)} training blocks, fewer than {ctx.world} ranks")
-    val = None
+    val, val_langs, per_byte = None, {}, {}
     if vals:
         v = vals[-1]  # the validation split of the latest phase's data
-        n = len(v) if cfg.eval_max_blocks is None else min(len(v), cfg.eval_max_blocks)
-        val = torch.utils.data.Subset(v, range(n))
+
+        def capped(ds: PackedDataset) -> torch.utils.data.Subset:
+            return torch.utils.data.Subset(ds, range(len(ds) if cfg.eval_max_blocks is None else
+                                                     min(len(ds), cfg.eval_max_blocks)))
+
+        val = capped(v)
+        url = ctx.inputs[plan[-1].shards].url()
+        for name, split in sorted(v.index["splits"].items()):
+            if split.get("stream_tokens") and split.get("document_bytes"):
+                per_byte["val" if name == "val" else name[4:]] = split["stream_tokens"] / split["document_bytes"]
+            if name.startswith("val_") and split.get("blocks"):
+                val_langs[name[4:]] = capped(PackedDataset(url, name, storage_options=opts, verify=False))
     boundaries = {d.document_boundaries() for d in datasets}
     if cfg.document_masking:
         if len(boundaries) != 1:
@@ -591,7 +647,7 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
         if boundaries == {(None, None)}:
             raise InputError("document_masking needs documents framed by bos or eos tokens, but these shards were packed "
                              "with add_bos and add_eos false: repack with either, or set document_masking: false")
-    return PretrainData(plan, datasets, val, seq_len, accum, boundaries.pop())
+    return PretrainData(plan, datasets, val, seq_len, accum, boundaries.pop(), val_langs or None, per_byte or None)
 
 
 def model_folders(cfg: Any, ctx: Any, tmp: str) -> tuple[str, str]:
@@ -706,7 +762,8 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
                          start_index=start.index)
     batches = Collate(*data.boundaries, document_masking=cfg.document_masking,
                       flatten=cfg.document_masking and cfg.attention == "flash_attention_2")
-    trainer = PretrainTrainer(model=model, args=args, train_dataset=stream, eval_dataset=data.val, data_collator=batches,
+    trainer = PretrainTrainer(model=model, args=args, train_dataset=stream, eval_dataset=data.eval_sets(),
+                              data_collator=batches,
                               processing_class=tokenizer, stream=stream, checkpoints=checkpoints,
                               schedule=lr_multiplier(cfg, total), workers=dataloader_workers(cfg))
     n_all, fpt = model_size(model, data.seq_len)
@@ -718,7 +775,7 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     trainer.step_clock = StepClock(cuda)
     trainer.metrics_callback = MetricsCallback(trainer, metrics_log, tokens_per_step=cfg.global_batch_tokens,
                                                world=world, fpt=fpt, peak=peak, cuda=cuda, ctx=ctx,
-                                               clock=trainer.step_clock)
+                                               clock=trainer.step_clock, tokens_per_byte=data.tokens_per_byte)
     trainer.generation_callback = GenerationCallback(cfg.generation, tokenizer,
                                                      JsonlLog(checkpoints.root / GENERATIONS_FILE, main),
                                                      synced=cfg.zero_stage == 3 and world > 1)
@@ -743,12 +800,11 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
 def final_evaluation(cfg: Any, trainer: PretrainTrainer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(val_loss and val_perplexity at the last step, the last step's generations): the last periodic evaluation
     when it ran at that step, else one now."""
-    step, last, final_eval = trainer.state.global_step, trainer.metrics_callback.last, {}
-    if trainer.eval_dataset is not None and "val_loss" in last and step % (cfg.eval_every or cfg.total_steps) == 0:
-        final_eval = {"val_loss": last["val_loss"], "val_perplexity": last["val_perplexity"]}
+    step, mcb, final_eval = trainer.state.global_step, trainer.metrics_callback, {}
+    if trainer.eval_dataset is not None and "val_loss" in mcb.last and step % (cfg.eval_every or cfg.total_steps) == 0:
+        final_eval = {k: v for k, v in mcb.last.items() if k.startswith("val_")}
     elif trainer.eval_dataset is not None:
-        ev = trainer.evaluate()
-        final_eval = {"val_loss": ev["eval_loss"], "val_perplexity": math.exp(min(ev["eval_loss"], 50.0))}
+        final_eval = eval_metrics(trainer.evaluate(), mcb.tokens_per_byte)
     gens = trainer.generation_callback.generate(trainer.model, step) if cfg.generation.prompts else []
     return final_eval, gens
 

@@ -92,6 +92,27 @@ def test_trained_model_beats_random_init_on_the_same_data(evaluated):
     assert manifest["metrics"]["best_val_loss_model"] in ("pretrain", "sft")
 
 
+def test_pretraining_tracked_validation_per_language(trained):
+    """pack wrote each language's validation documents as val_<lang>; pretraining evaluated them every eval
+    interval: loss and bits per byte per language in metrics.jsonl (hence MLflow) and the manifest."""
+    import math
+
+    _, root = trained
+    index = json.loads((root / "shards" / "index.json").read_text(encoding="utf-8"))
+    langs = sorted(s[4:] for s in index["splits"] if s.startswith("val_"))
+    assert langs and set(langs) <= {"kk", "ru", "en"}
+    assert sum(index["splits"][f"val_{g}"]["documents"] for g in langs) == index["splits"]["val"]["documents"]
+    m = json.loads((root / "models" / "pretrain" / "manifest.json").read_text(encoding="utf-8"))["metrics"]
+    per_byte = index["splits"]["val"]["stream_tokens"] / index["splits"]["val"]["document_bytes"]
+    assert m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2) * per_byte)
+    evals = [json.loads(line) for line in (root / "models" / "pretrain" / "train_metrics.jsonl").read_text(
+        encoding="utf-8").splitlines() if '"kind": "eval"' in line]
+    for lang in langs:
+        if index["splits"][f"val_{lang}"]["blocks"]:
+            assert 0 < m[f"val_loss_{lang}"] < 20 and m[f"val_bpb_{lang}"] > 0
+            assert {r["step"] for r in evals if f"val_loss_{lang}" in r} == {15, 30}
+
+
 def test_continuation_task_is_generated_from_validation_documents_and_run_whole(evaluated):
     """The generated continuation-choice task runs every item (lm_eval's limit of 6 is for the shipped tasks), per
     language, with the 95% interval beside each accuracy in the report."""

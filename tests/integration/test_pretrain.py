@@ -200,7 +200,7 @@ def test_pretrain_in_process_learns_and_exports(run_root, tmp_path):
     evals = _records(run_root, "eval")
     assert evals, "no validation records"
     assert m["optimizer"] == "AdamW" and m["offload"] is False
-    assert m["dataloader_workers"] == 0 and m["document_masking"] is False  # the CPU defaults
+    assert m["dataloader_workers"] == 0 and m["document_masking"] is True  # the defaults on CPU
     from pipeline.stages import get_stage
 
     rows = dict(get_stage("pretrain").summary(m))
