@@ -309,3 +309,36 @@ def test_load_reference_file_or_folder(tok, tmp_path):
     b = load_reference(str(tmp_path / "tokenizer.json"))
     assert a.get_vocab() == b.get_vocab() == tok.get_vocab()
     assert json.loads(a.to_str())["model"]["type"] == "BPE"
+
+
+def test_an_extended_qwen_tokenizer_keeps_its_regex_and_its_gguf_preset(tmp_path):
+    """A tokenizer extended from a Qwen-family base keeps the base's pre-tokenizer (Qwen 2's regex: one digit per
+    pre-token), so the GGUF says qwen2, not llama-bpe; ours says llama-bpe; round 1's regex has no preset."""
+    import json
+
+    from pipeline.quantization.gguf_export import _pre_name
+
+    qwen_like = train_bpe({"en": EN * 30}, small_cfg(vocab_size=320, mix={"en": 1.0}, pretokenizer="qwen2"))
+    cfg = small_cfg(mix={"kk": 1.0}, extend=ExtendConfig(base="unused", new_tokens=40))
+    ext, added = extend_tokenizer(qwen_like, {"kk": KK * 10}, cfg)
+    assert added
+    save_hf(ext, cfg, str(tmp_path / "ext"))
+    raw = json.loads((tmp_path / "ext" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert _pre_name(raw)[0] == "qwen2"
+    assert ext.encode("2024", add_special_tokens=False).tokens == ["2", "0", "2", "4"]
+    save_hf(train_bpe(corpus(), small_cfg()), small_cfg(), str(tmp_path / "ours"))
+    assert _pre_name(json.loads((tmp_path / "ours" / "tokenizer.json").read_text(encoding="utf-8")))[0] == "llama-bpe"
+
+
+def test_lm_eval_is_told_to_add_bos_when_the_tokenizer_does(hf_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.evaluation.harness import adds_bos
+
+    assert adds_bos(AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True))
+    nobos = small_cfg(add_bos=False)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(train_bpe(corpus(), nobos), nobos, tmp)
+        assert not adds_bos(AutoTokenizer.from_pretrained(tmp, local_files_only=True))
