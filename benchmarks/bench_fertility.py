@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="TokenizerConfig override, e.g. --set min_frequency=3")
     ap.add_argument("--json", help="write the full report here")
     ap.add_argument("--save", help="also save our tokenizer (HF layout) into this folder")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also write a GGUF with our tokenizer (and a 1-layer random model) and count the held-out "
+                         "documents llama.cpp itself tokenizes into exactly our ids (needs llama-cpp-python: "
+                         "make test-llamacpp)")
     args = ap.parse_args(argv)
 
     from pipeline.data.tokenization import fertility_report, format_report_markdown, load_reference, save_hf, train_bpe
@@ -105,7 +109,45 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     if args.save:
         save_hf(ours, cfg, args.save)
+    if args.llamacpp:
+        report["llamacpp_identical"] = llamacpp_identical(ours, cfg, heldout)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return 0 if passed else 1
+
+
+def llamacpp_identical(ours: object, cfg: TokenizerConfig, heldout: dict[str, list[str]]) -> dict[str, list[int]]:
+    """{lang: [documents llama.cpp tokenizes into exactly our ids, documents]} through a GGUF written by our exporter
+    (tokenizer.ggml.pre from our regex); printed one line per language."""
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data.tokenization import save_hf
+    from pipeline.quantization import gguf_export, quality
+
+    if quality.llama_cpp_version() is None:
+        print("bench_fertility: --llamacpp needs llama-cpp-python (make test-llamacpp)", file=sys.stderr)
+        return {}
+    out: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(ours, cfg, tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        path = os.path.join(tmp, "vocab.gguf")
+        gguf_export.write_gguf(path, model.state_dict(), model.config, tmp, "F16")
+        print()
+        for lang, docs in heldout.items():
+            mine = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+            theirs = quality.llamacpp_tokenize(path, docs)
+            out[lang] = [sum(a == b for a, b in zip(mine, theirs)), len(docs)]
+            print(f"llama.cpp tokenizes {lang} held-out text into our ids: {out[lang][0]}/{out[lang][1]} documents")
+    return out
 
 
 if __name__ == "__main__":
