@@ -24,8 +24,18 @@ import yaml
 GROUP = "llmpipe_cont"
 
 
+MIN_WORDS = 8  # a document shorter than one passage still gives one item when it has this many words
+
+
 def _passages(text: str, context_chars: int, continuation_chars: int) -> list[tuple[str, str]]:
+    """Consecutive (opening, next words) pairs of a document; a short document (a proverb, a UI string) gives one
+    pair: its first two thirds of words and the rest."""
     words = text.split()
+    if len(" ".join(words)) < context_chars + continuation_chars // 2:
+        if len(words) < MIN_WORDS:
+            return []
+        cut = (2 * len(words)) // 3
+        return [(" ".join(words[:cut]), " ".join(words[cut:]))]
     out, i = [], 0
     while i < len(words):
         ctx, j = [], i

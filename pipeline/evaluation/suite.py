@@ -66,7 +66,8 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
 
     shards_name = cfg.perplexity.artifact if cfg.perplexity is not None else "shards"
     sample = None
-    if cfg.perplexity is not None or (cfg.heldout is not None and cfg.heldout.from_run) or cfg.continuation is not None:
+    if cfg.perplexity is not None or (cfg.heldout is not None and cfg.heldout.from_run) or (
+            cfg.continuation is not None and cfg.continuation.from_run):
         shards = ctx.inputs[shards_name]
         split = cfg.perplexity.split if cfg.perplexity is not None else "val"
         plan.val = PackedDataset(shards.url(), split, storage_options=ctx.storage.storage_options)
@@ -120,8 +121,13 @@ def prepare(cfg: Any, ctx: Any, scratch: str) -> Plan:
         if cfg.continuation is not None:
             c = cfg.continuation
             clean = cfg.heldout.clean if cfg.heldout is not None else "clean"
-            docs = perplexity.heldout_from_run(ctx.inputs[clean], ctx.inputs[shards_name].manifest.get("config", {}),
-                                               c.languages, c.max_documents, bar=ctx.bar)
+            docs = {lang: [] for lang in c.languages}
+            if c.from_run:
+                docs = perplexity.heldout_from_run(ctx.inputs[clean], ctx.inputs[shards_name].manifest.get("config", {}),
+                                                   c.languages, c.max_documents, bar=ctx.bar)
+            for lang, paths in c.files.items():
+                docs.setdefault(lang, [])
+                docs[lang] += perplexity.read_text_files(paths)[: c.max_documents]
             items = continuation.build_items(docs, per_language=c.items_per_language, context_chars=c.context_chars,
                                              continuation_chars=c.continuation_chars, choices=c.choices, seed=c.seed)
             plan.continuation_items = {lang: len(v) for lang, v in items.items()}

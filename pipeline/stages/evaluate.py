@@ -124,6 +124,10 @@ class ContinuationTask(StrictModel):
     opening and its true next words among endings from other documents (pipeline/evaluation/continuation.py)."""
 
     languages: list[str] = Field(default_factory=lambda: ["kk", "ru", "en"], min_length=1)
+    from_run: bool = Field(True, description="use the clean/ documents that pack routed to validation")
+    files: dict[str, list[str]] = Field(default_factory=dict, description="language -> held-out .txt (blank-line "
+                                                                          "separated documents) or .jsonl files, "
+                                                                          "never trained on")
     items_per_language: int = Field(600, ge=10, description="at most this many items per language (500+ gives a 95% "
                                                             "interval of about +-4 points)")
     max_documents: int = Field(5000, ge=4, description="validation documents read per language")
@@ -171,6 +175,9 @@ class EvaluateConfig(StrictModel):
         if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
             raise ValueError(f"stride {self.stride} must be below max_length {self.max_length} (max_length - 1 "
                              "is the one-token overlap): a window must keep at least one id of context")
+        if self.continuation is not None and not self.continuation.from_run and not self.continuation.files:
+            raise ValueError("continuation.from_run is false and continuation.files is empty: no documents to build "
+                             "items from")
         if self.continuation is not None and self.lm_eval is None:
             raise ValueError("continuation runs as lm-eval tasks: give lm_eval settings (e.g. lm_eval: {tasks: "
                              "[llmpipe_mc]}) or set continuation: null")
@@ -191,7 +198,8 @@ class EvaluateStage(Stage):
         names: list[str] = [m.path for m in cfg.models]
         if cfg.perplexity is not None:
             names.append(cfg.perplexity.artifact)
-        if (cfg.heldout is not None and cfg.heldout.from_run) or cfg.continuation is not None:
+        if (cfg.heldout is not None and cfg.heldout.from_run) or (cfg.continuation is not None
+                                                                   and cfg.continuation.from_run):
             clean = cfg.heldout.clean if cfg.heldout is not None else "clean"
             names += ["shards" if cfg.perplexity is None else cfg.perplexity.artifact, clean]
         return list(dict.fromkeys(names))

@@ -32,7 +32,12 @@ SMALL: dict[str, dict] = {
     "dpo": {"max_steps": 4, "max_length": 128, "log_every": 2, "generation": {"max_new_tokens": 6}},
     "reward": {"max_steps": 4, "max_length": 128, "log_every": 2},
     "evaluate": {"perplexity": {"max_blocks": 4}, "heldout": {"max_documents": 4}, "max_length": 64,
-                 "generation": {"max_new_tokens": 6}, "lm_eval": {"limit": 4}},
+                 "generation": {"max_new_tokens": 6}, "lm_eval": {"limit": 4},
+                 # the run's validation documents only (the fixtures have no fetch_corpus held-out files)
+                 "continuation": {"files": {"kk": [], "ru": [], "en": []}, "items_per_language": 20,
+                                  "context_chars": 60, "continuation_chars": 30},
+                 "tool_use": {"files": [str(REPO / "tests" / "fixtures" / "posttrain" / "tools_eval.jsonl")],
+                              "max_items": 6, "max_new_tokens": 12}},
     "quantize": {"max_blocks": 2, "llamacpp": "off", "greedy_tokens": 4},
 }
 
@@ -104,6 +109,15 @@ def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
     assert phases["strict"]["steps"] == [8, 12]
     assert float(champ.tags["metric.val_perplexity"]) == pytest.approx(
         storage.manifest("eval")["metrics"]["models"]["dpo"]["val_perplexity"])
+    # the demo's SFT trained on the tool-use fixture too, and evaluate scored function calling and the generated
+    # continuation task for the chat models; the numbers are tags the promote gates can use
+    assert storage.manifest("models/sft")["metrics"]["tool_conversations"] > 0
+    ev = storage.manifest("eval")["metrics"]["models"]
+    for label in ("sft", "dpo"):
+        assert 0 <= ev[label]["tool_arguments"] <= 1 and 0 <= ev[label]["tool_abstain_kk"] <= 1
+        assert 0 <= ev[label]["lm_eval_llmpipe_cont_acc_norm"] <= 1
+    assert "tool_arguments" not in ev["pretrain"]  # a base model is not asked to call tools
+    assert float(champ.tags["metric.tool_valid"]) == ev["dpo"]["tool_valid"]
     # one parent run with a nested run per stage
     runs = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id], max_results=200)
     parent = [r for r in runs if r.data.tags.get("llmpipe.kind") == "pipeline"]

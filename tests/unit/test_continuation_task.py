@@ -46,3 +46,14 @@ def test_task_files_load_in_lm_eval(tmp_path):
     assert {GROUP, f"{GROUP}_kk", f"{GROUP}_en"} <= set(tm.all_tasks)
     rows = [json.loads(line) for line in (tmp_path / f"{GROUP}_kk.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 20 and set(rows[0]) == {"context", "choices", "answer", "doc"}
+
+
+def test_short_documents_give_one_item_each():
+    """A document shorter than one passage (a proverb) still gives an item: its first two thirds and the rest;
+    one of fewer than 8 words gives none."""
+    docs = [" ".join(f"r{d}w{i}" for i in range(9)) for d in range(5)] + ["too short"]
+    items = build_items({"ru": docs}, per_language=100, context_chars=200, continuation_chars=100)["ru"]
+    assert len(items) == 5
+    it = items[0]
+    assert len(it["context"].split()) == 6 and len(it["choices"][it["answer"]].split()) == 3
+
