@@ -299,8 +299,10 @@ def chat_template(start: str = "<|im_start|>", end: str = "<|im_end|>", *, bos: 
             f"{{{{ '{end}\\n' }}}}"
             "{%- endif %}"
         )
+    # Qwen 2.5's constructs (loop.index0 lookups, namespace, tojson): what llama.cpp's Jinja engine runs for its GGUFs
     parts.append(
-        "{%- for message in messages[ns.first:] %}"
+        "{%- for message in messages %}"
+        "{%- if not (loop.first and ns.first) %}"
         "{%- set content = message['content'] if message['content'] is string else '' %}"
         "{%- if message['role'] == 'assistant' %}"
         f"{{{{ '{start}assistant\\n' }}}}{gen_open}{{{{ content }}}}"
@@ -313,11 +315,14 @@ def chat_template(start: str = "<|im_start|>", end: str = "<|im_end|>", *, bos: 
         "{%- endfor %}"
         f"{{{{ '{end}' }}}}{gen_close}{{{{ '\\n' }}}}"
         "{%- elif message['role'] == 'tool' %}"
-        f"{{%- if loop.first or loop.previtem['role'] != 'tool' %}}{{{{ '{start}user' }}}}{{%- endif %}}"
+        "{%- if loop.index0 == ns.first or messages[loop.index0 - 1]['role'] != 'tool' %}"
+        f"{{{{ '{start}user' }}}}{{%- endif %}}"
         "{{ '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}"
-        f"{{%- if loop.last or loop.nextitem['role'] != 'tool' %}}{{{{ '{end}\\n' }}}}{{%- endif %}}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}"
+        f"{{{{ '{end}\\n' }}}}{{%- endif %}}"
         "{%- else %}"
         f"{{{{ '{start}' + message['role'] + '\\n' + content + '{end}\\n' }}}}"
+        "{%- endif %}"
         "{%- endif %}"
         "{%- endfor %}"
         f"{{%- if add_generation_prompt %}}{{{{ '{start}assistant\\n' }}}}{{%- endif %}}"
