@@ -30,7 +30,9 @@ from pipeline.errors import ConfigError
 class StrictModel(BaseModel):
     """Base for every config object: unknown keys are errors, assignment is validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused in every float field: no setting of ours means anything infinite (--set lr=.inf
+    # would train into nan and fail much later)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 EXECUTION_ONLY = "execution_only"
@@ -64,6 +66,69 @@ def distinct_io(cfg: Any) -> Any:
 # --------------------------------------------------------------------------------- loading
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_CONFIG_VALUES = 100_000  # scalars, lists and mappings a config may hold once aliases are expanded
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML itself would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one mapping "
+                                  f"(first at line {seen[key] + 1}); YAML would keep the last silently")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values ``value`` holds with every shared (aliased) object counted each time it appears, computed
+    once per distinct object; stops counting past ``limit``."""
+    memo: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        key = id(v)
+        if key not in memo:
+            memo[key] = limit + 1  # a cycle counts as too big
+            children = v.values() if isinstance(v, dict) else v
+            total = 1
+            for c in children:
+                total += size(c)
+                if total > limit:
+                    break
+            memo[key] = total
+        return memo[key]
+
+    return size(value)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """A config file's YAML, bounded: at most MAX_CONFIG_BYTES of text and MAX_CONFIG_VALUES values once aliases are
+    expanded (a 400-byte alias bomb would otherwise expand to billions), no key twice in a mapping. ConfigError
+    with the file and line otherwise."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {source} is {len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
+    try:
+        loaded = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"config file {source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {source} nests too deeply") from None
+    n = _expanded_size(loaded, MAX_CONFIG_VALUES)
+    if n > MAX_CONFIG_VALUES:
+        raise ConfigError(f"config file {source} expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+                          "repeating lists?); a stage config is far smaller")
+    return loaded
 
 
 def _expand_env(value: Any, where: str) -> Any:
@@ -94,9 +159,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not parts:
         raise ConfigError(f"--set {assignment!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    except ConfigError as exc:
+        raise ConfigError(f"--set {assignment!r}: {exc}") from None
+    if _expanded_size(value, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"--set {key.strip()}=...: the value expands to more than {MAX_CONFIG_VALUES:,} values")
     node = data
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -151,11 +220,12 @@ def load_config(model: type[StrictModel], path: str | os.PathLike[str] | None, o
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+        loaded = parse_yaml(text, str(p))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
