@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import pipeline
 from pipeline import tracking
 from pipeline.config import StrictModel, config_hash
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import ShardedStage, Stage, StageContext
 from pipeline.stages import get_stage, producer
 from pipeline.storage import Artifact, Storage
@@ -126,10 +126,36 @@ def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str,
     """The one "up to date? else execute" decision: ``name`` is up to date when its manifest has this
     config's hash and these inputs' fingerprints (and passes ``also``); otherwise ``produce()`` makes it
     and returns its manifest."""
-    existing = storage.manifest(name)
+    existing = check_output(stage, storage, name)
     if not force and is_current(existing, config_hash(cfg), input_refs(inputs, stage, cfg)) and also(existing):  # type: ignore[arg-type]
         return Outcome(stage.name, "up to date", existing)  # type: ignore[arg-type]
     return Outcome(stage.name, "done", produce())
+
+
+RESERVED = {"mlflow": "the MLflow store", "checkpoints": "training checkpoints"}
+
+
+def check_output(stage: Stage, storage: Storage, name: str) -> dict[str, Any] | None:
+    """The committed manifest at ``name`` (or None), after making sure ``stage`` may write there, before anything is
+    deleted: not a folder the platform owns (``mlflow/``, ``checkpoints/``), not another stage's artifact (its
+    manifest names the stage that made it), not an existing folder that is no artifact (no manifest: user data, or a
+    folder holding artifacts such as ``models/``). ConfigError naming what is there otherwise."""
+    top = name.split("/", 1)[0]
+    if top in RESERVED:
+        raise ConfigError(f"{stage.name}: output {name!r} would replace {RESERVED[top]} ({storage.url(top)}); "
+                          "choose another output name")
+    existing = storage.manifest(name)
+    if existing is not None:
+        owner = existing.get("stage") if isinstance(existing, dict) else None
+        if owner != stage.name:
+            raise ConfigError(f"{stage.name}: output {name!r} is {owner or 'another'} stage's artifact "
+                              f"({storage.url(name)}); writing there would replace it: choose another output name")
+        return existing
+    path = storage.path(name)
+    if storage.fs.exists(path) and storage.fs.isdir(path) and storage.fs.ls(path, detail=False):
+        raise ConfigError(f"{stage.name}: output {name!r} exists and is not an artifact (no manifest.json in "
+                          f"{storage.url(name)}); writing there would replace it: choose another output name")
+    return None
 
 
 def execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictModel, storage: Storage, name: str,
