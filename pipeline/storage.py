@@ -89,11 +89,15 @@ class Storage:
         path = self.path(name, MANIFEST)
         try:
             with self.fs.open(path, "rb") as fh:
-                return json.loads(fh.read())
+                data = json.loads(fh.read())
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{self.url(name, MANIFEST)} is not valid JSON ({exc}); delete it or rerun with --force") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{self.url(name, MANIFEST)} holds a JSON {type(data).__name__}, not a manifest object; "
+                             "delete it or rerun with --force")
+        return data
 
     def begin(self, name: str) -> "OutputDir":
         """Start writing artifact ``name`` under a temporary folder (stale ones are removed)."""

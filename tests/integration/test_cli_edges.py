@@ -1,0 +1,31 @@
+"""Filesystem and manifest trouble at the edge is one line naming the path, never a traceback: --root naming a file,
+a root under a file, a manifest that is valid JSON but not an object (run and show)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.cli import main
+from tests.conftest import write_configs
+
+
+def test_filesystem_errors_and_odd_manifests_are_one_line(tmp_path, capsys):
+    jobs = write_configs(tmp_path / "jobs")
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    for root in (a_file, a_file / "sub"):
+        capsys.readouterr()
+        code = main(["run", "collect", "-c", str(jobs / "collect.yaml"), "--root", str(root), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code in (1, 2) and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert str(a_file) in err and "Traceback" not in err
+    root = tmp_path / "root"
+    assert main(["run", "collect", "-c", str(jobs / "collect.yaml"), "--root", str(root), "--no-progress"]) == 0
+    (root / "raw" / "manifest.json").write_text(json.dumps(["not", "an", "object"]))
+    for argv in (["show", "collect", "--root", str(root)],
+                 ["run", "clean", "-c", str(jobs / "clean.yaml"), "--root", str(root), "--no-progress"]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 1 and "holds a JSON list, not a manifest object" in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1
