@@ -339,7 +339,7 @@ def _tracking_client(args: argparse.Namespace) -> Any:
     uri = tracking.resolve_uri(Storage(_root(args)))
     if not uri:
         raise PipelineError("no MLflow to talk to: set MLFLOW_TRACKING_URI, or --root a local run root (embedded store)")
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+    if tracking.sqlite_path(uri) and not os.path.exists(tracking.sqlite_path(uri)):  # type: ignore[arg-type]
         raise PipelineError(f"no MLflow store at {uri}: run the pipeline through `register` on that root first "
                             "(or set MLFLOW_TRACKING_URI)")
     why = tracking.reachable(uri)

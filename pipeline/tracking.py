@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 # mlflow (~1.5 s to import) and transformers (hf_callback) are imported where they are used: the
@@ -58,15 +60,26 @@ def resolve_uri(storage: Any) -> str | None:
     if env:
         return env
     if storage is not None and storage.is_local:
-        return "sqlite:///" + os.path.abspath(storage.path("mlflow", "mlflow.db"))
+        return sqlite_uri(storage.path("mlflow", "mlflow.db"))
     return None
+
+
+def sqlite_uri(path: str) -> str:
+    """``sqlite:///`` + the absolute path, percent-encoded: SQLAlchemy decodes the path part, so a root named with
+    ``%20`` or ``#`` would otherwise open another file (or none)."""
+    return "sqlite:///" + urllib.parse.quote(os.path.abspath(path), safe="/")
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` URI (decoded), else None."""
+    return urllib.parse.unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def embedded_artifact_root(uri: str) -> str | None:
-    """Artefacts of the embedded SQLite store live beside it (not in ./mlruns of the caller's cwd)."""
-    if uri.startswith("sqlite:///"):
-        return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
-    return None
+    """Artefacts of the embedded SQLite store live beside it (not in ./mlruns of the caller's cwd), as a file URI
+    with the path percent-encoded (a ``#`` in the root would otherwise end the path)."""
+    path = sqlite_path(uri)
+    return Path(os.path.dirname(path), "artifacts").as_uri() if path else None
 
 
 def ui_command(uri: str) -> str:
@@ -156,8 +169,8 @@ class Tracker:
         try:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-            if self.uri.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(self.uri[len("sqlite:///"):]), exist_ok=True)
+            if sqlite_path(self.uri):
+                os.makedirs(os.path.dirname(sqlite_path(self.uri)), exist_ok=True)  # type: ignore[arg-type]
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
