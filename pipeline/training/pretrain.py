@@ -365,6 +365,28 @@ class JsonlLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resumed run redoes them: without this, a killed run's later
+        steps would stay in the file and be logged again, twice and out of order); returns how many were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        keep, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1  # a line cut by the kill
+                continue
+            if isinstance(rec, dict) and int(rec.get("step") or 0) > step:
+                dropped += 1
+                continue
+            keep.append(line)
+        if dropped:
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -768,6 +790,9 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
                               schedule=lr_multiplier(cfg, total), workers=dataloader_workers(cfg))
     n_all, fpt = model_size(model, data.seq_len)
     metrics_log = JsonlLog(checkpoints.root / METRICS_FILE, main)
+    generations_log = JsonlLog(checkpoints.root / GENERATIONS_FILE, main)
+    for log in (metrics_log, generations_log):  # a resumed run continues from the checkpoint's step
+        log.truncate_after(start.step)
     trainer.n_params = n_all
     peak, peak_source = mfu_peak(cfg, cuda, precision)
     if main and peak is None and cuda:  # one line: this run reports no MFU, and why
@@ -776,8 +801,7 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     trainer.metrics_callback = MetricsCallback(trainer, metrics_log, tokens_per_step=cfg.global_batch_tokens,
                                                world=world, fpt=fpt, peak=peak, cuda=cuda, ctx=ctx,
                                                clock=trainer.step_clock, tokens_per_byte=data.tokens_per_byte)
-    trainer.generation_callback = GenerationCallback(cfg.generation, tokenizer,
-                                                     JsonlLog(checkpoints.root / GENERATIONS_FILE, main),
+    trainer.generation_callback = GenerationCallback(cfg.generation, tokenizer, generations_log,
                                                      synced=cfg.zero_stage == 3 and world > 1)
     quiet_trainer_logs(trainer)  # our own log lines replace the raw dicts
     trainer.add_callback(trainer.metrics_callback)

@@ -552,3 +552,36 @@ def test_killed_rank_resumes_exactly(template_root, tmp_path):
     got_loss = _last_per_step(_records(run_root, "train"))[steps]["loss"]
     print(f"final loss: uninterrupted {ref_loss}, killed + resumed {got_loss}")
     assert got_loss == pytest.approx(ref_loss, rel=1e-3, abs=1e-3)
+
+
+def test_metrics_after_a_resume_continue_from_the_checkpoint(run_root, tmp_path):
+    """A run killed after step 6 with its last checkpoint at 4 resumes from 4: metrics.jsonl then holds every step
+    once, in order (before, the killed run's steps 5-6 stayed and were logged again), and so does the exported
+    train_metrics.jsonl that evaluate's plots read."""
+    from pipeline import runner
+    from pipeline.stages import load_config
+    from pipeline.storage import Storage
+
+    ck = tmp_path / "ck"
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=8, checkpoint_every=4, eval_every=4,
+                                          log_every=1, generation={"every": 4, "prompts": ["w3"], "max_new_tokens": 2},
+                                          checkpoint_dir=str(ck)))
+    storage = Storage(str(run_root))
+    runner.run_stage("pretrain", cfg, storage, progress=False)
+    # as if killed after step 6: the step-8 checkpoint and the export never happened, steps 5-6 were logged
+    shutil.rmtree(ck / "step-8")
+    shutil.rmtree(run_root / "models" / "pretrain")
+    lines = (ck / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= 6] + ['{"kind": "train", "step": 7, "lo']  # a cut line
+    (ck / "metrics.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+    m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+    assert m["resumed_from_step"] == 4
+    for path in (ck / "metrics.jsonl", run_root / "models" / "pretrain" / "train_metrics.jsonl"):
+        records = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines()]
+        for kind in ("train", "samples"):
+            steps = [r["step"] for r in records if r["kind"] == kind]
+            assert steps == list(range(1, 9)), (path.name, kind, steps)
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+        assert [r["step"] for r in records if r["kind"] == "start"] == [0, 4]
+    gens = [json.loads(ln)["step"] for ln in (ck / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert gens == sorted(gens) and len(gens) == len(set(gens))
