@@ -304,7 +304,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from pipeline.stages import get_stage
     from pipeline.storage import Storage
 
-    storage = Storage(_root(args))
+    storage = Storage(_root(args), create=False)
     name = args.output or get_stage(args.stage).OUTPUT
     manifest = storage.manifest(name)
     if manifest is None:
@@ -336,7 +336,7 @@ def _tracking_client(args: argparse.Namespace) -> Any:
     from pipeline import tracking
     from pipeline.storage import Storage
 
-    uri = tracking.resolve_uri(Storage(_root(args)))
+    uri = tracking.resolve_uri(Storage(_root(args), create=False) if not os.environ.get("MLFLOW_TRACKING_URI") else None)
     if not uri:
         raise PipelineError("no MLflow to talk to: set MLFLOW_TRACKING_URI, or --root a local run root (embedded store)")
     if tracking.sqlite_path(uri) and not os.path.exists(tracking.sqlite_path(uri)):  # type: ignore[arg-type]
@@ -373,7 +373,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import summary
     from pipeline.storage import Storage
 
-    print(summary.render(Storage(_root(args))))
+    print(summary.render(Storage(_root(args), create=False)))
     return 0
 
 

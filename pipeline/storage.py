@@ -61,7 +61,9 @@ def fingerprint(manifest: dict[str, Any]) -> str:
 class Storage:
     """A run root. ``uri`` is what the user gave; ``root`` is the path inside ``fs``."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, create: bool = True):
+        """``create=False`` (the read-only commands: show, summary, lineage, promote): a local root that does not
+        exist is an InputError instead of a new empty folder made from a mistyped --root."""
         self.uri = uri.rstrip("/") or uri
         opts = {**storage_options_from_env(), **(storage_options or {})}
         self.storage_options = opts
@@ -69,6 +71,8 @@ class Storage:
         self.is_local = "file" in _protocols(self.fs)
         if self.is_local:
             self.root = os.path.abspath(self.root)
+            if not create and not os.path.isdir(self.root):
+                raise InputError(f"no run root at {self.root}: check --root (a stage run there creates it)")
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
     # -- paths

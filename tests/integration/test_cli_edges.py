@@ -29,3 +29,16 @@ def test_filesystem_errors_and_odd_manifests_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and "holds a JSON list, not a manifest object" in err, (argv, err)
         assert len(err.strip().splitlines()) == 1
+
+
+def test_read_only_commands_do_not_create_a_mistyped_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LLMPIPE_TRACKING", "on")
+    typo = tmp_path / "runs" / "dmeo"
+    for argv in (["show", "collect", "--root", str(typo)], ["summary", "--root", str(typo)],
+                 ["lineage", "models:/llm-pipeline-demo@champion", "--root", str(typo)]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 1 and f"no run root at {typo}: check --root" in err, (argv, err)
+        assert not typo.exists() and not typo.parent.exists(), argv
