@@ -202,7 +202,9 @@ def pretrain_config(shape: Shape, hyper: Hyper, steps: int, zero: int, ckpt_dir:
         adam_beta2=hyper.beta2, adam_eps=hyper.eps, max_grad_norm=hyper.max_grad_norm, schedule="cosine",
         warmup_steps=hyper.warmup_steps, zero_stage=zero, precision=precision, seed=shape.seed, shuffle=True,
         checkpoint_dir=str(ckpt_dir), checkpoint_every=0, resume=False, eval_every=0, log_every=hyper.log_every,
-        generation={"every": 0, "prompts": []}, dataloader_workers=0, verify_shards=False, **overrides,
+        generation={"every": 0, "prompts": []}, dataloader_workers=0, verify_shards=False,
+        # whole-block attention, as the plain loop does; the ours-z0-docmask side turns it on
+        **{"document_masking": False, **overrides},
     )
 
 

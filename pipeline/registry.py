@@ -58,7 +58,11 @@ def get_version(client: Any, uri: str) -> Any:
     except MlflowException as exc:
         try:
             aliases = sorted(client.get_registered_model(name).aliases)
-            hint = f"; its aliases: {', '.join(aliases) or 'none'}"
+            if alias:
+                hint = f"; its aliases: {', '.join(aliases) or 'none'}"
+            else:  # a version number: say which versions exist
+                versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+                hint = f"; its versions: {', '.join(map(str, versions)) or 'none'}"
         except MlflowException:
             hint = f"; no registered model {name!r}"
         raise InputError(f"{uri} does not resolve{hint}") from exc

@@ -193,6 +193,10 @@ def test_bad_model_uris_and_missing_aliases_are_one_line(tracked_root, mlflow_se
     assert main(["lineage", "models:/tiny-llama@nope", "--root", root]) == 1
     err = capsys.readouterr().err
     assert "does not resolve" in err and "aliases:" in err
+    # a version that does not exist: the versions that do (not the aliases)
+    assert main(["lineage", "models:/tiny-llama/999", "--root", root]) == 1
+    err = capsys.readouterr().err
+    assert "models:/tiny-llama/999 does not resolve; its versions: 1, 2" in err, err
 
 
 def test_unreachable_server_warns_and_the_stage_still_commits(tmp_path, monkeypatch, capsys):
