@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 
 from pipeline import tracking
 from pipeline.data.packed import PackedDataset, ResumableDistributedSampler, document_positions, flatten_rows
-from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.errors import ConfigError, CorruptShardError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
 from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager, ResumePoint
 from pipeline.training.common import (
@@ -338,9 +338,15 @@ class Collate:
     eos_id: int | None = None
     document_masking: bool = False
     flatten: bool = False
+    vocab_size: int | None = None  # the model's rows: a larger id is a damaged shard, named here, not an IndexError
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = torch.stack([it["input_ids"] for it in items])
+        if self.vocab_size is not None and ids.numel() and int(ids.max()) >= self.vocab_size:
+            bad = [int(it["sample_id"]) for it in items if int(it["input_ids"].max()) >= self.vocab_size]
+            raise CorruptShardError(f"token id {int(ids.max())} in block(s) {bad[:5]} is outside the model's "
+                                    f"{self.vocab_size} embedding rows: the shards are damaged or were packed with "
+                                    "another tokenizer (llmpipe run pack --force rebuilds them)")
         batch = {"input_ids": ids, "labels": ids.clone()}
         if self.document_masking:
             batch["position_ids"] = document_positions(ids, bos_id=self.bos_id, eos_id=self.eos_id)
@@ -634,7 +640,8 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
         url = ctx.inputs[ph.shards].url()
         datasets.append(PackedDataset(url, "train", storage_options=opts, verify=cfg.verify_shards and ctx.rank == 0))
         if "val" in datasets[-1].index["splits"] and datasets[-1].index["splits"]["val"]["blocks"]:
-            vals.append(PackedDataset(url, "val", storage_options=opts, verify=False))
+            # the validation blocks are checked like the training ones: a damaged val split gives a wrong val loss
+            vals.append(PackedDataset(url, "val", storage_options=opts, verify=cfg.verify_shards and ctx.rank == 0))
     seq_lens = {d.seq_len for d in datasets}
     if len(seq_lens) != 1:
         raise InputError(f"the phases' shards have different block lengths {sorted(seq_lens)}; repack them alike")
@@ -660,7 +667,8 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
             if split.get("stream_tokens") and split.get("document_bytes"):
                 per_byte["val" if name == "val" else name[4:]] = split["stream_tokens"] / split["document_bytes"]
             if name.startswith("val_") and split.get("blocks"):
-                val_langs[name[4:]] = capped(PackedDataset(url, name, storage_options=opts, verify=False))
+                val_langs[name[4:]] = capped(PackedDataset(url, name, storage_options=opts,
+                                                           verify=cfg.verify_shards and ctx.rank == 0))
     boundaries = {d.document_boundaries() for d in datasets}
     if cfg.document_masking:
         if len(boundaries) != 1:
@@ -783,7 +791,8 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
                          accum=data.accum, seed=cfg.seed, shuffle=cfg.shuffle, start_step=start.step,
                          start_index=start.index)
     batches = Collate(*data.boundaries, document_masking=cfg.document_masking,
-                      flatten=cfg.document_masking and cfg.attention == "flash_attention_2")
+                      flatten=cfg.document_masking and cfg.attention == "flash_attention_2",
+                      vocab_size=int(model.config.vocab_size))
     trainer = PretrainTrainer(model=model, args=args, train_dataset=stream, eval_dataset=data.eval_sets(),
                               data_collator=batches,
                               processing_class=tokenizer, stream=stream, checkpoints=checkpoints,

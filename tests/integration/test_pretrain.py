@@ -585,3 +585,33 @@ def test_metrics_after_a_resume_continue_from_the_checkpoint(run_root, tmp_path)
         assert [r["step"] for r in records if r["kind"] == "start"] == [0, 4]
     gens = [json.loads(ln)["step"] for ln in (ck / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
     assert gens == sorted(gens) and len(gens) == len(set(gens))
+
+
+def test_damaged_validation_shards_are_refused_not_trained_past(run_root, tmp_path):
+    """The val split is checked like the train split (a rewritten val shard: the sha256 mismatch, before any
+    weights load), and an id beyond the model's rows is one named error, not an IndexError at the final evaluation
+    after every training step (checksums off)."""
+    import numpy as np
+
+    from pipeline import runner
+    from pipeline.errors import CorruptShardError
+    from pipeline.stages import load_config
+    from pipeline.storage import Storage
+
+    storage = Storage(str(run_root))
+    val = sorted((run_root / "shards").glob("val-*.bin"))[0]
+    data = np.fromfile(val, dtype=np.uint16)
+    data[:SEQ] = VOCAB + 5  # out of the vocabulary, same size
+    data.tofile(val)
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=4, checkpoint_every=0, eval_every=2,
+                                          generation={"every": 0, "prompts": []}, checkpoint_dir=str(tmp_path / "ck")))
+    with pytest.raises(CorruptShardError, match=f"{val.name}"):
+        runner.run_stage("pretrain", cfg, storage, progress=False)
+    assert not list((tmp_path / "ck").glob("step-*"))
+    unchecked = load_config("pretrain", _config(tmp_path / "p2.yaml", max_steps=4, checkpoint_every=0, eval_every=2,
+                                                generation={"every": 0, "prompts": []}, verify_shards=False,
+                                                checkpoint_dir=str(tmp_path / "ck2")))
+    with pytest.raises(CorruptShardError, match=f"token id {VOCAB + 5} in block\\(s\\) \\[0\\] is outside the model's "
+                                                f"{VOCAB} embedding rows"):
+        runner.run_stage("pretrain", unchecked, storage, progress=False)
+    assert not (run_root / "models" / "pretrain").exists()
