@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     summ = sub.add_parser("summary", help="one report of a whole pipeline run (what `make demo` prints at the end)")
     summ.add_argument("--root", metavar="URI", help=f"run root (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
+    ver = sub.add_parser("verify", help="check every committed artifact of a run root against its manifest (files "
+                                        "present, sizes, sha256); exit 1 and one line per damaged file",
+                         description="Stages check their inputs when they start (sizes always, sha256 for inputs up "
+                                     "to 256 MiB; LLMPIPE_VERIFY=full|size changes that). This reads every file of "
+                                     "every committed artifact under the root.")
+    ver.add_argument("--root", metavar="URI", help=f"run root (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
+    ver.add_argument("--sizes-only", action="store_true", help="skip the sha256 (fast on a large root)")
 
     from pipeline.k8s.cli import add_parser as add_k8s_parser  # `llmpipe k8s submit|wait|logs|status`
 
@@ -369,6 +377,27 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.storage import MANIFEST, Artifact, Storage
+
+    storage = Storage(_root(args), create=False)
+    from pipeline.runner import RESERVED
+
+    names = sorted(n for n in (posixpath.relpath(posixpath.dirname(p), storage.root) for p in storage.fs.find(storage.root)
+                               if posixpath.basename(p) == MANIFEST and ".tmp-" not in p)
+                   if n.split("/", 1)[0] not in RESERVED)  # MLflow's copies of manifests are not artifacts
+    damaged = 0
+    for name in names:
+        art = Artifact(storage, name, storage.manifest(name) or {})
+        problems = art.verify(checksums=not args.sizes_only)
+        damaged += len(problems)
+        print(f"{'ok' if not problems else 'DAMAGED':<8} {name}/ ({len(art.files())} files, {art.size_bytes:,} bytes)")
+        for line in problems:
+            print(f"           {line}")
+    print(f"{len(names)} artifacts, {damaged} damaged file(s)" + (" (sizes only)" if args.sizes_only else ""))
+    return 1 if damaged else 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import summary
     from pipeline.storage import Storage
@@ -390,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
-                "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "k8s": cmd_k8s}
+                "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "verify": cmd_verify,
+                "k8s": cmd_k8s}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:

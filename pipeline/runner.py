@@ -117,7 +117,26 @@ def resolve_inputs(stage: Stage, storage: Storage, cfg: StrictModel | None = Non
                 f"stage {stage.name} needs '{name}/' under {storage.uri}, which has no committed output yet: {hint}"
             )
         found[name] = Artifact(storage, name, manifest)
+        check_input(found[name])
     return found
+
+
+VERIFY_BYTES = 256 << 20  # inputs up to this size are sha256-checked on every read; larger ones by size
+
+
+def check_input(art: Artifact) -> None:
+    """A committed input against its producer's manifest before a stage reads it: every file present with its size
+    always, and its sha256 when the artifact is small (at most VERIFY_BYTES: cheap next to any stage's work) or
+    LLMPIPE_VERIFY=full; LLMPIPE_VERIFY=size checks sizes only. `llmpipe verify` checks a whole run root in full.
+    InputError naming the file and the expected / actual values otherwise."""
+    mode = os.environ.get("LLMPIPE_VERIFY", "auto").strip().lower()
+    checksums = mode == "full" or (mode != "size" and art.size_bytes <= VERIFY_BYTES)
+    problems = art.verify(checksums)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"input '{art.name}/' does not match its manifest: {problems[0]}{more}; rerun "
+                         f"`llmpipe run {art.manifest.get('stage', '<its stage>')} --force` to rebuild it, or "
+                         "`llmpipe verify` to list everything damaged")
 
 
 def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str, inputs: dict[str, Artifact], *,

@@ -155,6 +155,27 @@ class Artifact:
     def url(self, *parts: str) -> str:
         return self.storage.url(self.name, *parts)
 
+    def verify(self, checksums: bool) -> list[str]:
+        """What differs between the artifact's files and its manifest: a missing file, another size and, with
+        ``checksums``, another sha256; one line each, naming the file and the expected / actual values."""
+        problems = []
+        for entry in self.manifest.get("files") or []:
+            rel, full = entry.get("path"), self.path(str(entry.get("path")))
+            try:
+                size = int(self.fs.size(full))
+            except FileNotFoundError:
+                problems.append(f"{self.url(rel)}: missing (the manifest lists {entry.get('size')} bytes)")
+                continue
+            if entry.get("size") is not None and size != int(entry["size"]):
+                problems.append(f"{self.url(rel)}: {size} bytes, the manifest says {entry['size']}")
+            elif checksums and entry.get("sha256") and sha256_file(self.fs, full) != entry["sha256"]:
+                problems.append(f"{self.url(rel)}: sha256 differs from the manifest's {entry['sha256'][:16]}...")
+        return problems
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(f.get("size") or 0) for f in self.manifest.get("files") or [])
+
     def files(self, suffix: str = "") -> list[str]:
         """Relative paths of the artifact's files, in manifest order."""
         return [f["path"] for f in self.manifest.get("files", []) if f["path"].endswith(suffix)]
