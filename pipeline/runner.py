@@ -152,6 +152,48 @@ def _unless_current(stage: Stage, cfg: StrictModel, storage: Storage, name: str,
 
 
 RESERVED = {"mlflow": "the MLflow store", "checkpoints": "training checkpoints"}
+LOCKS = ".locks"  # under the root; not a valid artifact name, so no output can collide with it
+
+
+@contextlib.contextmanager
+def output_lock(storage: Storage, name: str) -> Iterator[None]:
+    """An exclusive lock on writing ``name`` for as long as the block runs: a POSIX record lock (``fcntl.lockf``) on
+    ``<root>/.locks/<name>.lock``, which the kernel (or the NFS server, for a PVC) drops when the holder exits or is
+    killed, so it cannot outlive a crash. A second writer of the same output gets one line naming the holder (pid,
+    host, start, command) instead of deleting the first one's temporary folder or interleaving its checkpoints.
+    Within one process the lock is re-entrant (POSIX record locks are per process). On S3 there is no lock: two
+    writers of one output on S3 are the user's to avoid (docs/ARCHITECTURE.md)."""
+    if not storage.is_local:
+        yield
+        return
+    import fcntl
+    import socket
+
+    folder = storage.path(LOCKS)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name.replace("/", "__") + ".lock")
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise PipelineError(f"'{name}/' is being written by {holder} (lock {path}); wait for it to finish or stop "
+                                "it -- the lock goes with the process") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now().isoformat(timespec='seconds')}"
+                 f" ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]})")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+    finally:
+        fh.close()  # closing the file releases the lock
 
 
 def check_output(stage: Stage, storage: Storage, name: str) -> dict[str, Any] | None:
@@ -185,7 +227,7 @@ def execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: StrictM
     inputs = input_refs(ctx.inputs, stage, cfg)
     track = name == stage.output(cfg)  # the stage's output, not one rank's part: one MLflow run per stage
     run_cm = tracking.stage_run(stage.name, storage, cfg.model_dump(mode="json"), chash) if track else contextlib.nullcontext()
-    with run_cm as tracker, _accelerate_env():
+    with output_lock(storage, name), run_cm as tracker, _accelerate_env():
         manifest = _execute(stage, fn, cfg, storage, name, ctx, extra, args, chash, inputs, tracker)
         if tracker is not None:
             tracking.finish_stage(tracker, stage.ARTIFACTS, storage, name, manifest)
