@@ -380,6 +380,22 @@ def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = F
     return outcome
 
 
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: the worker gets SIGKILL when the process that started it dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so an OOM kill of `llmpipe run` does not leave its workers and multiprocessing's
+    resource tracker blocked for ever; a worker whose parent is already gone exits at once."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the pool's own broken-pipe handling is what remains
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _produce(stage: Stage, cfg: StrictModel, storage: Storage, inputs: dict[str, Artifact], *, force: bool,
              progress: bool) -> dict[str, Any]:
     if not isinstance(stage, ShardedStage):
@@ -390,7 +406,8 @@ def _produce(stage: Stage, cfg: StrictModel, storage: Storage, inputs: dict[str,
         run_part(stage.name, cfg, storage, 0, 1, force=force, progress=progress)
     else:
         payload = cfg.model_dump(mode="json")
-        with cf.ProcessPoolExecutor(max_workers=world, mp_context=mp.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(max_workers=world, mp_context=mp.get_context("spawn"),
+                                    initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = [
                 pool.submit(_part_worker, stage.name, payload, storage.uri, storage.storage_options, r, world, force, progress)
                 for r in range(world)
