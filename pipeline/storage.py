@@ -52,6 +52,28 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def _malformed(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the fields every reader relies on (None: nothing): ``stage`` a string, ``files`` a list of
+    ``{path: str, size: int >= 0, sha256: str}``, ``metrics`` / ``inputs`` objects."""
+    if "stage" in manifest and not isinstance(manifest["stage"], str):
+        return "stage is not a string"
+    for key in ("metrics", "inputs", "config"):
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], dict):
+            return f"{key} is not an object"
+    files = manifest.get("files", [])
+    if not isinstance(files, list):
+        return "files is not a list"
+    for i, f in enumerate(files):
+        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not f["path"]:
+            return f"files[{i}] has no path"
+        size = f.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            return f"files[{i}].size is not a byte count"
+        if f.get("sha256") is not None and not isinstance(f["sha256"], str):
+            return f"files[{i}].sha256 is not a string"
+    return None
+
+
 def fingerprint(manifest: dict[str, Any]) -> str:
     """Identity of an artifact for lineage: what produced it and what it holds (no timings)."""
     core = {k: manifest.get(k) for k in ("stage", "config_hash", "inputs", "files")}
@@ -101,6 +123,9 @@ class Storage:
         if not isinstance(data, dict):
             raise InputError(f"{self.url(name, MANIFEST)} holds a JSON {type(data).__name__}, not a manifest object; "
                              "delete it or rerun with --force")
+        bad = _malformed(data)
+        if bad:
+            raise InputError(f"{self.url(name, MANIFEST)} is malformed ({bad}); delete it or rerun with --force")
         return data
 
     def begin(self, name: str) -> "OutputDir":

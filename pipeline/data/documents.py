@@ -85,6 +85,11 @@ class DocumentSet:
         parts = self.artifact.metrics.get("parts")
         if parts is None:
             raise InputError(f"{self.artifact.url()} has no part list in its manifest; rerun its stage with --force")
+        if not isinstance(parts, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("file"), str) and isinstance(p.get("rows"), int)
+                and not isinstance(p.get("rows"), bool) and p["rows"] >= 0 for p in parts):
+            raise InputError(f"{self.artifact.url()}: the manifest's part list is malformed (expected [{{file, rows}}]); "
+                             "rerun its stage with --force")
         return parts
 
     def __len__(self) -> int:

@@ -129,7 +129,7 @@ class CleanStage(ShardedStage):
 
     def merge(self, cfg: CleanConfig, ctx: StageContext, out: OutputDir, parts: list[Artifact]) -> dict[str, Any]:
         raw = ctx.inputs[cfg.input]
-        total_in = sum(p["rows"] for p in raw.metrics["parts"])
+        total_in = sum(p["rows"] for p in DocumentSet(raw).parts)
         covered = sum(p.metrics["documents_in"] for p in parts)
         if covered != total_in:
             raise PipelineError(f"clean parts cover {covered} documents but raw/ holds {total_in}; rerun with --force")

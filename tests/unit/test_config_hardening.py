@@ -83,3 +83,54 @@ def test_random_and_adversarial_yaml_gives_only_one_line_config_errors(tmp_path,
         except ConfigError as exc:
             assert str(exc).strip() and "Traceback" not in str(exc)
     assert time.perf_counter() - t0 < 60
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    kinds = ["str", "int", "neg", "float", "bool", "null", "list", "dict"] if depth < 3 else ["str", "int", "null"]
+    k = rng.choice(kinds)
+    if k == "str":
+        return rng.choice(["", "clean", "x" * 50, "../../etc", "\u2028", "part-00000.parquet"])
+    if k == "int":
+        return rng.randint(0, 10**12)
+    if k == "neg":
+        return -rng.randint(1, 100)
+    if k == "float":
+        return rng.random()
+    if k == "bool":
+        return rng.random() < 0.5
+    if k == "null":
+        return None
+    if k == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = ["stage", "files", "metrics", "inputs", "config", "fingerprint", "path", "size", "sha256", "parts", "rows"]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def test_random_and_adversarial_manifests_give_only_one_line_input_errors(tmp_path):
+    """An input whose manifest.json is random JSON, odd shapes of the real fields, or not JSON at all: the stage
+    that reads it (clean, which reads raw/) ends in one InputError line -- never a traceback -- or runs."""
+    import json
+
+    from pipeline import runner
+    from pipeline.errors import PipelineError
+    from pipeline.storage import Storage
+
+    storage = Storage(str(tmp_path / "root"))
+    out = storage.begin("raw")
+    out.write_text("part-00000.parquet", "not parquet")
+    out.commit({"stage": "collect", "config_hash": "x", "inputs": {}, "metrics": {"parts": []}})
+    manifest = tmp_path / "root" / "raw" / "manifest.json"
+    real = json.loads(manifest.read_text())
+    rng = random.Random("manifests")
+    shapes = [["a"], "x", 3, None, {"files": "x"}, {"files": [1]}, {"files": [{"path": "a", "size": "1"}]},
+              {"stage": 5}, {"metrics": []}, {**real, "files": [{"path": "part-00000.parquet", "size": -1}]},
+              {**real, "metrics": {"parts": "x"}}, {**real, "metrics": {"parts": [{"file": 3, "rows": "x"}]}}]
+    cfg = load_stage_config("clean", None, ["workers=1"])
+    for i in range(120):
+        extra = _random_json(rng)
+        value = shapes[i] if i < len(shapes) else (extra if i % 2 else {**real, **(extra if isinstance(extra, dict) else {})})
+        manifest.write_text(json.dumps(value) if i % 17 else "{not json", encoding="utf-8")
+        try:
+            runner.run_stage("clean", cfg, storage, progress=False)
+        except PipelineError as exc:
+            assert str(exc).strip() and "\n" not in str(exc).strip(), (value, exc)
