@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.registry import lineage_chain
 from pipeline.stages import ORDER, get_stage
-from pipeline.tracking import ui_command
+from pipeline.tracking import sqlite_path, sqlite_uri, ui_command
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -188,5 +188,7 @@ def render(storage: Any) -> str:
         out.append(line)
         out.append(f"  lineage:  llmpipe lineage models:/{m.get('name')}@{'champion' if m.get('promoted') else m.get('alias')} --root {storage.uri}")
         uri = m.get("tracking_uri") or ""
+        if sqlite_path(uri) and storage.is_local:  # the embedded store travels with the root: point at this copy's
+            uri = sqlite_uri(storage.path("mlflow", "mlflow.db"))
         out.append(f"  MLflow UI: {ui_command(uri)}   (then http://127.0.0.1:5000)")
     return "\n".join(out)

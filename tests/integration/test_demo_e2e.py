@@ -140,6 +140,20 @@ def test_summary_covers_every_part_of_the_run(demo_run, capsys):
         assert f"  {stage:<10}" in text
 
 
+def test_summary_of_a_copied_root_points_at_the_copy(demo_run, capsys, tmp_path):
+    """A run root copied elsewhere prints the MLflow UI command of its own embedded store, not the original's."""
+    import shutil
+
+    _, root, _ = demo_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    capsys.readouterr()
+    assert main(["summary", "--root", str(copy)]) == 0
+    out = capsys.readouterr().out
+    ui = next(line for line in out.splitlines() if "MLflow UI:" in line)
+    assert f"sqlite:///{copy}/mlflow/mlflow.db" in ui and str(root) not in ui, ui
+
+
 def test_rerun_is_up_to_date_and_lineage_reaches_the_sources(demo_run, capsys):
     _, root, jobs = demo_run
     capsys.readouterr()
