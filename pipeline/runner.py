@@ -27,7 +27,7 @@ from pipeline.config import StrictModel, config_hash
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import ShardedStage, Stage, StageContext
 from pipeline.stages import get_stage, producer
-from pipeline.storage import Artifact, Storage
+from pipeline.storage import Artifact, Storage, hold_lock
 
 VERSION_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "fasttext", "pyarrow", "fsspec", "numpy")
 
@@ -166,33 +166,12 @@ def output_lock(storage: Storage, name: str) -> Iterator[None]:
     if not storage.is_local:
         yield
         return
-    import fcntl
-    import socket
-
-    folder = storage.path(LOCKS)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name.replace("/", "__") + ".lock")
-    fh = open(path, "a+", encoding="utf-8")
+    fh = hold_lock(os.path.join(storage.path(LOCKS), name.replace("/", "__") + ".lock"), f"'{name}/'")
     try:
-        try:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise PipelineError(f"'{name}/' is being written by {holder} (lock {path}); wait for it to finish or stop "
-                                "it -- the lock goes with the process") from None
+        yield
+    finally:
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now().isoformat(timespec='seconds')}"
-                 f" ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]})")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
-    finally:
         fh.close()  # closing the file releases the lock
 
 

@@ -52,6 +52,36 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def hold_lock(path: str, what: str) -> IO[str]:
+    """Take an exclusive POSIX record lock (``fcntl.lockf``) on the file ``path`` and return its open file: the lock
+    lasts until that file is closed or the process ends (SIGKILL included; on NFS the server drops it), never longer.
+    PipelineError naming the holder (pid, host, start, command, read from the file) when another process has it.
+    Record locks are per process: the same process may take it again."""
+    import datetime as dt
+    import fcntl
+    import socket
+    import sys
+
+    from pipeline.errors import PipelineError
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise PipelineError(f"{what} is being written by {holder} (lock {path}); wait for it to finish or stop it -- "
+                            "the lock goes with the process") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now().isoformat(timespec='seconds')}"
+             f" ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]})")
+    fh.flush()
+    return fh
+
+
 def _malformed(manifest: dict[str, Any]) -> str | None:
     """What is wrong with the fields every reader relies on (None: nothing): ``stage`` a string, ``files`` a list of
     ``{path: str, size: int >= 0, sha256: str}``, ``metrics`` / ``inputs`` objects."""

@@ -45,6 +45,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline.config import config_hash
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.storage import hold_lock
 from pipeline.training.common import barrier
 
 COMPLETE = "COMPLETE"
@@ -112,12 +113,17 @@ class CheckpointManager:
         self.root, self.every, self.keep, self.config_hash, self.main = Path(root), every, keep, config_hash, main
         self.stage = stage
 
+    _lock: Any = None  # the open lock file of the checkpoint folder (rank 0), held while the process lives
+
     @classmethod
     def for_stage(cls, stage: str, cfg: Any, storage: Any, *, main: bool) -> "CheckpointManager":
         """The manager of ``stage`` from its config's ``checkpoint_dir``, ``checkpoint_every`` and
         ``keep_checkpoints`` (pretrain's and post-training's configs have the same four keys, with ``resume``)."""
-        return cls(checkpoint_root(cfg, storage, stage), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                   config_hash=config_hash(cfg), main=main, stage=stage)
+        manager = cls(checkpoint_root(cfg, storage, stage), every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                      config_hash=config_hash(cfg), main=main, stage=stage)
+        if main:  # one writer per checkpoint folder, also across run roots that share a checkpoint_dir
+            manager._lock = hold_lock(str(manager.root / ".lock"), f"checkpoint folder {manager.root}")
+        return manager
 
     # -- where
     def step_dir(self, step: int) -> Path:

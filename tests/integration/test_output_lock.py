@@ -47,3 +47,43 @@ def test_a_second_writer_is_refused_and_the_lock_dies_with_its_holder(tmp_path, 
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+CK_HOLDER = """
+import sys, time
+from pipeline.storage import Storage
+from pipeline.training.checkpoint import CheckpointManager
+from pipeline.training.config import PretrainConfig
+m = CheckpointManager.for_stage("pretrain", PretrainConfig(max_steps=1, checkpoint_dir=sys.argv[2]), Storage(sys.argv[1]),
+                                main=True)
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_one_training_run_per_checkpoint_folder(tmp_path):
+    """Two runs (even of two run roots) sharing a checkpoint_dir: the second stops before writing a checkpoint."""
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.storage import Storage
+    from pipeline.training.checkpoint import CheckpointManager
+    from pipeline.training.config import PretrainConfig
+
+    ck = tmp_path / "shared-ck"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", CK_HOLDER, str(tmp_path / "root-a"), str(ck)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = PretrainConfig(max_steps=1, checkpoint_dir=str(ck))
+        with pytest.raises(PipelineError, match=f"checkpoint folder {ck} is being written by pid {holder.pid}"):
+            CheckpointManager.for_stage("pretrain", cfg, Storage(str(tmp_path / "root-b")), main=True)
+        # other ranks do not take it; after the holder is killed, the folder is free
+        CheckpointManager.for_stage("pretrain", cfg, Storage(str(tmp_path / "root-b")), main=False)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        CheckpointManager.for_stage("pretrain", cfg, Storage(str(tmp_path / "root-b")), main=True)
+    finally:
+        if holder.poll() is None:
+            holder.kill()

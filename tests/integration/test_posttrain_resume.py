@@ -107,7 +107,7 @@ def _losses(folder: Path) -> list[tuple[int, float]]:
 
 
 def _steps(root: Path, stage: str) -> list[str]:
-    return sorted((p.name for p in (root / "checkpoints" / stage).iterdir() if p.name != "restarts.json"),
+    return sorted((p.name for p in (root / "checkpoints" / stage).iterdir() if p.name not in ("restarts.json", ".lock")),
                   key=lambda n: int(n.split("-")[-1]))
 
 
