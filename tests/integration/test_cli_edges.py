@@ -42,3 +42,27 @@ def test_read_only_commands_do_not_create_a_mistyped_root(tmp_path, capsys, monk
         err = capsys.readouterr().err
         assert code == 1 and f"no run root at {typo}: check --root" in err, (argv, err)
         assert not typo.exists() and not typo.parent.exists(), argv
+
+
+def test_a_read_only_root_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only run root (a PVC mounted read-only, a folder of another user). The tests run as root, which the
+    kernel lets write anywhere, so the refusal is simulated where the kernel would give it: the first folder created
+    under the root raises PermissionError, as os.mkdir does there."""
+    import pathlib
+
+    jobs = write_configs(tmp_path / "jobs")
+    root = tmp_path / "ro-root"
+    root.mkdir()
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(root) + "/"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    capsys.readouterr()
+    code = main(["run", "collect", "-c", str(jobs / "collect.yaml"), "--root", str(root), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: {root}/") and err.rstrip().endswith("Permission denied"), err
+    assert len(err.strip().splitlines()) == 1
