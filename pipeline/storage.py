@@ -68,7 +68,13 @@ def hold_lock(path: str, what: str) -> IO[str]:
     fh = open(path, "a+", encoding="utf-8")
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # a filesystem without record locks (some FUSE/CSI mounts)
+            print(f"warning: {path}: no file locks on this filesystem ({exc.strerror}); {what} is not protected "
+                  "against a second writer", file=sys.stderr)
+            return fh
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()

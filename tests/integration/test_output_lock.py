@@ -87,3 +87,20 @@ def test_one_training_run_per_checkpoint_folder(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    """Some FUSE/CSI mounts have no record locks (lockf: ENOLCK): the stage runs, with one warning, rather than
+    reporting a holder that does not exist."""
+    import errno
+    import fcntl
+
+    from pipeline.storage import hold_lock
+
+    def no_locks(*a, **k):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    fh = hold_lock(str(tmp_path / ".locks" / "x.lock"), "'x/'")
+    fh.close()
+    assert "no file locks on this filesystem (No locks available); 'x/' is not protected" in capsys.readouterr().err
