@@ -61,6 +61,14 @@ def _loads(value: Any, where: str, what: str) -> Any:
     return value
 
 
+def _function(entry: Any, where: str, what: str) -> dict[str, Any]:
+    """The ``function`` object of an OpenAI-style entry (or the entry itself when bare), which must have a name."""
+    fn = entry.get("function") if isinstance(entry, dict) and isinstance(entry.get("function"), dict) else entry
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise BadToolRecord(where, f"{what} has no name")
+    return fn
+
+
 def check_tools(tools: Any, where: str) -> str:
     """The tools as one canonical JSON string of ``{"type": "function", "function": {...}}`` entries (a bare
     ``{"name", "description", "parameters"}`` is wrapped); :class:`BadToolRecord` when malformed."""
@@ -69,9 +77,7 @@ def check_tools(tools: Any, where: str) -> str:
         raise BadToolRecord(where, "tools is not a non-empty list")
     out = []
     for t in tools:
-        fn = t.get("function") if isinstance(t, dict) and isinstance(t.get("function"), dict) else t
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise BadToolRecord(where, "a tool has no name")
+        fn = _function(t, where, "a tool")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
             raise BadToolRecord(where, "a tool's parameters are not a JSON schema object", fn["name"])
@@ -90,9 +96,7 @@ def check_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         raise BadToolRecord(where, "tool calls are not a non-empty list")
     out = []
     for c in calls:
-        fn = c.get("function") if isinstance(c, dict) and isinstance(c.get("function"), dict) else c
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise BadToolRecord(where, "a tool call has no name")
+        fn = _function(c, where, "a tool call")
         args = _loads(fn.get("arguments", {}), where, "tool call arguments")
         if not isinstance(args, dict):
             raise BadToolRecord(where, "tool call arguments are not an object", fn["name"])
