@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--merge", action="store_true", help="only merge the parts that all W ranks committed")
     shard.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                        help="with --merge: wait up to SECONDS for the ranks' parts (a merge Job started beside "
-                       "the Indexed Job), then merge")
+                       "the Indexed Job), then merge; with --rank, for a stage that runs in steps (clean): wait up "
+                       "to SECONDS at each step for the other ranks' parts of the step before")
     dist = run.add_argument_group(
         "training stages (pretrain, sft, dpo, reward): torchrun through our launcher when a topology flag "
         "or a PyTorchJob's $PET_* variables are present, else one in-process rank"
@@ -231,7 +232,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if env is None:
                     raise PipelineError("--world-size without --rank needs $JOB_COMPLETION_INDEX (set by Indexed Jobs)")
                 rank = int(env)
-            outcome = runner.run_part(args.stage, cfg, storage, rank, world, force=args.force, progress=progress)
+            outcome = runner.run_part(args.stage, cfg, storage, rank, world, force=args.force, progress=progress,
+                                      wait=args.wait)
             print(f"== {args.stage} rank {rank}/{world}: {outcome.status}")
             return 0
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import multiprocessing as mp
 import os
@@ -44,8 +45,16 @@ def parts_dir(stage: Stage, world: int, cfg: StrictModel | None = None) -> str:
     return f"{stage.output(cfg)}.parts/w{world:03d}"
 
 
-def part_name(stage: Stage, rank: int, world: int, cfg: StrictModel | None = None) -> str:
-    return f"{parts_dir(stage, world, cfg)}/rank-{rank:05d}"
+def part_name(stage: Stage, rank: int, world: int, cfg: StrictModel | None = None, step: str | None = None) -> str:
+    """Where one rank's part goes: ``<output>.parts/wNNN/rank-RRRRR``, or ``.../<step>/rank-RRRRR`` for a
+    step of a multi-step stage."""
+    if step is None:
+        return f"{parts_dir(stage, world, cfg)}/rank-{rank:05d}"
+    return f"{parts_dir(stage, world, cfg)}/{step}/rank-{rank:05d}"
+
+
+def _last_step(stage: ShardedStage) -> str | None:
+    return stage.STEPS[-1].name if stage.STEPS else None
 
 
 def _code_version() -> str:
@@ -232,6 +241,7 @@ def _execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: Strict
              ctx: StageContext, extra: dict[str, Any], args: tuple[Any, ...], chash: str, inputs: dict[str, Any],
              tracker: Any) -> dict[str, Any]:
     started, t0 = _now(), time.perf_counter()
+    _reset_peak_rss()
     out = storage.begin(name)
     try:
         metrics = fn(cfg, ctx, out, *args) or {}
@@ -250,10 +260,32 @@ def _execute(stage: Stage, fn: Callable[..., dict[str, Any] | None], cfg: Strict
         "started_at": started,
         "ended_at": _now(),
         "duration_s": round(time.perf_counter() - t0, 3),
+        "peak_rss_mb": _peak_rss_mb(),
         "mlflow_run_id": tracker.run_id if tracker is not None and tracker.on else None,
         **extra,
     }
     return out.commit(manifest)
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory measurement for this process (Linux: ``clear_refs`` 5 resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process since :func:`_reset_peak_rss` (Linux ``VmHWM``), in MB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _sharded(name: str, why: str) -> ShardedStage:
@@ -264,16 +296,76 @@ def _sharded(name: str, why: str) -> ShardedStage:
 
 
 def run_part(
-    stage: str, cfg: StrictModel, storage: Storage, rank: int, world: int, *, force: bool = False, progress: bool = True
+    stage: str, cfg: StrictModel, storage: Storage, rank: int, world: int, *, force: bool = False, progress: bool = True,
+    wait: float = 0.0,
 ) -> Outcome:
-    """One rank's share of a sharded stage (an Indexed Job pod, or a local worker process)."""
+    """One rank's share of a sharded stage (an Indexed Job pod, or a local worker process).
+
+    A multi-step stage (``STEPS``) runs its steps in order; before each step the rank waits up to ``wait``
+    seconds for every part of the step before (all ranks run at once: an Indexed Job with parallelism =
+    completions, or the local workers). A retried rank finds its committed steps up to date and goes on."""
     st = _sharded(stage, "run it without --rank")
     if not 0 <= rank < world:
         raise PipelineError(f"--rank {rank} is outside 0..{world - 1} for --world-size {world}")
-    ctx = StageContext(storage, resolve_inputs(st, storage, cfg), progress=progress, rank=rank, world=world)
-    name = part_name(st, rank, world, cfg)
-    return _unless_current(st, cfg, storage, name, ctx.inputs, force=force, produce=lambda: execute(
-        st, st.run_part, cfg, storage, name, ctx, {"rank": rank, "world_size": world}))
+    inputs = resolve_inputs(st, storage, cfg)
+    if not st.STEPS:
+        ctx = StageContext(storage, inputs, progress=progress, rank=rank, world=world)
+        name = part_name(st, rank, world, cfg)
+        return _unless_current(st, cfg, storage, name, ctx.inputs, force=force, produce=lambda: execute(
+            st, st.run_part, cfg, storage, name, ctx, {"rank": rank, "world_size": world}))
+    earlier: dict[str, list[Artifact]] = {}
+    outcome = Outcome(st.name, "up to date", {})
+    for k, step in enumerate(st.STEPS):
+        if k:
+            before = st.STEPS[k - 1]
+            earlier[before.name] = _await_parts(st, cfg, storage, world, before.name, 1 if before.single else world,
+                                                inputs, wait, who=f"rank {rank}")
+        if step.single and rank != 0:
+            continue
+        ctx = StageContext(storage, inputs, progress=progress, rank=rank, world=world, steps=dict(earlier))
+        name = part_name(st, rank, world, cfg, step.name)
+        run_step = functools.partial(st.run_step, step)
+        extra = {"rank": rank, "world_size": world, "step": step.name}
+        outcome = _unless_current(st, cfg, storage, name, inputs, force=force,
+                                  produce=functools.partial(execute, st, run_step, cfg, storage, name, ctx, extra))
+    return outcome
+
+
+def _await_parts(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, step: str | None, count: int,
+                 inputs: dict[str, Artifact], wait: float, who: str) -> list[Artifact]:
+    """The committed parts (ranks 0..count-1) of ``step``, polling up to ``wait`` seconds until all are there."""
+    chash, refs = config_hash(cfg), input_refs(inputs, stage, cfg)
+    start = time.monotonic()
+    deadline = start + max(0.0, wait)
+    last_report = start
+    poll = 0.05  # quick at first (small corpora finish a step in moments), then every _WAIT_POLL_S
+    what = f"step {step!r}" if step else "parts"
+    while True:
+        parts, missing = _committed_parts(stage, cfg, storage, world, chash, refs, step=step, count=count)
+        now = time.monotonic()
+        if not missing or now >= deadline:
+            break
+        if now - last_report >= 60:
+            print(f"{stage.name} {who}: {count - len(missing)}/{count} parts of {what} committed; waiting "
+                  f"(up to {deadline - now:.0f}s more)", file=sys.stderr, flush=True)
+            last_report = now
+        time.sleep(min(poll, max(0.01, deadline - now)))
+        poll = min(_WAIT_POLL_S, poll * 2)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        if step and who != "merge":
+            raise InputError(
+                f"{stage.name} {who} cannot start the step after {step!r}: rank(s) {shown} of {world} have not committed "
+                f"it{f' within {wait:.0f}s' if wait else ''}. The ranks of {stage.name} exchange data between steps, so all "
+                f"{world} run at the same time (an Indexed Job with parallelism = completions, or `llmpipe run "
+                f"{stage.name} --rank R --world-size {world} --wait SECONDS` for each R at once); look for Pending or "
+                "failed pods"
+            )
+        raise InputError(
+            f"cannot merge {stage.name}: rank(s) {shown} of {world} have no finished part for this config and input "
+            f"(run `llmpipe run {stage.name} --rank R --world-size {world}` for each)"
+        )
+    return parts
 
 
 def merge_parts(
@@ -293,27 +385,15 @@ def merge_parts(
 
 
 def _merge(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, ctx: StageContext, wait: float) -> dict[str, Any]:
-    chash, inputs, output = config_hash(cfg), input_refs(ctx.inputs, stage, cfg), stage.output(cfg)
-    deadline = time.monotonic() + max(0.0, wait)
-    last_report = 0.0
-    while True:
-        parts, missing = _committed_parts(stage, cfg, storage, world, chash, inputs)
-        now = time.monotonic()
-        if not missing or now >= deadline:
-            break
-        if now - last_report >= 60 or not last_report:
-            print(f"{stage.name} merge: {world - len(missing)}/{world} parts committed; waiting "
-                  f"(up to {deadline - now:.0f}s more)", file=sys.stderr, flush=True)
-            last_report = now
-        time.sleep(min(_WAIT_POLL_S, max(0.1, deadline - now)))
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise InputError(
-            f"cannot merge {stage.name}: rank(s) {shown} of {world} have no finished part for this config and input "
-            f"(run `llmpipe run {stage.name} --rank R --world-size {world}` for each)"
-        )
+    output = stage.output(cfg)
+    parts = _await_parts(stage, cfg, storage, world, _last_step(stage), world, ctx.inputs, wait, who="merge")
+    for step in stage.STEPS[:-1]:
+        ctx.steps[step.name] = _await_parts(stage, cfg, storage, world, step.name, 1 if step.single else world,
+                                            ctx.inputs, 0.0, who="merge")
+    per_step = [*ctx.steps.values(), parts]  # the ranks' wall time: the slowest part of each step, step after step
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts],
-             "parts_duration_s": max((float(p.manifest.get("duration_s") or 0) for p in parts), default=0.0)}
+             "parts_duration_s": round(sum(max((float(p.manifest.get("duration_s") or 0) for p in step), default=0.0)
+                                           for step in per_step), 3)}
     manifest = execute(stage, stage.merge, cfg, storage, output, ctx, extra, parts)
     storage.remove(parts_dir(stage, world, cfg))
     if storage.is_local:  # object stores have no empty folders to leave behind
@@ -328,11 +408,12 @@ _WAIT_POLL_S = 5.0
 
 
 def _committed_parts(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, chash: str,
-                     inputs: dict[str, Any]) -> tuple[list[Artifact], list[int]]:
+                     inputs: dict[str, Any], step: str | None = None, count: int | None = None,
+                     ) -> tuple[list[Artifact], list[int]]:
     parts: list[Artifact] = []
     missing = []
-    for rank in range(world):
-        name = part_name(stage, rank, world, cfg)
+    for rank in range(world if count is None else count):
+        name = part_name(stage, rank, world, cfg, step)
         manifest = storage.manifest(name)
         if not is_current(manifest, chash, inputs):
             missing.append(rank)
@@ -341,9 +422,14 @@ def _committed_parts(stage: ShardedStage, cfg: StrictModel, storage: Storage, wo
     return parts, missing
 
 
-def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str, Any], rank: int, world: int, force: bool, progress: bool) -> str:
+def _part_worker(stage: str, cfg_json: dict[str, Any], uri: str, opts: dict[str, Any], rank: int, world: int, force: bool,
+                 progress: bool) -> str:
     cfg = get_stage(stage).config.model_validate(cfg_json)
-    return run_part(stage, cfg, Storage(uri, opts), rank, world, force=force, progress=progress).status
+    # the workers run at once; a failed one stops the others (below), so the step barrier need not time out
+    return run_part(stage, cfg, Storage(uri, opts), rank, world, force=force, progress=progress, wait=_LOCAL_WAIT_S).status
+
+
+_LOCAL_WAIT_S = 7 * 24 * 3600.0
 
 
 def run_stage(stage: str, cfg: StrictModel, storage: Storage, *, force: bool = False, progress: bool = True) -> Outcome:
@@ -391,8 +477,14 @@ def _produce(stage: Stage, cfg: StrictModel, storage: Storage, inputs: dict[str,
                 pool.submit(_part_worker, stage.name, payload, storage.uri, storage.storage_options, r, world, force, progress)
                 for r in range(world)
             ]
-            for fut in cf.as_completed(futures):
-                fut.result()
+            try:
+                for fut in cf.as_completed(futures):
+                    fut.result()
+            except BaseException:
+                # the other ranks may be waiting at a step barrier for the one that failed: stop them
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+                raise
     return merge_parts(stage.name, cfg, storage, world, force=force, progress=progress).manifest
 
 

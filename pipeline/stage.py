@@ -42,6 +42,9 @@ class StageContext:
     rank: int = 0
     world: int = 1
     notes: list[str] = field(default_factory=list)
+    steps: dict[str, list[Artifact]] = field(default_factory=dict)
+    """In a multi-step sharded stage: the committed parts of the steps before this one, by step name, in
+    rank order (one part for a ``single`` step)."""
 
     def bar(self, iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
         """A progress bar; quiet when progress is off, sparse when stderr is not a terminal."""
@@ -97,12 +100,30 @@ class Stage:
         return [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, str))]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a multi-step sharded stage: ``step_<name>(cfg, ctx, out)`` runs on every rank, or on
+    rank 0 alone when ``single``. A step starts when every part of the step before it is committed."""
+
+    name: str
+    single: bool = False
+
+
 class ShardedStage(Stage):
     """Ranks, then one merge: every rank commits its own part under ``<output>.parts/``, then ``merge``
     commits ``<output>/`` from all of them. Locally ``cfg.workers`` processes; on a cluster an
-    Indexed Job (one pod per rank) and a merge Job."""
+    Indexed Job (one pod per rank) and a merge Job.
+
+    A stage whose work needs data from every rank between two passes (clean's deduplication) lists
+    ``STEPS``: each rank runs them in order, waiting at each step for all parts of the one before (a
+    barrier on committed parts in the shared storage), and ``merge`` gets the last step's parts (the
+    earlier ones in ``ctx.steps``). The default is one step, ``run_part``."""
 
     sharded: ClassVar[bool] = True
+    STEPS: ClassVar[tuple[Step, ...]] = ()
+
+    def run_step(self, step: Step, cfg: Any, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
+        return getattr(self, f"step_{step.name}")(cfg, ctx, out)
 
     def workers(self, cfg: Any) -> int:
         return int(getattr(cfg, "workers", 1))

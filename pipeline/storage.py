@@ -275,10 +275,11 @@ class OutputDir:
     def path(self, *parts: str) -> str:
         return self.storage.path(self.tmp, *parts)
 
-    def open(self, rel: str, mode: str = "wb") -> IO[Any]:
+    def open(self, rel: str, mode: str = "wb", **kwargs: Any) -> IO[Any]:
+        """A file of the output (``kwargs`` go to fsspec's ``open``, e.g. ``block_size`` on an object store)."""
         if self.storage.is_local and "w" in mode:
             Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
-        return self.fs.open(self.path(rel), mode)
+        return self.fs.open(self.path(rel), mode, **kwargs)
 
     def write_text(self, rel: str, text: str) -> None:
         with self.open(rel, "wb") as fh:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import IO, Sequence
+from typing import Sequence
 
 import numpy as np
 import xxhash
@@ -91,9 +91,17 @@ __all__ = [
     "exact_key",
     "find_duplicates",
     "lsh_params",
-    "load_dedup_state",
-    "save_dedup_state",
     "words",
+    "RECORD",
+    "KEYED_RECORD",
+    "PAIR",
+    "band_records",
+    "bucket_step",
+    "confirm",
+    "greedy",
+    "key_matrix",
+    "min_agree",
+    "task_of",
 ]
 
 KEEP, EXACT, NEAR = 0, 1, 2
@@ -377,7 +385,154 @@ def _band_hash(sig: np.ndarray, lo: int, hi: int, band: int) -> np.ndarray:
     return _fmix64(h)
 
 
-# ---------------------------------------------------------------------------- reduce step
+# ------------------------------------------------------------------ bucket records and steps
+#
+# Whole-corpus decisions without the whole corpus in one process (see the module docstring):
+#
+#   band_records  each rank turns its documents' signatures (and exact keys) into records
+#                 (band, band hash, document[, key]), sent to bucket task ``task_of(hash)``;
+#   bucket_step   each task sorts its records: equal (band, hash) is a bucket; inside a bucket a
+#                 document whose key equals an earlier one's is an exact duplicate (all copies share
+#                 every bucket: equal keys mean equal words, hence equal signatures); the others are
+#                 paired with the bucket's first document and with their predecessor;
+#   confirm       a candidate pair stands when the two signatures agree on >= threshold * num_perm
+#                 positions;
+#   greedy        in global order, a document goes as a near duplicate of its earliest confirmed
+#                 neighbour that is still kept.
+#
+# `find_duplicates` runs the same four functions in one process, so the one-process and the sharded
+# decisions are the same by construction (and tests/unit/test_dedup.py checks it).
+
+RECORD = np.dtype([("b", "<u2"), ("h", "<u8"), ("d", "<i8")])
+"""A bucket record: band, 64-bit band hash, document (its position in the stage's input)."""
+KEYED_RECORD = np.dtype([("b", "<u2"), ("h", "<u8"), ("d", "<i8"), ("k0", "<u8"), ("k1", "<u8")])
+"""A bucket record with the document's exact key (when exact dedup is on)."""
+PAIR = np.dtype([("l", "<i8"), ("e", "<i8")])
+"""A pair of documents: later, earlier (``l > e``); ``np.unique``/``np.sort`` order them by (l, e)."""
+
+
+def key_matrix(keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
+    """Exact keys as an ``(n, 2)`` uint64 array."""
+    return _as_key_matrix(keys)
+
+
+def task_of(h: np.ndarray, n_tasks: int) -> np.ndarray:
+    """The bucket task (0..n_tasks-1) of each 64-bit hash: equal slices of the hash range."""
+    if n_tasks == 1:
+        return np.zeros(len(h), dtype=np.int64)
+    return (((h >> _U32) * np.uint64(n_tasks)) >> _U32).astype(np.int64)
+
+
+def band_records(signatures: np.ndarray | None, keys: np.ndarray | None, docs: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """The bucket records of a batch of documents: one per band when near dedup is on (``signatures``
+    given), else one per document bucketed by its key (exact dedup alone). ``keys``: ``(n, 2)`` uint64
+    (see :func:`key_matrix`) or None without exact dedup. Rows come band after band."""
+    n = len(docs)
+    dtype = KEYED_RECORD if keys is not None else RECORD
+    if signatures is None:
+        if keys is None:
+            raise ValueError("band_records needs signatures, keys or both")
+        out = np.empty(n, dtype=dtype)
+        out["b"], out["h"], out["d"] = 0, keys[:, 0], docs
+        out["k0"], out["k1"] = keys[:, 0], keys[:, 1]
+        return out
+    bands, rows = _band_params(cfg, signatures.shape[1])
+    out = np.empty(n * bands, dtype=dtype)
+    for band in range(bands):
+        sl = slice(band * n, (band + 1) * n)
+        out["b"][sl] = band
+        out["h"][sl] = _band_hash(signatures, band * rows, (band + 1) * rows, band)
+        out["d"][sl] = docs
+        if keys is not None:
+            out["k0"][sl], out["k1"][sl] = keys[:, 0], keys[:, 1]
+    return out
+
+
+def _starts(*cols: np.ndarray) -> np.ndarray:
+    """Where a run of equal values (over all columns, rows already sorted) starts."""
+    new = np.zeros(len(cols[0]), dtype=bool)
+    new[:1] = True
+    for c in cols:
+        new[1:] |= c[1:] != c[:-1]
+    return new
+
+
+def bucket_step(records: np.ndarray, near: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One bucket task: ``(exact, pairs)`` from all records whose hash falls in the task's range.
+
+    ``exact``: PAIR array (later = the duplicate, earlier = the first document with its key), from
+    keyed records only. ``pairs``: unique candidate PAIRs from the buckets of the documents that are
+    not exact duplicates (empty unless ``near``). Depends only on the set of records, not on their
+    order or on which rank sent them."""
+    empty = np.zeros(0, dtype=PAIR)
+    if not len(records):
+        return empty, empty
+    exact = empty
+    if "k0" in records.dtype.names:
+        r = records[np.lexsort((records["d"], records["k1"], records["k0"], records["h"], records["b"]))]
+        first = _starts(r["b"], r["h"], r["k0"], r["k1"])
+        head = np.flatnonzero(first)[np.cumsum(first) - 1]
+        dup = ~first
+        in_band0 = dup & (r["b"] == 0)  # every document has a band-0 record: report each copy once
+        exact = np.empty(int(in_band0.sum()), dtype=PAIR)
+        exact["l"], exact["e"] = r["d"][in_band0], r["d"][head[in_band0]]
+        exact.sort()
+        records = r[first]
+    if not near:
+        return exact, empty
+    r = records[np.lexsort((records["d"], records["h"], records["b"]))]
+    new = _starts(r["b"], r["h"])
+    member = np.flatnonzero(~new)
+    if not len(member):
+        return exact, empty
+    head = np.flatnonzero(new)[np.cumsum(new) - 1]
+    pairs = np.empty(2 * len(member), dtype=PAIR)
+    d = r["d"]
+    pairs["l"] = np.concatenate((d[member], d[member]))
+    pairs["e"] = np.concatenate((d[head[member]], d[member - 1]))
+    return exact, np.unique(pairs)
+
+
+def min_agree(cfg: DedupConfig, num_perm: int) -> int:
+    """Signature positions two documents must share to be near duplicates (estimated Jaccard >= threshold)."""
+    return max(1, math.ceil(cfg.threshold * num_perm - 1e-9))
+
+
+def confirm(later: np.ndarray, earlier: np.ndarray, needed: int, chunk: int = 16384) -> np.ndarray:
+    """Which pairs of signature rows (``later[i]``, ``earlier[i]``) agree on at least ``needed`` positions."""
+    ok = np.empty(len(later), dtype=bool)
+    for lo in range(0, len(later), chunk):
+        ok[lo : lo + chunk] = np.count_nonzero(later[lo : lo + chunk] == earlier[lo : lo + chunk], axis=1) >= needed
+    return ok
+
+
+def greedy(confirmed: np.ndarray) -> np.ndarray:
+    """Near duplicates from confirmed PAIRs (sorted by (l, e)): in global order, a document is dropped
+    as a copy of its earliest confirmed neighbour that is still kept. Returns PAIRs (dropped, kept
+    document it copies). Memory and time follow the number of pairs, not of documents."""
+    if not len(confirmed):
+        return np.zeros(0, dtype=PAIR)
+    docs, inverse = np.unique(np.concatenate((confirmed["l"], confirmed["e"])), return_inverse=True)
+    lt, er = inverse[: len(confirmed)].tolist(), inverse[len(confirmed) :].tolist()
+    kept = bytearray(b"\x01") * len(docs)
+    out_l: list[int] = []
+    out_e: list[int] = []
+    i, m = 0, len(lt)
+    while i < m:
+        doc = lt[i]
+        j = i
+        while j < m and lt[j] == doc:
+            j += 1
+        for t in range(i, j):
+            if kept[er[t]]:
+                kept[doc] = 0
+                out_l.append(doc)
+                out_e.append(er[t])
+                break
+        i = j
+    out = np.empty(len(out_l), dtype=PAIR)
+    out["l"], out["e"] = docs[np.asarray(out_l, dtype=np.int64)], docs[np.asarray(out_e, dtype=np.int64)]
+    return out
 
 
 def _as_key_matrix(keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
@@ -388,6 +543,8 @@ def _as_key_matrix(keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
             if arr.dtype.itemsize != KEY_BYTES:
                 raise ValueError(f"exact keys must be {KEY_BYTES} bytes, got dtype {arr.dtype}")
             return np.frombuffer(np.ascontiguousarray(arr).tobytes(), dtype=np.uint64).reshape(-1, 2)
+        if arr.dtype == np.uint64 and arr.ndim == 2 and arr.shape[1] == 2:
+            return arr
         arr = np.ascontiguousarray(arr, dtype=np.uint8)
         if arr.ndim != 2 or arr.shape[1] != KEY_BYTES:
             raise ValueError(f"exact keys must have shape (n, {KEY_BYTES}), got {arr.shape}")
@@ -401,64 +558,13 @@ def _as_key_matrix(keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
 
 
-def _exact_first(keys: np.ndarray) -> np.ndarray:
-    """For each row, the index of the first row with the same key."""
-    n = len(keys)
-    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys stay in index order
-    k = keys[order]
-    new = np.ones(n, dtype=bool)
-    new[1:] = (k[1:, 0] != k[:-1, 0]) | (k[1:, 1] != k[:-1, 1])
-    group_first = order[np.flatnonzero(new)]
-    first = np.empty(n, dtype=np.int64)
-    first[order] = group_first[np.cumsum(new) - 1]
-    return first
-
-
-def _candidate_pairs(sig: np.ndarray, cand: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Unique candidate pairs as uint64 ``later << 32 | earlier`` (sorted), from every band."""
-    per_band: list[np.ndarray] = []
-    everyone = len(cand) == len(sig)
-    for band in range(bands):
-        # hash the band of every document (one contiguous copy of the band, not of all of sig)
-        h = _band_hash(np.ascontiguousarray(sig[:, band * rows : (band + 1) * rows]), 0, rows, band)
-        if not everyone:
-            h = h[cand]
-        order = np.argsort(h)  # unstable (3x faster); ties are put in index order below
-        hs = h[order]
-        docs = cand[order]
-        new = np.ones(len(hs), dtype=bool)
-        new[1:] = hs[1:] != hs[:-1]
-        member = np.flatnonzero(~new)
-        if not len(member):
-            continue
-        group = np.cumsum(new) - 1
-        heads = np.flatnonzero(new)
-        size = np.diff(np.append(heads, len(hs)))
-        multi = np.flatnonzero(size[group] > 1)  # only buckets with 2+ documents
-        docs[multi] = docs[multi][np.lexsort((docs[multi], group[multi]))]
-        head_of = heads[group]
-        later = docs[member].astype(np.uint64) << _U32
-        pairs = np.concatenate((later | docs[head_of[member]].astype(np.uint64), later | docs[member - 1].astype(np.uint64)))
-        per_band.append(np.unique(pairs))
-    if not per_band:
-        return np.zeros(0, dtype=np.uint64)
-    return np.unique(np.concatenate(per_band))
-
-
-def _confirm(sig: np.ndarray, earlier: np.ndarray, later: np.ndarray, min_agree: int, chunk: int = 16384) -> np.ndarray:
-    ok = np.empty(len(earlier), dtype=bool)
-    for lo in range(0, len(earlier), chunk):
-        e, l_ = earlier[lo : lo + chunk], later[lo : lo + chunk]
-        ok[lo : lo + chunk] = np.count_nonzero(sig[e] == sig[l_], axis=1) >= min_agree
-    return ok
-
-
 def find_duplicates(
     keys: Sequence[bytes] | np.ndarray | None,
     signatures: np.ndarray | None,
     cfg: DedupConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decide which documents are duplicates, in global order (the first occurrence is kept).
+    """Decide which documents are duplicates, in global order (the first occurrence is kept), in one
+    process: the bucket records of every document go to one bucket task.
 
     ``keys``: one :func:`exact_key` per document (a list of 16-byte ``bytes``, or an array of
     shape ``(n, 16)`` uint8 / dtype ``V16``), or None to skip exact dedup. ``signatures``:
@@ -468,7 +574,9 @@ def find_duplicates(
     Returns ``(dup_of, kind)``: ``dup_of`` int64, -1 for a kept document, else the index of
     the kept document it duplicates; ``kind`` int8, ``KEEP`` (0), ``EXACT`` (1, reason
     ``dedup.exact``) or ``NEAR`` (2, ``dedup.near``). Exact duplicates are removed first; near
-    duplicates are searched among the remaining documents (see the module docstring).
+    duplicates are searched among the remaining documents (see the module docstring). The
+    ``clean`` stage makes the same decisions over ranks (``band_records`` on each rank,
+    ``bucket_step`` per hash range, ``confirm``, ``greedy``).
     """
     use_exact = cfg.exact and keys is not None
     use_near = cfg.near and signatures is not None
@@ -482,85 +590,20 @@ def find_duplicates(
             raise ValueError(f"{n} exact keys but {len(signatures)} signatures")
         n = len(signatures)
     n = n or 0
+    key_mat = _as_key_matrix(keys) if keys is not None else None  # checks the keys even when exact is off
     dup_of = np.full(n, -1, dtype=np.int64)
     kind = np.zeros(n, dtype=np.int8)
-    if n == 0:
+    if n == 0 or not (use_exact or use_near):
         return dup_of, kind
-
-    if use_exact:
-        first = _exact_first(_as_key_matrix(keys))
-        is_dup = first != np.arange(n)
-        dup_of[is_dup] = first[is_dup]
-        kind[is_dup] = EXACT
-
-    if use_near:
-        sig = signatures
-        num_perm = sig.shape[1]
-        bands, rows = _band_params(cfg, num_perm)
-        cand = np.flatnonzero(kind == KEEP)
-        if len(cand) > 1:
-            pairs = _candidate_pairs(sig, cand, bands, rows)
-            later = (pairs >> _U32).astype(np.int64)
-            earlier = (pairs & np.uint64(0xFFFFFFFF)).astype(np.int64)
-            min_agree = max(1, math.ceil(cfg.threshold * num_perm - 1e-9))
-            ok = _confirm(sig, earlier, later, min_agree)
-            later, earlier = later[ok], earlier[ok]
-            # greedy in global order: pairs are sorted by (later, earlier)
-            kept = np.ones(n, dtype=bool)
-            lt, er = later.tolist(), earlier.tolist()
-            i = 0
-            m = len(lt)
-            while i < m:
-                doc = lt[i]
-                j = i
-                while j < m and lt[j] == doc:
-                    j += 1
-                for t in range(i, j):
-                    if kept[er[t]]:
-                        kept[doc] = False
-                        dup_of[doc] = er[t]
-                        kind[doc] = NEAR
-                        break
-                i = j
+    records = band_records(signatures if use_near else None, key_mat if use_exact else None,
+                           np.arange(n, dtype=np.int64), cfg)
+    exact, pairs = bucket_step(records, use_near)
+    dup_of[exact["l"]] = exact["e"]
+    kind[exact["l"]] = EXACT
+    if len(pairs):
+        assert signatures is not None
+        ok = confirm(signatures[pairs["l"]], signatures[pairs["e"]], min_agree(cfg, signatures.shape[1]))
+        near = greedy(pairs[ok])
+        dup_of[near["l"]] = near["e"]
+        kind[near["l"]] = NEAR
     return dup_of, kind
-
-
-# --------------------------------------------------------------------------- map output
-
-
-_STATE_MAGIC = 0x44454455  # "DEDU"
-_STATE_VERSION = 1
-
-
-def save_dedup_state(fileobj: IO[bytes], keys: Sequence[bytes] | np.ndarray | None, signatures: np.ndarray | None) -> None:
-    """Write one shard's exact keys and signatures (either may be None) with ``np.save``.
-
-    Layout: an int64 header ``[magic, version, has_keys, has_signatures]``, then the keys as
-    ``(n, 16)`` uint8, then the signatures. Works with any writable binary file object
-    (local files, fsspec/S3); no pickles.
-    """
-    header = np.array([_STATE_MAGIC, _STATE_VERSION, keys is not None, signatures is not None], dtype=np.int64)
-    np.save(fileobj, header, allow_pickle=False)
-    if keys is not None:
-        mat = _as_key_matrix(keys) if len(keys) else np.zeros((0, 2), dtype=np.uint64)
-        np.save(fileobj, np.ascontiguousarray(mat).view(np.uint8).reshape(-1, KEY_BYTES), allow_pickle=False)
-    if signatures is not None:
-        np.save(fileobj, np.ascontiguousarray(signatures), allow_pickle=False)
-
-
-def load_dedup_state(fileobj: IO[bytes]) -> tuple[list[bytes] | None, np.ndarray | None]:
-    """Read what :func:`save_dedup_state` wrote: ``(keys as list of 16-byte bytes, signatures)``."""
-    header = np.load(fileobj, allow_pickle=False)
-    if header.shape != (4,) or int(header[0]) != _STATE_MAGIC:
-        raise ValueError("not a dedup state file (bad header)")
-    if int(header[1]) != _STATE_VERSION:
-        raise ValueError(f"dedup state version {int(header[1])} is not supported (expected {_STATE_VERSION})")
-    keys: list[bytes] | None = None
-    signatures: np.ndarray | None = None
-    if header[2]:
-        raw = np.load(fileobj, allow_pickle=False).tobytes()
-        keys = [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
-    if header[3]:
-        signatures = np.load(fileobj, allow_pickle=False)
-    return keys, signatures
-

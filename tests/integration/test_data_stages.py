@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.data.documents import DocumentSet
 from pipeline.storage import Artifact, Storage
-from tests.conftest import CORPUS, write_configs
+from tests.conftest import CORPUS, REPO, write_configs
 
 PLANTED = {json.loads(line)["id"]: json.loads(line) for line in (CORPUS / "planted.jsonl").read_text().splitlines()}
 
@@ -158,27 +161,51 @@ def test_clean_with_two_workers_keeps_the_same_documents(pipeline_run, tmp_path)
     assert not any(p.name.startswith("clean.parts") and any(p.iterdir()) for p in root.iterdir())
 
 
-def test_indexed_job_ranks_then_merge_match_local_workers(pipeline_run, monkeypatch):
-    """What the chart runs: one `--world-size 2` pod per JOB_COMPLETION_INDEX, then `--merge`."""
+def test_indexed_job_ranks_then_merge_match_local_workers(pipeline_run):
+    """What the chart runs: one `--world-size 3 --wait` pod per JOB_COMPLETION_INDEX, all at once (clean's ranks
+    exchange data between its steps), then `--merge`. Three separate processes, like three pods."""
     cfg, root = pipeline_run
     storage = Storage(str(root))
     before = _ids(storage, "clean")
-    common = ["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress"]
-    for rank in (1, 0):  # pods finish in any order
-        monkeypatch.setenv("JOB_COMPLETION_INDEX", str(rank))
-        assert main([*common, "--world-size", "2", "--force"]) == 0
-        assert (root / "clean.parts" / "w002" / f"rank-{rank:05d}" / "manifest.json").exists()
-    assert main([*common, "--merge", "--world-size", "2", "--force"]) == 0
+    dropped_before = json.loads((root / "clean" / "manifest.json").read_text())["metrics"]["dropped_by_reason"]
+    common = [sys.executable, "-m", "pipeline.cli", "run", "clean", "--config", str(cfg / "clean.yaml"),
+              "--root", str(root), "--no-progress"]
+    pods = [subprocess.Popen([*common, "--world-size", "3", "--wait", "300", "--force"],
+                             env={**os.environ, "JOB_COMPLETION_INDEX": str(rank)}, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in (2, 0, 1)]
+    for pod in pods:
+        out, _ = pod.communicate(timeout=600)
+        assert pod.returncode == 0, out
+    steps = sorted(p.name for p in (root / "clean.parts" / "w003").iterdir())
+    assert steps == ["buckets", "confirm", "exchange", "filter", "resolve", "signatures"]
+    assert len(list((root / "clean.parts" / "w003" / "resolve").iterdir())) == 1  # rank 0 alone
+    assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress",
+                 "--merge", "--world-size", "3", "--force"]) == 0
     assert _ids(storage, "clean") == before
+    m = json.loads((root / "clean" / "manifest.json").read_text())["metrics"]
+    assert m["dropped_by_reason"] == dropped_before and m["workers"] == 3
+    assert set(m["steps"]) == set(steps) and all(s["peak_rss_mb"] > 0 for s in m["steps"].values())
     assert not (root / "clean.parts").exists()
-    assert main([*common, "--merge", "--world-size", "2"]) == 0  # a retried merge Job: up to date, not an error
+    assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress",
+                 "--merge", "--world-size", "3"]) == 0  # a retried merge Job: up to date, not an error
+
+
+def test_a_rank_alone_says_the_others_must_run_at_once(pipeline_run, monkeypatch, capsys):
+    cfg, root = pipeline_run
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress",
+                 "--world-size", "2", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "rank(s) 1 of 2 have not committed it" in err and "at the same time" in err
+    assert (root / "clean.parts" / "w002" / "signatures" / "rank-00000" / "manifest.json").exists()
 
 
 def test_merge_refuses_missing_ranks(pipeline_run, capsys):
     cfg, root = pipeline_run
     assert main(["run", "clean", "--config", str(cfg / "clean.yaml"), "--root", str(root), "--no-progress",
-                 "--merge", "--world-size", "3"]) == 1
-    assert "rank(s) 0, 1, 2 of 3" in capsys.readouterr().err
+                 "--merge", "--world-size", "4"]) == 1
+    assert "rank(s) 0, 1, 2, 3 of 4" in capsys.readouterr().err
 
 
 def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import random
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -21,10 +19,16 @@ from pipeline.data.dedup import (
     NEAR,
     MinHasher,
     exact_key,
+    PAIR,
+    band_records,
+    bucket_step,
+    confirm,
     find_duplicates,
-    load_dedup_state,
+    greedy,
+    key_matrix,
     lsh_params,
-    save_dedup_state,
+    min_agree,
+    task_of,
     words,
 )
 from tests.conftest import CORPUS
@@ -308,58 +312,81 @@ def _split(n: int, world: int) -> list[tuple[int, int]]:
     return [(n * r // world, n * (r + 1) // world) for r in range(world)]
 
 
-def test_decisions_do_not_depend_on_the_number_of_ranks(corpus):
+def _sharded_decisions(texts: list[str], world: int, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The clean stage's sharded dedup, in one process: each rank makes the bucket records of its slice,
+    each of `world` bucket tasks takes the records of its hash range, pairs are confirmed and resolved."""
+    outboxes: list[list[np.ndarray]] = [[] for _ in range(world)]
+    sigs = []
+    for lo, hi in _split(len(texts), world):
+        hasher = MinHasher(cfg)  # each rank builds its own
+        part = texts[lo:hi]
+        s = hasher.signatures(part) if cfg.near else None
+        keys = key_matrix([exact_key(t) for t in part]) if cfg.exact else None
+        recs = band_records(s, keys, np.arange(lo, hi, dtype=np.int64), cfg)
+        dest = task_of(recs["h"], world)
+        for t in range(world):
+            outboxes[t].append(recs[dest == t])
+        sigs.append(s)
+    exact, pairs = [], []
+    for t in range(world):
+        e, p = bucket_step(np.concatenate(outboxes[t]), cfg.near)
+        exact.append(e)
+        pairs.append(p)
+    dup_of = np.full(len(texts), -1, dtype=np.int64)
+    kind = np.zeros(len(texts), dtype=np.int8)
+    ex = np.concatenate(exact)
+    assert len(np.unique(ex["l"])) == len(ex)  # each copy reported by exactly one task
+    dup_of[ex["l"]], kind[ex["l"]] = ex["e"], EXACT
+    pairs = np.unique(np.concatenate(pairs))
+    if cfg.near and len(pairs):
+        sig = np.concatenate(sigs)
+        near = greedy(pairs[confirm(sig[pairs["l"]], sig[pairs["e"]], min_agree(cfg, cfg.num_perm))])
+        dup_of[near["l"]], kind[near["l"]] = near["e"], NEAR
+    return dup_of, kind
+
+
+@pytest.mark.parametrize("exact,near", [(True, True), (True, False), (False, True)])
+def test_decisions_do_not_depend_on_the_number_of_ranks(corpus, exact, near):
     rng = random.Random(11)
     base = corpus["en"] + corpus["ru"] + corpus["kk"]
     texts = list(base)
     for _ in range(40):  # exact copies, near copies and copies of copies, scattered
         src = rng.choice(texts)
         texts.insert(rng.randrange(len(texts) + 1), rng.choice([src.upper(), _change_words(src, 2, rng.random()), src]))
-    results = []
-    for world in (1, 2, 3):
-        keys: list[bytes] = []
-        sigs = []
-        for lo, hi in _split(len(texts), world):
-            hasher = MinHasher(DedupConfig())  # each rank builds its own
-            part = texts[lo:hi]
-            buf = io.BytesIO()
-            save_dedup_state(buf, [exact_key(t) for t in part], hasher.signatures(part))
-            buf.seek(0)
-            k, s = load_dedup_state(buf)
-            keys.extend(k)
-            sigs.append(s)
-        results.append(find_duplicates(keys, np.concatenate(sigs), CFG))
-    for dup_of, kind in results[1:]:
-        assert np.array_equal(dup_of, results[0][0]) and np.array_equal(kind, results[0][1])
-    dup_of, kind = results[0]
-    assert (kind == EXACT).sum() >= 10 and (kind == NEAR).sum() >= 10
+    cfg = CFG.model_copy(update={"exact": exact, "near": near})
+    hasher = MinHasher(cfg)
+    ref = find_duplicates([exact_key(t) for t in texts] if exact else None, hasher.signatures(texts) if near else None, cfg)
+    for world in (1, 2, 3, 7):
+        dup_of, kind = _sharded_decisions(texts, world, cfg)
+        assert np.array_equal(dup_of, ref[0]) and np.array_equal(kind, ref[1]), world
+    dup_of, kind = ref
+    assert ((kind == EXACT).sum() >= 10) == exact and ((kind == NEAR).sum() >= 10) == near
     assert (dup_of[kind > 0] < np.flatnonzero(kind > 0)).all()
 
 
-# ------------------------------------------------------------------------ state files
+def test_exact_copies_are_left_out_of_the_near_buckets():
+    """Bucket [A, X, B(=A), C]: C is paired with A (first) and X (predecessor once B, an exact copy, is
+    left out), as when exact dedup runs first over the whole corpus."""
+    recs = np.zeros(4, dtype=dedup.KEYED_RECORD)
+    recs["d"] = [0, 1, 2, 3]
+    recs["h"] = 42
+    recs["k0"] = [7, 8, 7, 9]
+    exact, pairs = bucket_step(recs[::-1].copy(), near=True)
+    assert exact.tolist() == [(2, 0)]
+    assert sorted(pairs.tolist()) == [(1, 0), (3, 0), (3, 1)]
 
 
-def test_state_roundtrip_bytesio_and_fsspec(tmp_path):
-    keys = [exact_key(t) for t in ["a", "b", "c d"]]
-    sigs = MinHasher(CFG).signatures(["a", "b", "c d"])
-    for keys_in, sigs_in in [(keys, sigs), (None, sigs), (keys, None), (None, None), ([], sigs[:0])]:
-        buf = io.BytesIO()
-        save_dedup_state(buf, keys_in, sigs_in)
-        buf.seek(0)
-        k, s = load_dedup_state(buf)
-        assert k == (list(keys_in) if keys_in is not None else None)
-        assert (s is None) if sigs_in is None else (np.array_equal(s, sigs_in) and s.dtype == np.uint32)
-    for url in (f"file://{tmp_path}/state.npy", "memory://dedup-test/state.npy"):
-        with fsspec.open(url, "wb") as fh:
-            save_dedup_state(fh, keys, sigs)
-        with fsspec.open(url, "rb") as fh:
-            k, s = load_dedup_state(fh)
-        assert k == keys and np.array_equal(s, sigs)
+def test_greedy_keeps_a_document_whose_neighbours_went():
+    """A~B, B~C, A!~C: B goes as a copy of A; C stays (its only neighbour B went)."""
+    pairs = np.array([(1, 0), (2, 1)], dtype=PAIR)
+    assert greedy(pairs).tolist() == [(1, 0)]
+    assert greedy(np.zeros(0, dtype=PAIR)).tolist() == []
 
 
-def test_state_rejects_other_files():
-    buf = io.BytesIO()
-    np.save(buf, np.arange(3))
-    buf.seek(0)
-    with pytest.raises(ValueError, match="not a dedup state"):
-        load_dedup_state(buf)
+def test_task_of_splits_the_hash_range_evenly():
+    h = np.random.default_rng(0).integers(0, 2**64, size=100_000, dtype=np.uint64)
+    counts = np.bincount(task_of(h, 7), minlength=7)
+    assert counts.min() > 0.95 * len(h) / 7 and task_of(h, 1).max() == 0
+    assert task_of(np.array([0, 2**64 - 1], dtype=np.uint64), 7).tolist() == [0, 6]
+
+
