@@ -9,7 +9,15 @@
    ``"langid.low_score"``. With language ID off, the document's language hint is its language;
 3. script: the share of letters in the script the language is written in (``"script"``);
 4. length: :func:`length_reason` with ``cfg.length_for(lang)``;
-5. repetition: :func:`repetition_reason` with ``cfg.repetition_for(lang)``.
+5. repetition: :func:`repetition_reason` with ``cfg.repetition_for(lang)``;
+6. PII (a kept document only, as FineWeb does at the end of its pipeline): e-mail addresses,
+   phone numbers and IP addresses replaced by placeholders (:mod:`pipeline.data.pii`, ``cfg.pii``),
+   counted in :attr:`DocumentFilter.pii_counts` / :attr:`DocumentFilter.pii_documents`.
+
+Thresholds can differ by language (``per_language``) and by source (``per_source``, keyed by the
+``source`` column collect writes, i.e. the source's ``name``): a document's length and repetition
+limits are the global ones, then its language's overrides, then its source's; a source can also
+set its own minimum language-ID scores and PII settings (``DocumentFilter.batch(texts, hints, sources)``).
 
 Every check is also a pure function of a text and a config, tested on its own.
 
@@ -48,6 +56,7 @@ from pydantic import Field, ValidationError, model_validator
 from pipeline.config import StrictModel
 from pipeline.data.langid import LangIdConfig, LanguageIdentifier
 from pipeline.data.normalize import NormalizeConfig, make_normalizer
+from pipeline.data.pii import PII_KINDS, PIIConfig, PIIRedactor
 
 
 class LengthConfig(StrictModel):
@@ -98,36 +107,82 @@ class LanguageOverrides(StrictModel):
     repetition: dict[str, Any] = Field(default_factory=dict)
 
 
+class SourceOverrides(LanguageOverrides):
+    """Per-source overrides (keyed by the documents' ``source``, the collect source's name): length and
+    repetition thresholds merged over the global and per-language ones, minimum language-ID scores
+    merged over ``langid.min_score``, PII settings merged over ``pii``."""
+
+    min_score: dict[str, float] = Field(
+        default_factory=dict, description="language -> minimum fastText probability for this source's documents"
+    )
+    pii: dict[str, Any] = Field(default_factory=dict, description="PII settings for this source's documents")
+
+    @model_validator(mode="after")
+    def _check_scores(self) -> "SourceOverrides":
+        for lang, score in self.min_score.items():
+            if not 0 <= score <= 1:
+                raise ValueError(f"min_score.{lang}: {score} is not between 0 and 1")
+        return self
+
+
 class FilterConfig(StrictModel):
     """What the document filter does: normalisation, language ID, script, length and repetition checks,
-    with per-language overrides (the clean stage's config adds its input, output and dedup)."""
+    PII replacement, with per-language and per-source overrides (the clean stage's config adds its input,
+    output and dedup)."""
 
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     length: LengthConfig = Field(default_factory=LengthConfig)
     repetition: RepetitionConfig = Field(default_factory=RepetitionConfig)
     per_language: dict[str, LanguageOverrides] = Field(default_factory=dict)
+    per_source: dict[str, SourceOverrides] = Field(
+        default_factory=dict, description="source name (collect's `name`) -> overrides, applied after per_language"
+    )
     script: ScriptConfig = Field(default_factory=ScriptConfig)
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
 
     @model_validator(mode="after")
     def _check_overrides(self) -> "FilterConfig":
-        for lang, ov in self.per_language.items():
-            try:
-                LengthConfig(**{**self.length.model_dump(), **ov.length})
-                RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition})
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = ".".join(str(p) for p in first["loc"])
-                raise ValueError(f"per_language.{lang}: {loc}: {first['msg']}") from None
+        sections: dict[str, dict[str, Any]] = {"per_language": self.per_language, "per_source": self.per_source}
+        for section, overrides in sections.items():
+            for key, ov in overrides.items():
+                try:
+                    LengthConfig(**{**self.length.model_dump(), **ov.length})
+                    RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition})
+                    if isinstance(ov, SourceOverrides):
+                        PIIConfig(**{**self.pii.model_dump(), **ov.pii})
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    loc = ".".join(str(p) for p in first["loc"])
+                    raise ValueError(f"{section}.{key}: {loc}: {first['msg']}") from None
         return self
 
-    def length_for(self, lang: str | None) -> LengthConfig:
-        ov = self.per_language.get(lang or "")
-        return LengthConfig(**{**self.length.model_dump(), **ov.length}) if ov else self.length
+    def _merged(self, field: str, lang: str | None, source: str | None) -> dict[str, Any] | None:
+        """The overrides of ``field`` for a language and a source, language first; None when there are none."""
+        merged: dict[str, Any] | None = None
+        for ov in (self.per_language.get(lang or ""), self.per_source.get(source or "")):
+            if ov is not None and getattr(ov, field):
+                merged = {**(merged or {}), **getattr(ov, field)}
+        return merged
 
-    def repetition_for(self, lang: str | None) -> RepetitionConfig:
-        ov = self.per_language.get(lang or "")
-        return RepetitionConfig(**{**self.repetition.model_dump(), **ov.repetition}) if ov else self.repetition
+    def length_for(self, lang: str | None, source: str | None = None) -> LengthConfig:
+        ov = self._merged("length", lang, source)
+        return LengthConfig(**{**self.length.model_dump(), **ov}) if ov else self.length
+
+    def repetition_for(self, lang: str | None, source: str | None = None) -> RepetitionConfig:
+        ov = self._merged("repetition", lang, source)
+        return RepetitionConfig(**{**self.repetition.model_dump(), **ov}) if ov else self.repetition
+
+    def pii_for(self, source: str | None = None) -> PIIConfig:
+        ov = self.per_source.get(source or "")
+        return PIIConfig(**{**self.pii.model_dump(), **ov.pii}) if ov is not None and ov.pii else self.pii
+
+    def min_score_for(self, lang: str | None, source: str | None = None) -> float:
+        """The minimum language-ID probability for a document of ``lang`` from ``source``."""
+        ov = self.per_source.get(source or "")
+        if ov is not None and lang in ov.min_score:
+            return ov.min_score[lang]  # type: ignore[index]
+        return self.langid.min_score.get(lang or "", self.langid.default_min_score)
 
 
 
@@ -160,13 +215,14 @@ ALL_REASONS: tuple[str, ...] = (
 
 
 def reason_names(cfg: FilterConfig) -> list[str]:
-    """All reasons ``DocumentFilter(cfg)`` can give, n-gram ones included (per-language overrides too)."""
+    """All reasons ``DocumentFilter(cfg)`` can give, n-gram ones included (per-language and per-source ones too)."""
     tops: set[int] = set()
     dups: set[int] = set()
     for lang in [None, *cfg.per_language]:
-        rep = cfg.repetition_for(lang)
-        tops.update(rep.max_top_ngram_frac)
-        dups.update(rep.max_dup_ngram_frac)
+        for source in [None, *cfg.per_source]:
+            rep = cfg.repetition_for(lang, source)
+            tops.update(rep.max_top_ngram_frac)
+            dups.update(rep.max_dup_ngram_frac)
     return [*ALL_REASONS, *(f"repetition.top_ngram_{n}" for n in sorted(tops)),
             *(f"repetition.dup_ngram_{n}" for n in sorted(dups))]
 
@@ -416,16 +472,32 @@ def script_reason(text: str, lang: str | None, cfg: ScriptConfig) -> str | None:
 
 
 class DocumentFilter:
-    """All checks of the clean stage, configured once; pickles as its config."""
+    """All checks of the clean stage, configured once; pickles as its config (the counters start again at zero).
+
+    Counters, accumulated over every :meth:`batch` call of this object (of kept documents only, since
+    PII is replaced in the documents that are kept):
+
+    - ``pii_counts``: matches replaced, by kind: ``{"email": n, "phone": n, "ip": n}`` (every kind the
+      config enables is present, zero included);
+    - ``pii_documents``: kept documents with at least one replacement, by kind, plus ``"any"``;
+    - ``per_source_documents``: documents (kept or not) whose source has a ``per_source`` entry, by
+      source, so a ``per_source`` key that never matches (a typo of a collect source's name) shows.
+    """
 
     def __init__(self, cfg: FilterConfig):
         self.cfg = cfg
         self.normalize: Callable[[str], str] = make_normalizer(cfg.normalize)
         self.langid = LanguageIdentifier(cfg.langid) if cfg.langid.enabled else None
         self.languages = frozenset(cfg.langid.languages)
-        self.min_score = dict(cfg.langid.min_score)
-        self.default_min_score = cfg.langid.default_min_score
-        self._per_lang: dict[str | None, tuple[_LengthCheck, _RepetitionCheck]] = {}
+        self._per_key: dict[tuple[str | None, str | None], tuple[_LengthCheck, _RepetitionCheck]] = {}
+        self._min_scores: dict[tuple[str | None, str | None], float] = {}
+        self._redactors: dict[str | None, PIIRedactor] = {}
+        kinds = {k for s in [None, *cfg.per_source] for k in self._redactor(s).kinds}
+        self.pii_counts: Counter[str] = Counter({k: 0 for k in PII_KINDS if k in kinds})
+        self.pii_documents: Counter[str] = Counter({k: 0 for k in PII_KINDS if k in kinds})
+        if kinds:
+            self.pii_documents["any"] = 0
+        self.per_source_documents: Counter[str] = Counter({s: 0 for s in cfg.per_source})
 
     def __getstate__(self) -> dict[str, Any]:
         return {"cfg": self.cfg}
@@ -433,31 +505,71 @@ class DocumentFilter:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["cfg"])  # type: ignore[misc]
 
-    def _checks(self, lang: str | None) -> tuple[_LengthCheck, _RepetitionCheck]:
-        checks = self._per_lang.get(lang)
+    def _source_key(self, source: str | None) -> str | None:
+        """``source`` when it has per-source overrides, else None (the checks of every other source are shared)."""
+        return source if source is not None and source in self.cfg.per_source else None
+
+    def _checks(self, lang: str | None, source: str | None) -> tuple[_LengthCheck, _RepetitionCheck]:
+        key = (lang, source)
+        checks = self._per_key.get(key)
         if checks is None:
-            checks = (_LengthCheck(self.cfg.length_for(lang)), _RepetitionCheck(self.cfg.repetition_for(lang)))
-            self._per_lang[lang] = checks
+            checks = (_LengthCheck(self.cfg.length_for(lang, source)),
+                      _RepetitionCheck(self.cfg.repetition_for(lang, source)))
+            self._per_key[key] = checks
         return checks
 
-    def _check(self, text: str, lang: str | None, score: float | None) -> str | None:
+    def _min_score(self, lang: str | None, source: str | None) -> float:
+        key = (lang, source)
+        score = self._min_scores.get(key)
+        if score is None:
+            score = self._min_scores[key] = self.cfg.min_score_for(lang, source)
+        return score
+
+    def _redactor(self, source: str | None) -> PIIRedactor:
+        redactor = self._redactors.get(source)
+        if redactor is None:
+            redactor = self._redactors[source] = PIIRedactor(self.cfg.pii_for(source))
+        return redactor
+
+    def _check(self, text: str, lang: str | None, score: float | None, source: str | None) -> str | None:
         if self.langid is not None:
             if lang not in self.languages:
                 return "langid.not_kept"
-            if score is not None and score < self.min_score.get(lang, self.default_min_score):  # type: ignore[arg-type]
+            if score is not None and score < self._min_score(lang, source):
                 return "langid.low_score"
         if script_reason(text, lang, self.cfg.script) is not None:
             return "script"
-        length, repetition = self._checks(lang)
+        length, repetition = self._checks(lang, source)
         doc = _Doc(text)
         return length(doc) or repetition(doc)
 
-    def __call__(self, text: str, lang_hint: str | None = None) -> FilterResult:
-        return self.batch([text], [lang_hint])[0]
+    def _redact(self, text: str, source: str | None) -> str:
+        redactor = self._redactor(source)
+        if not redactor:
+            return text
+        text, counts = redactor(text)
+        if counts:
+            self.pii_counts.update(counts)
+            self.pii_documents.update(counts.keys())
+            self.pii_documents["any"] += 1
+        return text
 
-    def batch(self, texts: list[str], lang_hints: list[str | None] | None = None) -> list[FilterResult]:
-        """Filter many documents; language ID runs as one fastText call for the batch."""
+    def __call__(self, text: str, lang_hint: str | None = None, source: str | None = None) -> FilterResult:
+        return self.batch([text], [lang_hint], [source])[0]
+
+    def batch(self, texts: list[str], lang_hints: list[str | None] | None = None,
+              sources: list[str | None] | None = None) -> list[FilterResult]:
+        """Filter many documents; language ID runs as one fastText call for the batch.
+
+        ``lang_hints`` and ``sources`` (the documents' ``lang_hint`` and ``source`` columns) are optional;
+        a source with a ``per_source`` entry gets its overrides, any other source the common settings."""
         hints = lang_hints if lang_hints is not None else [None] * len(texts)
+        srcs = sources if sources is not None else [None] * len(texts)
+        if len(hints) != len(texts) or len(srcs) != len(texts):
+            raise ValueError(f"batch: {len(texts)} texts but {len(hints)} language hints and {len(srcs)} sources")
+        keys = [self._source_key(s) for s in srcs] if self.cfg.per_source else [None] * len(texts)
+        if self.cfg.per_source:
+            self.per_source_documents.update(k for k in keys if k is not None)
         normed = list(map(self.normalize, texts))
         preds: list[tuple[str | None, float | None]]
         if self.langid is not None:
@@ -467,9 +579,10 @@ class DocumentFilter:
         else:
             preds = [(h, None) for h in hints]
         out = []
-        for text, (lang, score) in zip(normed, preds):
+        for text, (lang, score), key in zip(normed, preds, keys):
             if not text:
                 out.append(FilterResult(text, lang, score, "empty"))
-            else:
-                out.append(FilterResult(text, lang, score, self._check(text, lang, score)))
+                continue
+            reason = self._check(text, lang, score, key)
+            out.append(FilterResult(text if reason is not None else self._redact(text, key), lang, score, reason))
         return out
