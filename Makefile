@@ -96,6 +96,10 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)
 	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
 
+.PHONY: bench-dedup
+bench-dedup: corpus  ## near-duplicate precision/recall per threshold and shingle size on planted kk/ru/en copies (under a minute); chooses the dedup defaults
+	$(BIN)/python benchmarks/exp_dedup_calibration.py --cache $(CACHE) $(BENCH_ARGS)
+
 clean-runs:  ## delete local run roots
 	rm -rf runs/
 
