@@ -7,6 +7,12 @@ BOS / EOS ids, and appended to that split's running token stream; every full ``s
 block goes to the split's :class:`~pipeline.data.shards.ShardWriter`. What is left at the end
 (shorter than one block) is dropped and counted.
 
+With ``stream_by`` (default: language and source) a training document goes to the token stream of its
+*stream*, e.g. ``kk/kk-web`` (its ``lang``, then its ``source``), which has its own blocks, shards and tail: every
+training block then holds documents of one language and source, and the index records each stream's block range
+(:mod:`pipeline.data.shards`, version 2), which is what pretraining's per-phase ``mix`` weights. The price is one
+dropped tail (< ``seq_len`` tokens) per stream and rank instead of one per rank.
+
 Tokenization dominates the cost; the rest works on whole numpy arrays per batch (no per-token
 Python code beyond handing the tokenizer's id lists to numpy).
 """
@@ -14,13 +20,14 @@ Python code beyond handing the tokenizer's id lists to numpy).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from tokenizers import Tokenizer
 
 from pipeline.config import StrictModel
@@ -38,11 +45,35 @@ class PackingConfig(StrictModel):
     val_by_language: bool = Field(True, description="also write each language's validation documents as split "
                                                     "val_<lang> (pretraining reports loss and bits per byte per "
                                                     "language); ~val_fraction more storage")
+    stream_by: list[Literal["lang", "source"]] = Field(
+        ["lang", "source"], description="pack the training documents of each language and/or source (the clean "
+        "documents' lang and source columns) into blocks of their own, one stream each (e.g. kk/kk-web), recorded in "
+        "index.json: what pretrain's per-phase `mix` weights; [] mixes every document into one stream (the layout "
+        "before streams; a phase over it cannot have a mix)")
     seed: int = 0
+
+    @field_validator("stream_by")
+    @classmethod
+    def _stream_by(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a column twice: {v}")
+        return [c for c in ("lang", "source") if c in v]  # one order: the stream name is lang/source
 
 
 SPLITS = ("train", "val")
 _HASH_SCALE = float(2**64)
+
+
+UNKNOWN = "unknown"  # the stream label of a document without a language / source (clean's word for it)
+
+
+def stream_name(lang: str | None, source: str | None) -> str:
+    """A stream's name: its language, then its source, those it was packed by (``kk/kk-web``, ``kk``, ``kk-web``)."""
+    return "/".join(v for v in (lang, source) if v is not None)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name.replace("/", "."))
 
 
 def route_to_val(doc_id: str, val_fraction: float, seed: int = 0) -> bool:
@@ -83,6 +114,7 @@ class Packer:
         self._post = [eos_id] if cfg.add_eos else []
         self.framing = [name for name, on in (("bos", cfg.add_bos), ("eos", cfg.add_eos)) if on]
         self.seq_len = cfg.seq_len
+        # one token stream per key: a split ("train", "val", "val_<lang>"), or a training stream ("train/<stream>")
         self.writers: dict[str, ShardWriter] = {}
         self._tail: dict[str, np.ndarray] = {}
         self.documents: dict[str, int] = {}
@@ -90,34 +122,56 @@ class Packer:
         self.doc_tokens: dict[str, int] = {}  # the documents' own tokens, without BOS/EOS
         self.stream_tokens: dict[str, int] = {}  # with BOS/EOS: what was packed (blocks + dropped tail)
         self.doc_bytes: dict[str, int] = {}  # UTF-8 bytes of the documents' text (bits per byte)
+        self.streams: dict[str, dict[str, str | None]] = {}  # training stream -> its lang and source
+        self._stream_dims: tuple[str, ...] | None = None  # the columns training streams are cut by, once known
+        self._slugs: set[str] = set()
         for split in SPLITS:
             self._open(split)
         self._encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
         self._closed: dict[str, Any] | None = None
 
-    def _open(self, split: str) -> None:
-        if split in self.writers:
+    def _open(self, key: str, file_prefix: str | None = None) -> None:
+        if key in self.writers:
             return
-        self.writers[split] = ShardWriter(self.fs, self.dirpath, split, self.rank, self.seq_len, self.dtype,
-                                          self.cfg.blocks_per_shard)
-        self._tail[split] = np.zeros(0, dtype=self.dtype)
+        self.writers[key] = ShardWriter(self.fs, self.dirpath, file_prefix or key, self.rank, self.seq_len, self.dtype,
+                                        self.cfg.blocks_per_shard)
+        self._tail[key] = np.zeros(0, dtype=self.dtype)
         for counter in (self.documents, self.empty_documents, self.doc_tokens, self.stream_tokens, self.doc_bytes):
-            counter[split] = 0
+            counter[key] = 0
+
+    def _stream_key(self, lang: str | None, source: str | None) -> str:
+        name = stream_name(lang, source)
+        key = f"train/{name}"
+        if key not in self.writers:
+            slug = _slug(name)
+            while f"train.{slug}" in self._slugs:  # two names with one file-safe spelling
+                slug += "_"
+            self._slugs.add(f"train.{slug}")
+            self.streams[name] = {"lang": lang, "source": source}
+            self._open(key, f"train.{slug}")
+        return key
 
     # ---------------------------------------------------------------------------- feeding
-    def add(self, ids: list[str], texts: list[str], langs: list[str | None] | None = None) -> None:
-        """Pack one batch of documents (``ids[i]`` names ``texts[i]``, in language ``langs[i]``: with
-        ``val_by_language``, a validation document also goes to split ``val_<lang>``)."""
+    def add(self, ids: list[str], texts: list[str], langs: list[str | None] | None = None,
+            sources: list[str | None] | None = None) -> None:
+        """Pack one batch of documents (``ids[i]`` names ``texts[i]``, in language ``langs[i]``, from source
+        ``sources[i]``): with ``val_by_language``, a validation document also goes to split ``val_<lang>``; with
+        ``stream_by``, a training document goes to the stream of its language and/or source (those of the two
+        given: every batch of one Packer must give the same ones)."""
         if self._closed is not None:
             raise ValueError("add() after close()")
-        if len(ids) != len(texts) or (langs is not None and len(langs) != len(texts)):
-            raise ValueError(f"{len(ids)} ids for {len(texts)} texts" + (f" and {len(langs)} languages" if langs else ""))
+        for what, col in (("languages", langs), ("sources", sources)):
+            if col is not None and len(col) != len(texts):
+                raise ValueError(f"{len(ids)} ids for {len(texts)} texts and {len(col)} {what}")
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
         if not texts:
             return
         cfg = self.cfg
         encodings = self._encode(list(texts), add_special_tokens=False)
         id_lists = [e.ids for e in encodings]
         nbytes = [len(t.encode("utf-8")) for t in texts]
+        train = list(range(len(texts)))
         if cfg.val_fraction > 0:
             val = [route_to_val(str(d), cfg.val_fraction, cfg.seed) for d in ids]
             if any(val):
@@ -129,19 +183,33 @@ class Packer:
                         self._open(split)
                         self._append(split, [lst for lst, k in zip(id_lists, pick) if k],
                                      [b for b, k in zip(nbytes, pick) if k])
-                id_lists = [lst for lst, v in zip(id_lists, val) if not v]
-                nbytes = [b for b, v in zip(nbytes, val) if not v]
-        self._append("train", id_lists, nbytes)
+                train = [i for i, v in enumerate(val) if not v]
+        dims = tuple(d for d, col in (("lang", langs), ("source", sources)) if d in cfg.stream_by and col is not None)
+        if self._stream_dims is None:
+            self._stream_dims = dims
+        elif dims != self._stream_dims:
+            raise ValueError(f"this batch gives streams by {list(dims)}, earlier ones by {list(self._stream_dims)}: "
+                             "give the same columns with every batch")
+        if not dims:
+            self._append("train", [id_lists[i] for i in train], [nbytes[i] for i in train])
+            return
+        groups: dict[str, list[int]] = {}
+        for i in train:
+            lang = (str(langs[i]) if langs[i] else UNKNOWN) if "lang" in dims else None  # type: ignore[index]
+            source = (str(sources[i]) if sources[i] else UNKNOWN) if "source" in dims else None  # type: ignore[index]
+            groups.setdefault(self._stream_key(lang, source), []).append(i)
+        for key, members in groups.items():
+            self._append(key, [id_lists[i] for i in members], [nbytes[i] for i in members])
 
-    def _append(self, split: str, id_lists: list[list[int]], nbytes: list[int] | None = None) -> None:
+    def _append(self, key: str, id_lists: list[list[int]], nbytes: list[int] | None = None) -> None:
         if not id_lists:
             return
-        self.doc_bytes[split] += sum(nbytes or [])
+        self.doc_bytes[key] += sum(nbytes or [])
         n = len(id_lists)
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=n)
         empty = int(np.count_nonzero(lengths == 0))
-        self.documents[split] += n
-        self.empty_documents[split] += empty
+        self.documents[key] += n
+        self.empty_documents[key] += empty
         if empty == n:
             return
         doc_tokens = int(lengths.sum())
@@ -152,7 +220,7 @@ class Packer:
             pieces = [p for lst in id_lists if lst for p in (pre, lst, post)]
         else:
             pieces = id_lists
-        tail = self._tail[split]
+        tail = self._tail[key]
         stream = np.empty(len(tail) + framed, dtype=self.dtype)
         stream[: len(tail)] = tail
         try:
@@ -162,24 +230,43 @@ class Packer:
         body = stream[len(tail) :]
         if body.size and int(body.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(body.max())} >= vocab_size {self.vocab_size}")
-        self.doc_tokens[split] += doc_tokens
-        self.stream_tokens[split] += framed
+        self.doc_tokens[key] += doc_tokens
+        self.stream_tokens[key] += framed
         full = len(stream) // self.seq_len
         if full:
-            self.writers[split].write_blocks(stream[: full * self.seq_len].reshape(full, self.seq_len))
-        self._tail[split] = stream[full * self.seq_len :].copy()
+            self.writers[key].write_blocks(stream[: full * self.seq_len].reshape(full, self.seq_len))
+        self._tail[key] = stream[full * self.seq_len :].copy()
 
     # ---------------------------------------------------------------------------- finishing
     def close(self) -> dict[str, Any]:
         """Finish the shards; returns the per-split statistics (JSON-serialisable).
 
         ``shards`` maps split -> list of shard dicts (``file`` relative to ``dirpath``,
-        ``blocks``, ``bytes``, ``sha256``); ``dropped_tail_tokens`` counts the stream tokens
-        (BOS/EOS included) after the last full block, which are not written."""
+        ``blocks``, ``bytes``, ``sha256``; ``stream`` for a training stream's); ``dropped_tail_tokens`` counts the
+        stream tokens (BOS/EOS included) after the last full block, which are not written. With training streams,
+        ``streams`` maps ``"train"`` -> stream -> its ``lang``, ``source`` and the same counters."""
         if self._closed is not None:
             return self._closed
-        infos: dict[str, list[ShardInfo]] = {s: w.close() for s, w in self.writers.items()}
-        blocks = {s: sum(i.blocks for i in infos[s]) for s in infos}
+        infos: dict[str, list[ShardInfo]] = {k: w.close() for k, w in self.writers.items()}
+        counters = {"documents": self.documents, "empty_documents": self.empty_documents,
+                    "document_tokens": self.doc_tokens, "stream_tokens": self.stream_tokens,
+                    "document_bytes": self.doc_bytes}
+        keys = {k: k for k in infos if not k.startswith("train/")}
+        per_split: dict[str, dict[str, Any]] = {
+            k: {"shards": [i.to_dict() for i in infos[k]], "blocks": sum(i.blocks for i in infos[k]),
+                "dropped_tail_tokens": int(len(self._tail[k])), **{c: v[k] for c, v in counters.items()}}
+            for k in keys}
+        streams: dict[str, dict[str, Any]] = {}
+        for name in sorted(self.streams):
+            key = f"train/{name}"
+            blocks = sum(i.blocks for i in infos[key])
+            entry = {**self.streams[name], **{c: v[key] for c, v in counters.items()}, "blocks": blocks,
+                     "tokens": blocks * self.seq_len, "dropped_tail_tokens": int(len(self._tail[key]))}
+            streams[name] = entry
+            train = per_split["train"]
+            train["shards"] += [{**i.to_dict(), "stream": name} for i in infos[key]]
+            for c in (*counters, "blocks", "dropped_tail_tokens"):
+                train[c] += entry[c]
         self._closed = {
             "rank": self.rank,
             "seq_len": self.seq_len,
@@ -188,15 +275,12 @@ class Packer:
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
             "framing": self.framing,
-            "documents": dict(self.documents),
-            "empty_documents": dict(self.empty_documents),
-            "document_tokens": dict(self.doc_tokens),
-            "stream_tokens": dict(self.stream_tokens),
-            "document_bytes": dict(self.doc_bytes),
-            "blocks": blocks,
-            "tokens": {s: blocks[s] * self.seq_len for s in infos},
-            "dropped_tail_tokens": {s: int(len(self._tail[s])) for s in infos},
-            "shards": {s: [i.to_dict() for i in infos[s]] for s in infos},
+            **{c: {s: per_split[s][c] for s in per_split} for c in counters},
+            "blocks": {s: per_split[s]["blocks"] for s in per_split},
+            "tokens": {s: per_split[s]["blocks"] * self.seq_len for s in per_split},
+            "dropped_tail_tokens": {s: per_split[s]["dropped_tail_tokens"] for s in per_split},
+            "shards": {s: per_split[s]["shards"] for s in per_split},
+            **({"streams": {"train": streams}} if streams else {}),
         }
         return self._closed
 
@@ -226,26 +310,37 @@ def merge_indexes(
     part); ``from_indexes`` says which, and is detected when left ``None``. Per-split counters
     (documents, dropped tail tokens, ...) are summed; ``blocks``/``tokens`` are recomputed from
     the shard lists. Shard file names must be unique across parts (they carry the rank). ``framing`` (which
-    special tokens frame each document) is the given one, else the parts' when they all agree."""
+    special tokens frame each document) is the given one, else the parts' when they all agree. Training streams
+    (``stream_by``) are merged by name: counters summed, each stream's shards in part order, streams in name order
+    (:func:`~pipeline.data.shards.new_index` computes their block ranges)."""
     splits: dict[str, dict[str, Any]] = {s: {"shards": [], **{k: 0 for k in _SUMMED}} for s in SPLITS}
     for part in parts:
         is_index = from_indexes if from_indexes is not None else "splits" in part
         if part.get("seq_len", seq_len) != seq_len:
             raise ValueError(f"part has seq_len {part.get('seq_len')}, expected {seq_len}")
         if is_index:
-            per_split = {name: (sp.get("shards", []), sp) for name, sp in part["splits"].items()}
+            per_split = {name: (sp.get("shards", []), sp, sp.get("streams")) for name, sp in part["splits"].items()}
         else:
             names = set(part.get("shards", {}))
-            per_split = {name: (part["shards"].get(name, []), {k: part.get(k, {}).get(name, 0) for k in _SUMMED})
-                         for name in names}
-        for name, (shards, counters) in per_split.items():
+            per_split = {name: (part["shards"].get(name, []), {k: part.get(k, {}).get(name, 0) for k in _SUMMED},
+                                part.get("streams", {}).get(name)) for name in names}
+        for name, (shards, counters, streams) in per_split.items():
             entry = splits.setdefault(name, {"shards": [], **{k: 0 for k in _SUMMED}})
-            entry["shards"].extend(
-                {"file": s["file"], "blocks": int(s["blocks"]), "bytes": int(s["bytes"]), "sha256": s["sha256"]}
-                for s in (x.to_dict() if isinstance(x, ShardInfo) else x for x in shards)
-            )
+            for s in (x.to_dict() if isinstance(x, ShardInfo) else x for x in shards):
+                shard = {"file": s["file"], "blocks": int(s["blocks"]), "bytes": int(s["bytes"]), "sha256": s["sha256"]}
+                if s.get("stream") is not None:
+                    shard["stream"] = s["stream"]
+                entry["shards"].append(shard)
             for k in _SUMMED:
                 entry[k] += int(counters.get(k, 0) or 0)
+            for sname, st in (streams or {}).items():  # the same stream of every part: its counters add up
+                acc = entry.setdefault("streams", {}).setdefault(
+                    sname, {"lang": st.get("lang"), "source": st.get("source"), **{k: 0 for k in _SUMMED}})
+                if (acc["lang"], acc["source"]) != (st.get("lang"), st.get("source")):
+                    raise ValueError(f"stream {sname!r} has language / source {acc['lang']!r} / {acc['source']!r} in "
+                                     f"one part and {st.get('lang')!r} / {st.get('source')!r} in another")
+                for k in _SUMMED:
+                    acc[k] += int(st.get(k, 0) or 0)
     counts = Counter(s["file"] for sp in splits.values() for s in sp["shards"])
     dupes = sorted(f for f, c in counts.items() if c > 1)
     if dupes:

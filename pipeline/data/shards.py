@@ -1,8 +1,8 @@
 """Token shards: the on-storage format of packed training data and its writer (the training reader,
 which needs torch, is :mod:`pipeline.data.packed`; this module stays light for the pack stage).
 
-Format (version 1)
-------------------
+Format (versions 1 and 2)
+-------------------------
 A shard is a raw little-endian array of token ids of shape ``(blocks, seq_len)``; the dtype is
 ``uint16`` when every id fits (``vocab_size <= 65535``), else ``uint32``. Shards are named
 ``{split}-{rank:05d}-{n:05d}.bin`` and live flat in one folder next to ``index.json``::
@@ -24,6 +24,20 @@ after it; absent in indexes written before the field): pretraining's document ma
 with it. The order of ``shards`` is the order of the split: block ``i`` of the split (its stable
 ``sample_id``) is found by walking the shard list, so nothing per block is stored.
 
+Version 2 adds *streams* to a split (pack's ``stream_by``: each language and/or source packed into blocks of its
+own, so every block holds documents of one stream only; pretraining mixes the streams with per-phase weights).
+Each shard of such a split names its ``stream``; the shards of one stream are contiguous, streams in sorted name
+order, and ``streams`` gives each one's block range ``[start, start + blocks)`` of the split and its counters::
+
+    "train": {"blocks": 300, ..., "shards": [{"file": "train.kk.kk-web-00000-00000.bin", "stream": "kk/kk-web", ...}, ...],
+              "streams": {"kk/kk-web": {"lang": "kk", "source": "kk-web", "start": 0, "blocks": 120, "tokens": 491520,
+                                        "documents": 80, ...},
+                          "ru/ru-web": {"lang": "ru", "source": "ru-web", "start": 120, "blocks": 180, ...}}}
+
+A split without ``streams`` (every version 1 index, and version 2 packed with ``stream_by: []``) mixes documents of
+every language and source in its blocks. An index is written as version 1 when no split has streams, so readers of
+version 1 keep reading those; this code reads both.
+
 Everything goes through an ``fsspec`` filesystem and a path inside it: a local folder (a PVC
 mount on a cluster) or an ``s3://`` prefix.
 """
@@ -44,7 +58,8 @@ from pipeline.errors import CorruptShardError, InputError
 from pipeline.storage import sha256_file
 
 FORMAT = "llmpipe-token-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this code writes when a split has streams (else 1: the same JSON as before streams)
+READ_VERSIONS = (1, 2)
 INDEX = "index.json"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -113,6 +128,7 @@ class ShardInfo(_IndexModel):
     blocks: int
     bytes: int
     sha256: str
+    stream: str | None = None  # version 2: the stream (language / source) of every block in the shard
 
     @field_validator("file")
     @classmethod
@@ -122,8 +138,24 @@ class ShardInfo(_IndexModel):
         return v
 
 
+class StreamIndex(_IndexModel):
+    """One stream of a split (version 2): what its documents share, its block range and the packer's counters."""
+
+    lang: str | None = None  # None: the split was not packed by language
+    source: str | None = None  # None: nor by source
+    start: int  # first block of the stream in the split
+    blocks: int
+    tokens: int | None = None
+    documents: int | None = None
+    empty_documents: int | None = None
+    document_tokens: int | None = None
+    stream_tokens: int | None = None
+    document_bytes: int | None = None
+    dropped_tail_tokens: int | None = None
+
+
 class SplitIndex(_IndexModel):
-    """One split: its shards in order, totals, and the packer's per-split counters."""
+    """One split: its shards in order, totals, the packer's per-split counters, and (version 2) its streams."""
 
     shards: list[ShardInfo]
     blocks: int | None = None
@@ -134,12 +166,37 @@ class SplitIndex(_IndexModel):
     stream_tokens: int | None = None
     document_bytes: int | None = None  # UTF-8 bytes of the documents' text: bits per byte = loss x tokens / bytes
     dropped_tail_tokens: int | None = None
+    streams: dict[str, StreamIndex] | None = None
 
     @model_validator(mode="after")
     def _blocks_add_up(self) -> "SplitIndex":
         total = sum(s.blocks for s in self.shards)
         if self.blocks is not None and self.blocks != total:
             raise ValueError(f"blocks {self.blocks} != sum over its shards {total}")
+        if self.streams is None:
+            labelled = next((s for s in self.shards if s.stream is not None), None)
+            if labelled is not None:
+                raise ValueError(f"shard {labelled.file} names stream {labelled.stream!r} but the split lists no streams")
+            return self
+        # the shards of each stream are contiguous and its range is where they are
+        ranges: dict[str, list[int]] = {}
+        pos, last = 0, None
+        for s in self.shards:
+            if s.stream not in self.streams:
+                raise ValueError(f"shard {s.file} names stream {s.stream!r}, which is not in streams "
+                                 f"({', '.join(sorted(self.streams)) or 'none'})")
+            if s.stream != last:
+                if s.stream in ranges:
+                    raise ValueError(f"the shards of stream {s.stream!r} are not contiguous ({s.file})")
+                ranges[s.stream] = [pos, 0]
+                last = s.stream
+            ranges[s.stream][1] += s.blocks
+            pos += s.blocks
+        for name, st in self.streams.items():
+            start, blocks = ranges.get(name, [st.start, 0])
+            if (st.start, st.blocks) != (start, blocks):
+                raise ValueError(f"stream {name!r} lists blocks [{st.start}, {st.start + st.blocks}) but its shards "
+                                 f"hold [{start}, {start + blocks})")
         return self
 
 
@@ -147,7 +204,7 @@ class ShardIndex(_IndexModel):
     """``index.json`` of a shard folder (see the module docstring)."""
 
     format: Literal["llmpipe-token-shards"]
-    version: Literal[1]
+    version: Literal[1, 2]
     seq_len: int
     dtype: Literal["uint16", "uint32"]
     byteorder: Literal["little"] = "little"
@@ -167,9 +224,9 @@ class ShardIndex(_IndexModel):
             raise ValueError("expected a JSON object")
         if data.get("format") != FORMAT:
             raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in READ_VERSIONS:
             raise ValueError(f"format version {data.get('version')!r} is not supported "
-                             f"(this code reads version {FORMAT_VERSION})")
+                             f"(this code reads versions {', '.join(map(str, READ_VERSIONS))})")
         return data
 
     @field_validator("seq_len", "vocab_size", mode="before")
@@ -186,6 +243,9 @@ class ShardIndex(_IndexModel):
             raise ValueError(f"dtype {self.dtype} cannot hold vocab_size {self.vocab_size}")
         block_bytes = self.seq_len * dtype.itemsize
         for name, split in self.splits.items():
+            if split.streams is not None and self.version < 2:
+                raise ValueError(f"split {name!r} has streams, which need format version 2 (the index says "
+                                 f"{self.version})")
             for s in split.shards:
                 if s.bytes != s.blocks * block_bytes:
                     raise ValueError(f"split {name!r}: {s.file} lists {s.bytes} bytes but {s.blocks} blocks of "
@@ -353,16 +413,34 @@ def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int 
               splits: dict[str, dict[str, Any]] | None = None, framing: list[str] | None = None) -> dict[str, Any]:
     """An index with the global fields filled in and the given splits (totals recomputed).
 
-    Built as a :class:`ShardIndex`, so a bad split or shard entry is an error here already."""
+    A split with ``streams`` (name -> ``lang``, ``source`` and counters) gets its shards ordered by stream (sorted
+    names; the given order within a stream) and each stream's ``start`` / ``blocks`` / ``tokens`` computed from the
+    shards naming it; the index is then version 2, else version 1. Built as a :class:`ShardIndex`, so a bad split
+    or shard entry is an error here already."""
     entries: dict[str, dict[str, Any]] = {}
     for name, split in (splits or {}).items():
         shards = [dict(s) for s in split.get("shards", [])]
+        entry = {k: v for k, v in split.items() if k not in ("shards", "streams")}
+        if split.get("streams") is not None:
+            streams = {k: dict(v) for k, v in split["streams"].items()}
+            order = {k: i for i, k in enumerate(sorted(streams))}
+            unknown = sorted({str(s.get("stream")) for s in shards if s.get("stream") not in order})
+            if unknown:
+                raise InputError(f"new shard index: split {name!r}: shards name streams {', '.join(unknown)} that are "
+                                 f"not in its streams ({', '.join(sorted(streams)) or 'none'})")
+            shards.sort(key=lambda s: order[s["stream"]])  # stable: each stream's shards keep their order
+            start = 0
+            for key in sorted(streams):
+                n = sum(int(s["blocks"]) for s in shards if s["stream"] == key)
+                streams[key].update(start=start, blocks=n, tokens=n * int(seq_len))
+                start += n
+            entry["streams"] = streams
         blocks = sum(int(s["blocks"]) for s in shards)
-        entries[name] = {**{k: v for k, v in split.items() if k != "shards"}, "blocks": blocks,
-                         "tokens": blocks * int(seq_len), "shards": shards}
+        entries[name] = {**entry, "blocks": blocks, "tokens": blocks * int(seq_len), "shards": shards}
+    with_streams = any("streams" in e for e in entries.values())
     index = parse_index({
         "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if with_streams else 1,
         "seq_len": int(seq_len),
         "dtype": dtype_name(dtype_for_vocab(vocab_size)),
         "byteorder": "little",

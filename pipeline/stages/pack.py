@@ -1,8 +1,8 @@
 """pack: ``clean/`` + ``tokenizer/`` -> ``shards/``: fixed-length token blocks, train / val.
 
 Sharded. Each rank tokenizes its contiguous slice of the clean documents (BOS/EOS around each
-document), concatenates them and cuts ``seq_len`` blocks into memory-mappable shard files with
-sha256 checksums. The merge gathers every rank's shards into ``shards/`` (hard links on a
+document), concatenates them (per training stream: language and source, ``stream_by``) and cuts ``seq_len``
+blocks into memory-mappable shard files with sha256 checksums. The merge gathers every rank's shards into ``shards/`` (hard links on a
 local filesystem, server-side copies on S3) and writes one ``index.json`` that the training
 reader (:class:`pipeline.data.packed.PackedDataset`) uses.
 """
@@ -90,10 +90,12 @@ class PackStage(ShardedStage):
                 raise InputError(f"the tokenizer has no {key[:3]} token but pack.add_{key[:3]} is true")
         packer = Packer(tokenizer, cfg, out.fs, out.path(), ctx.rank, **special)
         with ctx.bar(total=stop - start, desc="pack", unit=" doc") as bar:
-            with_lang = cfg.val_by_language and "lang" in clean.columns
-            columns = ["id", "text", "lang"] if with_lang else ["id", "text"]
+            with_lang = (cfg.val_by_language or "lang" in cfg.stream_by) and "lang" in clean.columns
+            with_source = "source" in cfg.stream_by and "source" in clean.columns
+            columns = ["id", "text", *(["lang"] if with_lang else []), *(["source"] if with_source else [])]
             for batch in clean.iter_batches(start, stop, columns=columns, batch_size=cfg.batch_size):
-                packer.add(batch["id"], batch["text"], batch["lang"] if with_lang else None)
+                packer.add(batch["id"], batch["text"], batch["lang"] if with_lang else None,
+                           batch["source"] if with_source else None)
                 bar.update(len(batch["id"]))
         stats = packer.close()
         for split in stats["shards"].values():
@@ -128,6 +130,10 @@ class PackStage(ShardedStage):
             "dropped_tail_tokens": {k: sum(p.metrics.get("dropped_tail_tokens", {}).get(k, 0) for p in parts) for k in splits},
             "shards": sum(len(v["shards"]) for v in splits.values()),
             "workers": len(parts),
+            # the training streams (stream_by): what pretrain's mix weights, and the arithmetic of a recipe
+            "streams": {name: {"lang": st.get("lang"), "source": st.get("source"), "blocks": st["blocks"],
+                               "tokens": st["tokens"], "documents": st.get("documents", 0)}
+                        for name, st in (splits.get("train", {}).get("streams") or {}).items()},
         }
 
     def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -135,6 +141,9 @@ class PackStage(ShardedStage):
         for split in m["blocks"]:
             rows.append((f"{split}", f"{m['blocks'][split]:,} blocks, {m['tokens'][split]:,} tokens, "
                                      f"{m['documents'][split]:,} docs, {m['dropped_tail_tokens'][split]:,} tail tokens dropped"))
+        for name, st in (m.get("streams") or {}).items():
+            rows.append((f"train stream {name}", f"{st['blocks']:,} blocks, {st['tokens']:,} tokens, "
+                                                 f"{st['documents']:,} docs"))
         rows.append(("shards", m["shards"]))
         return rows
 

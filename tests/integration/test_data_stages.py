@@ -125,6 +125,12 @@ def test_pack_shards_read_back_through_the_training_dataset(pipeline_run):
     assert item["input_ids"].shape[0] == 64
     assert m["metrics"]["tokens"]["train"] == len(ds) * 64
     assert all(f["sha256"] for f in m["files"])
+    # the training blocks come per stream (language / source, the default stream_by): what pretrain's mix weights
+    streams = m["metrics"]["streams"]
+    assert {s.name for s in ds.streams} == set(streams) and sum(s.blocks for s in ds.streams) == len(ds)
+    assert {"kk/kk-catalogs", "ru/ru-fortunes", "en/en-fortunes"} <= set(streams)
+    assert all(name == f"{v['lang']}/{v['source']}" for name, v in streams.items())
+    assert sum(v["documents"] for v in streams.values()) == m["metrics"]["documents"]["train"]
 
 
 def test_second_run_is_up_to_date(pipeline_run, capsys):
