@@ -393,7 +393,9 @@ def _merge(stage: ShardedStage, cfg: StrictModel, storage: Storage, world: int, 
     per_step = [*ctx.steps.values(), parts]  # the ranks' wall time: the slowest part of each step, step after step
     extra = {"world_size": world, "parts": [p.fingerprint for p in parts],
              "parts_duration_s": round(sum(max((float(p.manifest.get("duration_s") or 0) for p in step), default=0.0)
-                                           for step in per_step), 3)}
+                                           for step in per_step), 3),
+             "parts_peak_rss_mb": max((float(p.manifest.get("peak_rss_mb") or 0) for step in per_step for p in step),
+                                      default=None)}
     manifest = execute(stage, stage.merge, cfg, storage, output, ctx, extra, parts)
     storage.remove(parts_dir(stage, world, cfg))
     if storage.is_local:  # object stores have no empty folders to leave behind

@@ -67,8 +67,12 @@ class DedupConfig(StrictModel):
     exact: bool = True
     near: bool = True
     num_perm: int = Field(128, ge=16, le=1024)
-    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity above which documents are near-duplicates")
-    shingle_words: int = Field(5, ge=1, le=32, description="word n-gram size of the MinHash shingles")
+    threshold: float = Field(0.6, gt=0, lt=1, description="Jaccard similarity (of the shingle sets) from which documents are "
+                                                          "near-duplicates; 0.6 on 2-word shingles finds copies with up to "
+                                                          "~5-10% of their words changed and no similar-but-distinct pair "
+                                                          "(make bench-dedup, docs/benchmarks.md)")
+    shingle_words: int = Field(2, ge=1, le=32, description="word n-gram size of the MinHash shingles (2: calibrated "
+                                                            "with threshold 0.6, see threshold)")
     seed: int = 1
     bands: int | None = Field(None, ge=1, description="LSH bands; with `rows`, overrides the (bands, rows) derived from threshold and num_perm")
     rows: int | None = Field(None, ge=1, description="signature rows per LSH band (set together with `bands`)")
@@ -506,32 +510,49 @@ def confirm(later: np.ndarray, earlier: np.ndarray, needed: int, chunk: int = 16
     return ok
 
 
-def greedy(confirmed: np.ndarray) -> np.ndarray:
+def greedy(confirmed: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
     """Near duplicates from confirmed PAIRs (sorted by (l, e)): in global order, a document is dropped
     as a copy of its earliest confirmed neighbour that is still kept. Returns PAIRs (dropped, kept
-    document it copies). Memory and time follow the number of pairs, not of documents."""
-    if not len(confirmed):
+    document it copies). Memory and time follow the number of pairs, not of documents: the documents
+    are renumbered densely, and the pairs are walked ``chunk`` at a time (a Python loop; the rule is
+    sequential by nature)."""
+    m = len(confirmed)
+    if not m:
         return np.zeros(0, dtype=PAIR)
     docs, inverse = np.unique(np.concatenate((confirmed["l"], confirmed["e"])), return_inverse=True)
-    lt, er = inverse[: len(confirmed)].tolist(), inverse[len(confirmed) :].tolist()
+    inverse = inverse.astype(np.int32 if len(docs) < 2**31 else np.int64)
+    lt_all, er_all = inverse[:m], inverse[m:]
+    del inverse
     kept = bytearray(b"\x01") * len(docs)
-    out_l: list[int] = []
-    out_e: list[int] = []
-    i, m = 0, len(lt)
-    while i < m:
-        doc = lt[i]
-        j = i
-        while j < m and lt[j] == doc:
-            j += 1
-        for t in range(i, j):
-            if kept[er[t]]:
-                kept[doc] = 0
-                out_l.append(doc)
-                out_e.append(er[t])
-                break
-        i = j
-    out = np.empty(len(out_l), dtype=PAIR)
-    out["l"], out["e"] = docs[np.asarray(out_l, dtype=np.int64)], docs[np.asarray(out_e, dtype=np.int64)]
+    out_l: list[np.ndarray] = []
+    out_e: list[np.ndarray] = []
+    lo = 0
+    while lo < m:
+        hi = min(m, lo + chunk)
+        if hi < m:  # end the chunk with a whole document's pairs
+            hi = int(np.searchsorted(lt_all, lt_all[hi - 1], side="right"))
+        lt, er = lt_all[lo:hi].tolist(), er_all[lo:hi].tolist()
+        got_l: list[int] = []
+        got_e: list[int] = []
+        i, n = 0, len(lt)
+        while i < n:
+            doc = lt[i]
+            j = i
+            while j < n and lt[j] == doc:
+                j += 1
+            for t in range(i, j):
+                if kept[er[t]]:
+                    kept[doc] = 0
+                    got_l.append(doc)
+                    got_e.append(er[t])
+                    break
+            i = j
+        out_l.append(np.asarray(got_l, dtype=np.int64))
+        out_e.append(np.asarray(got_e, dtype=np.int64))
+        lo = hi
+    out_li, out_ei = np.concatenate(out_l), np.concatenate(out_e)
+    out = np.empty(len(out_li), dtype=PAIR)
+    out["l"], out["e"] = docs[out_li], docs[out_ei]
     return out
 
 

@@ -197,7 +197,7 @@ class CleanStage(ShardedStage):
                 for batch in raw.iter_batches(start, stop, batch_size=512):
                     texts, hints = batch["text"], batch["lang_hint"]
                     chars_in += sum(map(len, texts))
-                    results = doc_filter.batch(texts, hints)
+                    results = doc_filter.batch(texts, hints, batch["source"])
                     kept_texts, kept_pos = [], []
                     for i, res in enumerate(results):
                         if res.reason is not None:
@@ -239,6 +239,9 @@ class CleanStage(ShardedStage):
             "parts": writer.close(),
             "sample_files": samples.write(out),
             "bucket_records": records,
+            "pii_replaced": dict(doc_filter.pii_counts),
+            "pii_documents": dict(doc_filter.pii_documents),
+            "per_source_documents": dict(doc_filter.per_source_documents),
         }
 
     # ----------------------------------------------------------------------------------- 2. buckets
@@ -421,6 +424,9 @@ class CleanStage(ShardedStage):
                 "confirmed_pairs": ctx.steps["resolve"][0].metrics["confirmed_pairs"],
             },
             "steps": steps,
+            "pii_replaced": _add(p.metrics.get("pii_replaced", {}) for p in signed),
+            "pii_documents": _add(p.metrics.get("pii_documents", {}) for p in signed),
+            "per_source_documents": _add(p.metrics.get("per_source_documents", {}) for p in signed),
         }
 
     def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -434,6 +440,12 @@ class CleanStage(ShardedStage):
         rows += [(f"kept {lang}", n) for lang, n in sorted(m["kept_by_language"].items())]
         rows.append(("characters kept", f"{m['characters_out']:,} of {m['characters_in']:,}"))
         rows.append(("drop samples", "drops/<reason>.jsonl in the output folder"))
+        if m.get("pii_replaced"):
+            rows.append(("PII replaced", ", ".join(f"{k} {v:,}" for k, v in m["pii_replaced"].items())
+                         + f" (in {m.get('pii_documents', {}).get('any', 0):,} documents)"))
+        unmatched = [k for k, v in (m.get("per_source_documents") or {}).items() if not v]
+        if unmatched:
+            rows.append(("per_source unmatched", ", ".join(unmatched) + " (no document has that source name)"))
         if m.get("dedup"):
             d = m["dedup"]
             rows.append(("dedup pairs", f"{d['candidate_pairs']:,} candidates, {d['confirmed_pairs']:,} confirmed"))
@@ -442,6 +454,13 @@ class CleanStage(ShardedStage):
             st = steps[name]
             rows.append((f"step {name}", f"{st['seconds']:.1f}s, peak {st['peak_rss_mb']:.0f} MB per rank"))
         return rows
+
+
+def _add(counts: Any) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))
 
 
 def _step_stats(parts: list[Artifact]) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def test_sharded_stage_is_an_indexed_job_and_a_merge_job(stage):
     assert part["spec"]["completionMode"] == "Indexed"
     assert part["spec"]["completions"] == part["spec"]["parallelism"] == 6
     base = ["run", stage, "--config", "/etc/llmpipe/config.yaml", "--root", "/data/runs/default"]
-    assert args_of(part) == base + ["--world-size", "6"]  # the rank comes from $JOB_COMPLETION_INDEX
+    # the rank comes from $JOB_COMPLETION_INDEX; --wait: clean's pods meet between its steps
+    assert args_of(part) == base + ["--world-size", "6", "--wait", "3600"]
     assert args_of(merge) == base + ["--merge", "--world-size", "6", "--wait", "3600"]
     assert merge["metadata"]["annotations"]["llmpipe.io/completion"] == "true"
     assert "annotations" not in part["metadata"] or "llmpipe.io/completion" not in part["metadata"]["annotations"]
@@ -524,11 +525,33 @@ def test_site_values_override_one_stage_and_not_the_others(tmp_path):
 
 
 def test_every_shipped_shape_is_a_valid_values_file_of_a_stage_with_a_config():
+    """Every stage's config has its shape; a variant may have its own (pretrain-350m: one node), never a shape
+    without a config."""
     shapes = sorted((CLUSTER / "values").glob("*.yaml"))
-    assert {p.stem for p in shapes} == {p.stem for p in CLUSTER.glob("*.yaml") if "-" not in p.stem}
+    assert {p.stem for p in CLUSTER.glob("*.yaml") if "-" not in p.stem} <= {p.stem for p in shapes}
+    assert all((CLUSTER / f"{p.stem}.yaml").is_file() for p in shapes), shapes
     for path in shapes:
-        objs = render(path.stem, cfg(path.stem), values=[path])
+        objs = render(path.stem.split("-")[0], cfg(path.stem), values=[path])
         assert workloads(objs), path
+
+
+def test_make_deploy_pretrain_350m_is_the_one_node_job_its_config_is_sized_for():
+    """`make deploy-pretrain VARIANT=350m`: pretrain-350m.yaml with its own shape (one node of 8 GPUs, a Master
+    alone), whose token budget divides over exactly that world size."""
+    from pipeline.stages import load_config
+
+    ptj = one(make_render("pretrain", "VARIANT=350m"), "PyTorchJob")
+    validate(ptj)
+    reps = ptj["spec"]["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and "Worker" not in reps
+    nproc = int(ptj["spec"]["nprocPerNode"])
+    assert nproc == 8 and ptj["metadata"]["name"].endswith("pretrain-350m")
+    assert _container(reps["Master"]["template"])["resources"]["limits"]["nvidia.com/gpu"] == nproc
+    pre = load_config("pretrain", CLUSTER / "pretrain-350m.yaml")
+    seq = load_config("pack", CLUSTER / "pack.yaml").seq_len
+    per_pass = pre.micro_batch_size * seq * nproc
+    assert pre.global_batch_tokens % per_pass == 0 and pre.global_batch_tokens // per_pass == 4
+    assert load_config("init", CLUSTER / "init-350m.yaml").preset == "350m"
 
 
 def test_training_on_an_s3_run_root_needs_a_shared_checkpoint_volume():
