@@ -96,7 +96,10 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)
 	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
 
-.PHONY: bench-dedup
+.PHONY: bench-dedup bench-scale
+bench-scale: corpus  ## clean (every step) and pack on generated corpora of 50k-800k documents: time and peak memory per rank, growth exponents, projection to 100M documents on 64 pods (~30 min on 2 cores)
+	$(BIN)/python benchmarks/bench_scale.py --cache $(CACHE) $(BENCH_ARGS)
+
 bench-dedup: corpus  ## near-duplicate precision/recall per threshold and shingle size on planted kk/ru/en copies (under a minute); chooses the dedup defaults
 	$(BIN)/python benchmarks/exp_dedup_calibration.py --cache $(CACHE) $(BENCH_ARGS)
 
