@@ -131,7 +131,13 @@ class Pod:
 
 
 def run_jobs(objects: list[dict], cluster: Path) -> dict[str, list[str]]:
-    """What the Job controller does: every pod of every Job at once; returns the logs by Job name."""
+    """What the Job controller does: every pod of every Job at once; returns the logs by Job name.
+
+    kubernetes pkg/controller/job/job_controller.go, ``manageJob``: a Job wants ``parallelism`` active pods
+    (at most ``completions`` minus the succeeded ones) and creates the missing ones in one pass; for an Indexed
+    Job, pkg/controller/job/indexed_job_utils.go ``firstPendingIndexes`` gives them the indexes not yet active
+    or succeeded, each pod's ``JOB_COMPLETION_INDEX``. With parallelism = completions (our chart; asserted below)
+    every rank runs at once, which clean's ranks need: they meet between its steps."""
     pods: dict[str, list[Pod]] = {}
     for job in (o for o in objects if o["kind"] == "Job"):
         spec, name = job["spec"], job["metadata"]["name"]
