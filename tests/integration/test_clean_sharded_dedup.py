@@ -106,3 +106,17 @@ def test_ranks_keep_what_one_process_keeps(planted, tmp_path):
         rec = drops[order[i]]
         assert rec["reason"] == {EXACT: "dedup.exact", NEAR: "dedup.near"}[int(kind[i])]
         assert rec["duplicate_of"] == order[dup_of[i]]
+
+
+@pytest.mark.parametrize("only", ["exact", "near"])
+def test_one_kind_of_dedup_alone_over_ranks(planted, tmp_path, only):
+    """Exact dedup alone buckets documents by their key; near dedup alone pairs exact copies too (as near)."""
+    other = "near" if only == "exact" else "exact"
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "collect.yaml").write_text((planted / "collect.yaml").read_text())
+    (folder / "clean.yaml").write_text(f"samples_per_reason: 5\ndedup: {{{other}: false}}\n")
+    ids1, m1 = _clean(folder, tmp_path / "one", 1)
+    ids2, m2 = _clean(folder, tmp_path / "two", 2)
+    assert ids1 == ids2 and m1["dropped_by_reason"] == m2["dropped_by_reason"]
+    assert m1["dropped_by_reason"].get(f"dedup.{only}", 0) >= 30 and f"dedup.{other}" not in m1["dropped_by_reason"]
