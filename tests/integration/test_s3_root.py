@@ -13,7 +13,7 @@ from tests.conftest import write_configs
 
 def test_pipeline_on_s3_root(tmp_path, s3_env, capsys):
     bucket = s3_env
-    cfg = write_configs(tmp_path / "jobs", pack="workers: 2\n")
+    cfg = write_configs(tmp_path / "jobs", pack="workers: 2\n", clean="workers: 2\n")  # clean: steps meet on S3
     root = f"s3://{bucket}/runs/one"
     assert main(["pipeline", "--config-dir", str(cfg), "--root", root, "--until", "pack", "--no-progress"]) == 0
     fs = fsspec.filesystem("s3", **json.loads(__import__("os").environ["LLMPIPE_STORAGE_OPTIONS"]))
