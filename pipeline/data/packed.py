@@ -1,16 +1,21 @@
 """The training reader of token shards (:mod:`pipeline.data.shards` is the format and its writer):
-:class:`PackedDataset` (one split's blocks, memory-mapped or read by byte ranges, checked on open),
-:class:`ResumableDistributedSampler` (a seeded order, split over ranks, that resumes mid-epoch) and
-:func:`document_positions` (position ids that restart at every document of a block, for document masking)."""
+:class:`PackedDataset` (one split's blocks, memory-mapped or read by byte ranges, checked on open, and its
+streams), :class:`ResumableDistributedSampler` (a seeded order, split over ranks, that resumes mid-epoch),
+:class:`MixtureSampler` (the same over a weighted mix of the split's streams: languages, sources),
+:func:`stream_counts` (how many samples of each stream a stretch of either took) and :func:`document_positions`
+(position ids that restart at every document of a block, for document masking)."""
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import posixpath
 import threading
+import zlib
 from collections import OrderedDict
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -22,6 +27,18 @@ from pipeline.errors import CorruptShardError, InputError
 from pipeline.storage import storage_options_from_env
 
 # ------------------------------------------------------------------------------------ reader
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One stream of a split (index version 2): blocks ``[start, start + blocks)`` hold documents of one language
+    and/or source (``None``: the split was not packed by it)."""
+
+    name: str
+    lang: str | None
+    source: str | None
+    start: int
+    blocks: int
 
 
 class PackedDataset(Dataset):
@@ -76,6 +93,13 @@ class PackedDataset(Dataset):
         self.cache_chunks = max(1, int(cache_chunks))
         check_shards(self.fs, self.dirpath, self.index, [split], checksums=verify)
         self._reset_handles()
+
+    @property
+    def streams(self) -> list[Stream]:
+        """The split's streams in block order; ``[]`` when its blocks mix every language and source."""
+        table = self.index["splits"][self.split].get("streams") or {}
+        return sorted((Stream(name, st.get("lang"), st.get("source"), int(st["start"]), int(st["blocks"]))
+                       for name, st in table.items()), key=lambda st: st.start)
 
     def document_boundaries(self) -> tuple[int | None, int | None]:
         """(the id that starts a document, the id that ends one) in these blocks, from the index's ``framing``
@@ -293,6 +317,129 @@ class ResumableDistributedSampler(Sampler[int]):
             epoch, off = divmod(start, old_len)
             start = epoch * self.epoch_length + min(off, self.epoch_length)
         self.start_index = start
+
+
+# ------------------------------------------------------------------------------- the mixture
+
+_MIX_TAG = 0x6D6978  # "mix": keeps the mixture's draws apart from any other use of the seed
+
+
+def mixture_counts(blocks: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Samples each stream gives one pass of a mixture: ``weight x blocks``, rounded half up."""
+    return np.array([int(math.floor(float(w) * int(b) + 0.5)) for w, b in zip(weights, blocks)], dtype=np.int64)
+
+
+class MixtureSampler(ResumableDistributedSampler):
+    """:class:`ResumableDistributedSampler` over a weighted mix of a split's streams (languages, sources).
+
+    ``weights[s]`` is stream ``s``'s epochs per *pass* of the mixture: a pass holds ``round(weights[s] x
+    blocks[s])`` samples of it (3.0: each of its blocks three times, 0.5: half of them, 0: none), placed among the
+    other streams' at random (``shuffle``; else evenly interleaved). Each stream runs through its own sequence of
+    epochs, each a permutation of its blocks drawn from (seed, the stream's name, that epoch), and consecutive passes
+    continue it: with weight 0.5 two passes see every block once; with weight 3 the copies of a block lie about a
+    third of a pass apart. A stream's share of the samples is ``weights[s] x blocks[s]`` over the pass length.
+
+    Passes are the base class's epochs for everything it does (``epoch_length``: the pass cut to a multiple of
+    ``world_size``; the global stream, pass after pass; each rank's share; ``start_index``; state and resume), so a
+    run resumed at a sample count continues with exactly the samples an uninterrupted run would have drawn. The
+    epochs a stretch took of each stream are :func:`stream_counts` over its blocks.
+
+    Memory: one pass as an array of sample ids (int32 below 2**31 blocks) plus a label per sample and each stream's
+    current permutation, the order of the base class's permutation of the whole split: a phase of 20B tokens in
+    4096-token blocks is ~5M samples, 20-40 MB."""
+
+    def __init__(self, streams: Sequence[Stream], weights: Sequence[float], *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start_index: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if not streams or len(streams) != len(weights):
+            raise ValueError(f"{len(weights)} weights for {len(streams)} streams")
+        for w in weights:
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"a stream weight must be a finite number >= 0, got {w!r}")
+        self.streams = list(streams)
+        self.weights = [float(w) for w in weights]
+        self.per_pass = mixture_counts([st.blocks for st in self.streams], self.weights)
+        if not self.per_pass.sum():
+            raise ValueError("the mix draws no sample: every stream has weight 0 or no blocks")
+        n_ids = max(st.start + st.blocks for st in self.streams)
+        self._ids = np.int32 if n_ids < 2**31 else np.int64
+        self._stream_perm: dict[int, tuple[int, np.ndarray]] = {}
+        super().__init__(int(self.per_pass.sum()), rank=rank, world_size=world_size, seed=seed,
+                         start_index=start_index, shuffle=shuffle, drop_last=drop_last)
+
+    def labels(self, epoch: int) -> np.ndarray:
+        """The stream of each position of pass ``epoch`` (before the cut to ``epoch_length``)."""
+        k = len(self.streams)
+        labels = np.repeat(np.arange(k, dtype=np.int32), self.per_pass)
+        if self.shuffle:
+            np.random.default_rng([self.seed % 2**63, epoch, _MIX_TAG]).shuffle(labels)
+        else:  # evenly: the j-th sample of stream s at (j + 1/2) / its count of the pass
+            keys = np.concatenate([(np.arange(c) + 0.5) / c for c in self.per_pass if c])
+            labels = labels[np.argsort(keys, kind="stable")]
+        return labels
+
+    def _stream_epoch(self, s: int, e: int) -> np.ndarray:
+        hit = self._stream_perm.get(s)
+        if hit is not None and hit[0] == e:
+            return hit[1]
+        st = self.streams[s]
+        order = np.arange(st.blocks, dtype=self._ids)
+        if self.shuffle:
+            np.random.default_rng([self.seed % 2**63, zlib.crc32(st.name.encode("utf-8")), e, _MIX_TAG]).shuffle(order)
+        self._stream_perm[s] = (e, order)
+        return order
+
+    def _stream_slice(self, s: int, a: int, b: int) -> np.ndarray:
+        """Positions ``[a, b)`` of stream ``s``'s own sequence (epoch after epoch of its blocks), as block ids."""
+        n, out, pos = self.streams[s].blocks, [], a
+        while pos < b:
+            e, off = divmod(pos, n)
+            take = min(b - pos, n - off)
+            out.append(self._stream_epoch(s, e)[off : off + take])
+            pos += take
+        return self.streams[s].start + np.concatenate(out).astype(self._ids)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of pass ``epoch`` (``epoch_length`` ids)."""
+        if self._perm is not None and self._perm[0] == epoch:
+            return self._perm[1]
+        labels = self.labels(epoch)
+        order = np.empty(len(labels), dtype=self._ids)
+        for s, c in enumerate(self.per_pass.tolist()):
+            if c:
+                order[labels == s] = self._stream_slice(s, epoch * c, (epoch + 1) * c)
+        n = self.num_samples
+        if self.epoch_length < n:
+            order = order[: self.epoch_length]
+        elif self.epoch_length > n:
+            order = np.concatenate([order, order[: self.epoch_length - n]])
+        self._perm = (epoch, order)
+        return order
+
+    def state_dict(self, consumed_samples: int | None = None) -> dict[str, Any]:
+        return {**super().state_dict(consumed_samples),
+                "mix": {st.name: w for st, w in zip(self.streams, self.weights)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mix = {st.name: w for st, w in zip(self.streams, self.weights)}
+        if "mix" in state and state["mix"] != mix:
+            raise ValueError(f"sampler state is for the mix {state['mix']}, this sampler draws {mix}")
+        super().load_state_dict(state)
+        self._stream_perm = {}
+
+
+def stream_counts(sampler: ResumableDistributedSampler, streams: Sequence[Stream], start: int, stop: int) -> np.ndarray:
+    """How many of the global stream's positions ``[start, stop)`` fall in each of ``streams`` (a split's, in block
+    order), for either sampler: one epoch (pass) at a time, so memory stays one permutation."""
+    ends = np.array([st.start + st.blocks for st in streams], dtype=np.int64)
+    counts = np.zeros(len(streams), dtype=np.int64)
+    pos = max(0, int(start))
+    while pos < stop:
+        epoch, off = divmod(pos, sampler.epoch_length)
+        take = min(int(stop) - pos, sampler.epoch_length - off)
+        ids = sampler.permutation(epoch)[off : off + take]
+        counts += np.bincount(np.searchsorted(ends, ids, side="right"), minlength=len(streams))[: len(streams)]
+        pos += take
+    return counts
 
 
 # --------------------------------------------------------------------------- document masking

@@ -53,6 +53,11 @@ class PretrainStage(Stage):
                 f"{lang} {m[f'val_loss_{lang}']:.4f}" + (f" ({m[f'val_bpb_{lang}']:.3f} bits/byte)"
                                                           if m.get(f"val_bpb_{lang}") is not None else "")
                 for lang in langs)))
+        for phase, ph in (m.get("phases") or {}).items():  # what each phase drew, per language and source
+            for key, label in (("languages", "language"), ("sources", "source")):
+                if ph.get(key):
+                    rows.append((f"phase {phase} by {label}", ", ".join(
+                        f"{name} {_count(v['tokens'])} tokens ({v['epochs']:.2f} epochs)" for name, v in ph[key].items())))
         if m.get("mfu") is not None:
             rows.append(("MFU", m["mfu"]))
         if m.get("data_wait_fraction") is not None:
@@ -66,6 +71,14 @@ class PretrainStage(Stage):
         if m.get("resumed_from_step"):
             rows.append(("resumed from step", m["resumed_from_step"]))
         return [(k, v) for k, v in rows if v is not None]
+
+
+def _count(n: float) -> str:
+    """1234567 -> 1.23M (tokens in the summary)."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 STAGE = PretrainStage()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -10,13 +10,37 @@ from pipeline.config import ExecField, StrictModel
 
 
 class DataPhase(StrictModel):
-    """One stretch of training on one shards artifact, e.g. phase 1 on 'shards', phase 2 on 'shards-clean'."""
+    """One stretch of training on one shards artifact, e.g. phase 1 on 'shards', phase 2 on 'shards-clean', with its
+    own language / source mix."""
 
     name: str = Field("main", description="label used in logs and metrics")
     shards: str = Field("shards", description="artifact folder under the run root holding index.json + shards")
     until_step: int | None = Field(
         None, ge=1, description="this phase ends before this global step (exclusive); None: until the end (last phase only)"
     )
+    mix: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="sampling weights of the shards' training streams (pack's stream_by), keyed by what mix_by "
+        "names, e.g. {kk: 3.0, ru: 1.0, en: 0.5}. A weight is epochs per pass of the mixture: a pass draws each "
+        "block of a stream of weight w w times (3.0: three times, 0.5: a random half, 0: never); the phase draws pass "
+        "after pass (each reshuffled; a stream continues its own epochs, so 0.5 twice sees every block once) until "
+        "its steps are done, so a stream's share of the phase is w x its blocks / the pass length, and the epochs it "
+        "gets are w x the phase's samples / the pass length (reported per stream, language and source). '*' weights "
+        "every stream no other key names (default 1.0). A key that names no stream of the shards is an error. "
+        "None: the shards' blocks uniformly, epoch after epoch, as without streams")
+    mix_by: Literal["lang", "source", "stream"] = Field(
+        "lang", description="what mix's keys name: a language (every stream of that language, whatever its source), "
+        "a source (every stream of that collect source), or a stream by its full name (e.g. kk/kk-web)")
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> "DataPhase":
+        if self.mix is not None:
+            if not self.mix:
+                raise ValueError(f"phase {self.name}: mix is empty (leave it out to sample the shards uniformly)")
+            if "" in self.mix:
+                raise ValueError(f"phase {self.name}: mix has an empty key")
+            if "*" in self.mix and not any(self.mix.values()):
+                raise ValueError(f"phase {self.name}: every mix weight is 0: the phase would draw nothing")
+        return self
 
 
 class GenerationConfig(StrictModel):

@@ -10,16 +10,18 @@
    cluster, rank 0 then counts the start against the restart budget (:mod:`pipeline.training.restarts`);
 3. the Trainer (:func:`build_trainer`): TrainingArguments (:func:`trainer_arguments`, on
    :func:`pipeline.training.common.training_arguments`), :class:`TrainStream` (this rank's samples from the
-   start point on, phase after phase, drawn by :class:`~pipeline.data.packed.ResumableDistributedSampler` -- the
+   start point on, phase after phase, drawn by :class:`~pipeline.data.packed.ResumableDistributedSampler`, or
+   :class:`~pipeline.data.packed.MixtureSampler` for a phase with a language / source ``mix`` -- the
    data position is the pair (phase, samples consumed in it), stored in every checkpoint), and
    :class:`PretrainTrainer` with our schedule, per-step sample ids and checkpoint saves; the callbacks for metrics
    (``metrics.jsonl``: loss, lr, grad norm, tokens/s, MFU, peak memory, validation loss/perplexity, per-step sample
    ids) and generations (``generations.jsonl``);
 4. training, the final evaluation and generations (:func:`final_evaluation`), the export
-   (:class:`~pipeline.training.common.Export`) and the stage's metrics (:func:`result`).
+   (:class:`~pipeline.training.common.Export`) and the stage's metrics (:func:`result`; with
+   :func:`phase_data`, the tokens and epochs each phase drew per stream, language and source).
 
 Pure helpers (unit-tested) come first: gradient accumulation from a token budget, the cosine and
-warmup-stable-decay schedules, PaLM MFU, phase boundaries, kernel checks.
+warmup-stable-decay schedules, PaLM MFU, phase boundaries and mixes, kernel checks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ from torch.utils.data import IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from pipeline import tracking
-from pipeline.data.packed import PackedDataset, ResumableDistributedSampler, document_positions, flatten_rows
+from pipeline.data.packed import (
+    MixtureSampler,
+    PackedDataset,
+    ResumableDistributedSampler,
+    Stream,
+    document_positions,
+    flatten_rows,
+    mixture_counts,
+    stream_counts,
+)
 from pipeline.errors import ConfigError, CorruptShardError, InputError, PipelineError
 from pipeline.models.checkpoint import causal_lm_config
 from pipeline.training.checkpoint import CheckpointedTrainer, CheckpointManager, ResumePoint
@@ -246,14 +257,97 @@ class Phase:
     shards: str
     start: int  # first global step of the phase
     end: int  # first step after it
+    mix: dict[str, float] | None = None  # the config's weights (None: the shards' blocks uniformly)
+    mix_by: str = "lang"
 
 
 def plan_phases(phases: list[Any], total: int) -> list[Phase]:
     out, start = [], 0
     for p in phases:
         end = p.until_step if p.until_step is not None else total
-        out.append(Phase(p.name, p.shards, start, end))
+        out.append(Phase(p.name, p.shards, start, end, dict(p.mix) if getattr(p, "mix", None) else None,
+                         getattr(p, "mix_by", "lang")))
         start = end
+    return out
+
+
+_MIX_KEY = {"lang": ("lang", "language"), "source": ("source", "source"), "stream": ("name", "stream")}
+
+
+def resolve_mix(streams: list[Stream], mix: dict[str, float] | None, mix_by: str, where: str) -> list[float] | None:
+    """Each stream's weight under a phase's ``mix`` (in the order of ``streams``), or None without a mix. A key names
+    a language, a source or a stream (``mix_by``); ``*`` every stream no other key names; streams no key names get
+    1.0. ConfigError (one line, naming what the shards have) for a key that names nothing or shards without
+    streams. ``where`` starts the messages: ``phase web (shards/)``."""
+    if mix is None:
+        return None
+    attr, word = _MIX_KEY[mix_by]
+    if not streams:
+        raise ConfigError(f"{where}: mix needs shards packed per language / source (pack's stream_by), and these "
+                          "were packed with every document in one stream: repack them (stream_by: [lang, source])")
+    values = [getattr(st, attr) for st in streams]
+    if any(v is None for v in values):
+        by = [d for d in ("lang", "source") if getattr(streams[0], d) is not None]
+        raise ConfigError(f"{where}: mix_by {mix_by}, but the shards' streams carry no {word} (packed with stream_by "
+                          f"{by}): key the mix by {' or '.join(by) or 'stream'}, or repack")
+    known = sorted(set(values))
+    unknown = sorted(k for k in mix if k != "*" and k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: mix key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"name{'' if len(unknown) > 1 else 's'} no {word} of the shards ({word}s: {', '.join(known)})")
+    rest = float(mix.get("*", 1.0))
+    return [float(mix.get(v, rest)) for v in values]
+
+
+def _mixture(streams: list[Stream], weights: list[float], where: str, **kw: Any) -> MixtureSampler:
+    try:
+        return MixtureSampler(streams, weights, **kw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def mix_plan(plan: list[Phase], datasets: list[Any], weights: list[list[float] | None],
+             global_batch: int) -> dict[str, Any]:
+    """What each mixed phase will draw, before training: per stream its weight, blocks, share of the samples and
+    the epochs that the phase's steps make of it (the start record of metrics.jsonl, and one log line per phase)."""
+    out: dict[str, Any] = {}
+    for ph, ds, w in zip(plan, datasets, weights):
+        if w is None:
+            continue
+        counts = mixture_counts([st.blocks for st in ds.streams], w)
+        samples = (ph.end - ph.start) * global_batch
+        total = int(counts.sum())
+        out[ph.name] = {st.name: {"weight": wt, "blocks": st.blocks, "share": c / total,
+                                  "epochs": samples * c / total / st.blocks if st.blocks else 0.0}
+                        for st, wt, c in zip(ds.streams, w, counts.tolist())}
+    return out
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def phase_data(sampler: Any, streams: list[Stream], samples: int, seq_len: int, blocks: int) -> dict[str, Any]:
+    """What a phase drew in its first ``samples`` global samples: tokens and epochs overall and, with streams, per
+    stream, language and source (each: tokens, samples, blocks it has, epochs = samples / blocks, fractional)."""
+    out: dict[str, Any] = {"samples": samples, "tokens": samples * seq_len, "epochs": _ratio(samples, blocks)}
+    if not streams:
+        return out
+    counts = stream_counts(sampler, streams, 0, samples).tolist()
+    out["streams"] = {st.name: {"lang": st.lang, "source": st.source, "blocks": st.blocks, "samples": c,
+                                "tokens": c * seq_len, "epochs": _ratio(c, st.blocks)}
+                      for st, c in zip(streams, counts)}
+    for key, attr in (("languages", "lang"), ("sources", "source")):
+        groups: dict[str, list[int]] = {}
+        for st, c in zip(streams, counts):
+            value = getattr(st, attr)
+            if value is not None:
+                acc = groups.setdefault(value, [0, 0])
+                acc[0] += c
+                acc[1] += st.blocks
+        if groups:
+            out[key] = {v: {"tokens": c * seq_len, "samples": c, "blocks": b, "epochs": _ratio(c, b)}
+                        for v, (c, b) in sorted(groups.items())}
     return out
 
 
@@ -275,19 +369,26 @@ class TrainStream(IterableDataset):
     samples of the current phase already consumed (from the checkpoint)."""
 
     def __init__(self, datasets: list[Any], plan: list[Phase], *, rank: int, world: int, micro: int, accum: int,
-                 seed: int, shuffle: bool, start_step: int, start_index: int):
+                 seed: int, shuffle: bool, start_step: int, start_index: int,
+                 weights: list[list[float] | None] | None = None):
         self.datasets, self.plan = datasets, plan
         self.rank, self.world, self.micro, self.accum = rank, world, micro, accum
         self.seed, self.shuffle = seed, shuffle
         self.start_step, self.start_index = start_step, start_index
+        self.weights = weights or [None] * len(plan)  # per phase: its streams' mix weights, or None (uniform)
 
     @property
     def global_batch(self) -> int:
         return self.micro * self.accum * self.world
 
     def sampler(self, phase: int, start_index: int) -> ResumableDistributedSampler:
-        return ResumableDistributedSampler(len(self.datasets[phase]), rank=self.rank, world_size=self.world,
-                                           seed=self.seed + phase, start_index=start_index, shuffle=self.shuffle)
+        """Phase ``phase``'s sampler from ``start_index``: seeded by (seed + phase), a :class:`MixtureSampler` over
+        the shards' streams when the phase has a mix, else uniform over its blocks."""
+        kw = dict(rank=self.rank, world_size=self.world, seed=self.seed + phase, start_index=start_index,
+                  shuffle=self.shuffle)
+        if self.weights[phase] is not None:
+            return MixtureSampler(self.datasets[phase].streams, self.weights[phase], **kw)
+        return ResumableDistributedSampler(len(self.datasets[phase]), **kw)
 
     def position(self, step: int) -> dict[str, Any]:
         """The data position after ``step`` optimizer steps (what a checkpoint's data state holds): the phase, the
@@ -618,6 +719,7 @@ class PretrainData:
     boundaries: tuple[int | None, int | None] = (None, None)  # (document start id, document end id)
     val_langs: dict[str, torch.utils.data.Subset] | None = None  # language -> its validation blocks (val_<lang>)
     tokens_per_byte: dict[str, float] | None = None  # "val" and each language: packed tokens per UTF-8 byte
+    weights: list[list[float] | None] | None = None  # per phase: its streams' mix weights (None: uniform)
 
     @property
     def vocab_size(self) -> int:
@@ -647,12 +749,17 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
         raise InputError(f"the phases' shards have different block lengths {sorted(seq_lens)}; repack them alike")
     seq_len = seq_lens.pop()
     accum = grad_accum_steps(cfg.global_batch_tokens, seq_len, cfg.micro_batch_size, ctx.world)
-    for ph, d in zip(plan, datasets):
+    weights: list[list[float] | None] = []
+    for i, (ph, d) in enumerate(zip(plan, datasets)):
         if len(d) == 0:
             raise InputError(f"phase {ph.name}: {ph.shards}/ has no training blocks (an empty corpus, or every "
                              "document went to validation): nothing to train on")
         if len(d) < ctx.world:
             raise InputError(f"phase {ph.name}: {ph.shards}/ has {len(d)} training blocks, fewer than {ctx.world} ranks")
+        where = f"phases[{i}] ({ph.name}, {ph.shards}/)"
+        weights.append(resolve_mix(d.streams, ph.mix, ph.mix_by, where))
+        if weights[-1] is not None:  # the mix draws enough for every rank (no permutation is drawn here)
+            _mixture(d.streams, weights[-1], where, world_size=ctx.world)
     val, val_langs, per_byte = None, {}, {}
     if vals:
         v = vals[-1]  # the validation split of the latest phase's data
@@ -677,7 +784,8 @@ def open_data(cfg: Any, ctx: Any) -> PretrainData:
         if boundaries == {(None, None)}:
             raise InputError("document_masking needs documents framed by bos or eos tokens, but these shards were packed "
                              "with add_bos and add_eos false: repack with either, or set document_masking: false")
-    return PretrainData(plan, datasets, val, seq_len, accum, boundaries.pop(), val_langs or None, per_byte or None)
+    return PretrainData(plan, datasets, val, seq_len, accum, boundaries.pop(), val_langs or None, per_byte or None,
+                        weights)
 
 
 def model_folders(cfg: Any, ctx: Any, tmp: str) -> tuple[str, str]:
@@ -789,7 +897,7 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
     main, world, total, cuda = ctx.rank == 0, ctx.world, cfg.total_steps, torch.cuda.is_available()
     stream = TrainStream(data.train, data.plan, rank=ctx.rank, world=world, micro=cfg.micro_batch_size,
                          accum=data.accum, seed=cfg.seed, shuffle=cfg.shuffle, start_step=start.step,
-                         start_index=start.index)
+                         start_index=start.index, weights=data.weights)
     batches = Collate(*data.boundaries, document_masking=cfg.document_masking,
                       flatten=cfg.document_masking and cfg.attention == "flash_attention_2",
                       vocab_size=int(model.config.vocab_size))
@@ -798,6 +906,7 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
                               processing_class=tokenizer, stream=stream, checkpoints=checkpoints,
                               schedule=lr_multiplier(cfg, total), workers=dataloader_workers(cfg))
     n_all, fpt = model_size(model, data.seq_len)
+    plan = mix_plan(data.plan, data.train, data.weights or [None] * len(data.plan), stream.global_batch)
     metrics_log = JsonlLog(checkpoints.root / METRICS_FILE, main)
     generations_log = JsonlLog(checkpoints.root / GENERATIONS_FILE, main)
     for log in (metrics_log, generations_log):  # a resumed run continues from the checkpoint's step
@@ -822,11 +931,15 @@ def build_trainer(cfg: Any, ctx: Any, args: TrainingArguments, model: Any, token
                        "zero_stage": cfg.zero_stage, "document_masking": cfg.document_masking,
                        "params": n_all, "flops_per_token": fpt,
                        "peak_flops": peak, "peak_flops_source": peak_source,
-                       "phases": [p.__dict__ for p in data.plan]})
+                       "phases": [p.__dict__ for p in data.plan], "mix": plan})
     if main:
         ctx.log(f"pretrain: {n_all:,} params, world {world} x micro {cfg.micro_batch_size} x accum {data.accum} x "
                 f"{data.seq_len} tokens = {cfg.global_batch_tokens:,} tokens/step, {total} steps, ZeRO {cfg.zero_stage}, "
                 f"{precision}" + (f", resuming from step {start.step}" if start.checkpoint else ""))
+        for name, streams in plan.items():
+            ctx.log(f"pretrain: phase {name} mix: " + ", ".join(
+                f"{s} x{v['weight']:g} ({v['share']:.1%} of samples, {v['epochs']:.2f} epochs of {v['blocks']:,} blocks)"
+                for s, v in streams.items()))
     return trainer
 
 
@@ -870,8 +983,21 @@ def result(cfg: Any, ctx: Any, trainer: PretrainTrainer, data: PretrainData, sta
         "flops_per_token": mcb.fpt,
         "peak_flops": mcb.peak,
         "phases": {p.name: {"shards": p.shards, "steps": [p.start, p.end],
-                            "fingerprint": ctx.inputs[p.shards].fingerprint} for p in data.plan},
+                            "fingerprint": ctx.inputs[p.shards].fingerprint,
+                            **({"mix": p.mix, "mix_by": p.mix_by} if p.mix else {}),
+                            **phase_data(trainer.stream.sampler(i, 0), ds.streams,
+                                         max(0, min(p.end, steps) - p.start) * trainer.stream.global_batch,
+                                         data.seq_len, len(ds))}
+                   for i, (p, ds) in enumerate(zip(data.plan, data.train))},
     }
+    # the whole run per language and source, over its phases (each phase's own numbers are under phases)
+    for key, name in (("languages", "tokens_by_language"), ("sources", "tokens_by_source")):
+        total: dict[str, int] = {}
+        for ph in out["phases"].values():
+            for value, v in (ph.get(key) or {}).items():
+                total[value] = total.get(value, 0) + v["tokens"]
+        if total:
+            out[name] = dict(sorted(total.items()))
     return out
 
 

@@ -617,3 +617,113 @@ def test_damaged_validation_shards_are_refused_not_trained_past(run_root, tmp_pa
                                                 f"{VOCAB} embedding rows"):
         runner.run_stage("pretrain", unchecked, storage, progress=False)
     assert not (run_root / "models" / "pretrain").exists()
+
+
+# ------------------------------------------------------------------------- language / source mix
+
+MIX_STREAMS = {"en/en-web": ("en", "en-web", 64), "kk/kk-web": ("kk", "kk-web", 16), "ru/ru-web": ("ru", "ru-web", 48)}
+
+
+def _write_stream_shards(storage, name: str) -> None:
+    """Shards packed per stream (pack's stream_by, index version 2): one language and source per block range."""
+    from pipeline.data.shards import ShardWriter, dtype_for_vocab, new_index, write_index
+
+    out = storage.begin(name)
+    shards, streams = [], {}
+    for k, (stream, (lang, source, n)) in enumerate(MIX_STREAMS.items()):
+        with ShardWriter(out.fs, out.path(), f"train.{lang}.{source}", 0, SEQ, dtype_for_vocab(VOCAB), 20) as w:
+            w.write_blocks(_patterns(n, 10 + k))
+        shards += [{**i.to_dict(), "stream": stream} for i in w.close()]
+        streams[stream] = {"lang": lang, "source": source, "documents": n}
+    with ShardWriter(out.fs, out.path(), "val", 0, SEQ, dtype_for_vocab(VOCAB), 64) as w:
+        w.write_blocks(_patterns(16, 99))
+    val = [i.to_dict() for i in w.close()]
+    for s in shards + val:
+        out.record(s["file"], s["bytes"], s["sha256"])
+    index = new_index(seq_len=SEQ, vocab_size=VOCAB, bos_id=1, eos_id=2,
+                      splits={"train": {"shards": shards, "streams": streams}, "val": {"shards": val}})
+    write_index(out.fs, out.path(), index)
+    out.commit({"stage": "pack", "config_hash": f"test-{name}", "inputs": {}, "metrics": {}})
+
+
+def test_language_mix_is_trained_on_and_reported_per_language(run_root, tmp_path):
+    """Two phases over stream-packed shards: kk upsampled and en subsampled by language, then kk-web alone by source.
+    The manifest's tokens and epochs per stream, language and source are exactly what the logged sample ids of each
+    step hold; a run resumed from a mid-phase checkpoint draws the same samples and reports the same numbers; an
+    unknown mix key is one line before any weights load."""
+    from pipeline import runner, tracking
+    from pipeline.errors import ConfigError
+    from pipeline.stages import get_stage, load_config
+    from pipeline.storage import Storage
+
+    storage = Storage(str(run_root))
+    _write_stream_shards(storage, "shards-mix")
+    ck = tmp_path / "ck"
+    phases = [{"name": "web", "shards": "shards-mix", "until_step": 6, "mix": {"kk": 3.0, "ru": 1.0, "en": 0.5}},
+              {"name": "kk", "shards": "shards-mix", "mix": {"kk-web": 1.0, "*": 0}, "mix_by": "source"}]
+    cfg = load_config("pretrain", _config(tmp_path / "p.yaml", max_steps=10, checkpoint_every=4, eval_every=10,
+                                          keep_checkpoints=3, generation={"every": 0, "prompts": []},
+                                          checkpoint_dir=str(ck), phases=phases))
+    m = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+
+    def records(kind):
+        from pipeline.training.pretrain import read_metrics
+
+        return [r for r in read_metrics(ck / "metrics.jsonl") if r["kind"] == kind]
+
+    samples = _last_per_step(records("samples"))
+    assert sorted(samples) == list(range(1, 11))
+    bounds = np.cumsum([n for _, _, n in MIX_STREAMS.values()])
+    names = list(MIX_STREAMS)
+
+    def drawn(steps):
+        ids = [i for s in steps for i in samples[s]["sample_ids"]]
+        counts = np.bincount(np.searchsorted(bounds, ids, side="right"), minlength=3)
+        return dict(zip(names, counts.tolist()))
+
+    web, kk = m["phases"]["web"], m["phases"]["kk"]
+    assert web["samples"] == 6 * 8 and kk["samples"] == 4 * 8 and web["mix"] == phases[0]["mix"]
+    assert {n: v["samples"] for n, v in web["streams"].items()} == drawn(range(1, 7))
+    assert {n: v["samples"] for n, v in kk["streams"].items()} == drawn(range(7, 11)) == {
+        "en/en-web": 0, "kk/kk-web": 32, "ru/ru-web": 0}
+    for ph in (web, kk):
+        for n, v in ph["streams"].items():
+            assert v["tokens"] == v["samples"] * SEQ and v["epochs"] == pytest.approx(v["samples"] / MIX_STREAMS[n][2])
+        assert ph["languages"]["kk"]["tokens"] == ph["streams"]["kk/kk-web"]["tokens"]
+        assert ph["sources"]["kk-web"]["epochs"] == ph["streams"]["kk/kk-web"]["epochs"]
+    assert kk["languages"]["kk"]["epochs"] == 2.0  # 32 samples of 16 blocks
+    # a pass of the web mix is 48 kk + 48 ru + 32 en samples: kk's share is 3/8, en's 1/4 (binomial spread)
+    assert 0.2 < web["streams"]["kk/kk-web"]["samples"] / 48 < 0.6 and web["streams"]["en/en-web"]["samples"] < 22
+    assert sum(m["tokens_by_language"].values()) == m["tokens"] == 10 * 8 * SEQ
+    assert m["tokens_by_source"]["kk-web"] == m["tokens_by_language"]["kk"]
+    rows = dict(get_stage("pretrain").summary(m))
+    assert rows["phase web by language"].startswith("en ") and "kk-web 1.02k tokens (2.00 epochs)" in rows["phase kk by source"]
+    logged = tracking.numeric_metrics(m)  # what MLflow gets from the manifest
+    assert logged["phases.web.languages.kk.tokens"] == web["languages"]["kk"]["tokens"]
+    assert logged["phases.kk.streams.kk/kk-web.epochs"] == 2.0
+    start = records("start")[0]
+    assert start["mix"]["web"]["kk/kk-web"]["share"] == pytest.approx(3 / 8)
+    assert start["mix"]["kk"]["en/en-web"]["weight"] == 0.0
+
+    # killed after step 6 with its last checkpoint at 4 (mid web phase): the rerun resumes from 4 and draws the
+    # same samples, so it reports the same numbers
+    first = {s: r["sample_ids"] for s, r in samples.items()}
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-10", "step-4", "step-8"]
+    shutil.rmtree(ck / "step-10")
+    shutil.rmtree(ck / "step-8")
+    shutil.rmtree(run_root / "models" / "pretrain")
+    again = runner.run_stage("pretrain", cfg, storage, progress=False).manifest["metrics"]
+    assert again["resumed_from_step"] == 4
+    assert {s: r["sample_ids"] for s, r in _last_per_step(records("samples")).items()} == first
+    assert again["phases"] == m["phases"] and again["tokens_by_language"] == m["tokens_by_language"]
+
+    bad = load_config("pretrain", _config(tmp_path / "bad.yaml", max_steps=4, checkpoint_dir=str(tmp_path / "ck2"),
+                                          phases=[{"shards": "shards-mix", "mix": {"kz": 2.0}}]))
+    with pytest.raises(ConfigError, match=r"^phases\[0\] \(main, shards-mix/\): mix key 'kz' names no language of the "
+                                          r"shards \(languages: en, kk, ru\)$"):
+        runner.run_stage("pretrain", bad, storage, progress=False)
+    old = load_config("pretrain", _config(tmp_path / "old.yaml", max_steps=4, checkpoint_dir=str(tmp_path / "ck3"),
+                                          phases=[{"shards": "shards", "mix": {"kk": 2.0}}]))
+    with pytest.raises(ConfigError, match="mix needs shards packed per language / source"):
+        runner.run_stage("pretrain", old, storage, progress=False)
+    assert not list((tmp_path / "ck2").glob("step-*")) and not list((tmp_path / "ck3").glob("step-*"))
