@@ -97,7 +97,7 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
 
 .PHONY: bench-dedup bench-scale
-bench-scale: corpus  ## clean (every step) and pack on generated corpora of 50k-800k documents: time and peak memory per rank, growth exponents, projection to 100M documents on 64 pods (~30 min on 2 cores)
+bench-scale: corpus  ## clean (every step) and pack on generated corpora of 25k-400k documents: time and peak memory per rank, growth exponents, projection to 100M documents on 64 pods (~25 min on 2 cores)
 	$(BIN)/python benchmarks/bench_scale.py --cache $(CACHE) $(BENCH_ARGS)
 
 bench-dedup: corpus  ## near-duplicate precision/recall per threshold and shingle size on planted kk/ru/en copies (under a minute); chooses the dedup defaults

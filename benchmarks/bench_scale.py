@@ -21,7 +21,7 @@ number of duplicate pairs, so it is projected against the corpus size, not the r
 
 Nothing here asserts. Results go to docs/benchmarks.md with the command line.
 
-    .venv/bin/python benchmarks/bench_scale.py --cache .cache                     # ~20 min on 2 cores
+    .venv/bin/python benchmarks/bench_scale.py --cache .cache                     # ~20-25 min on 2 cores
     .venv/bin/python benchmarks/bench_scale.py --cache .cache --sizes 20000,40000 --rank-sizes 5000,10000
 """
 
@@ -156,10 +156,11 @@ def linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=Path(".cache"), help="where `make corpus` put the corpus")
-    ap.add_argument("--sizes", default="50000,200000,800000", help="corpus sizes of the weak-scaling series")
-    ap.add_argument("--docs-per-rank", type=int, default=25000, help="documents per rank in the weak-scaling series")
-    ap.add_argument("--rank-sizes", default="25000,50000,100000,200000", help="documents on one rank (second series)")
+    ap.add_argument("--sizes", default="25000,100000,400000", help="corpus sizes of the weak-scaling series")
+    ap.add_argument("--docs-per-rank", type=int, default=12500, help="documents per rank in the weak-scaling series")
+    ap.add_argument("--rank-sizes", default="12500,25000,50000,100000", help="documents on one rank (second series)")
     ap.add_argument("--no-pack", action="store_true", help="clean only")
+    ap.add_argument("--pack-max", type=int, default=100_000, help="pack only the corpora up to this many documents")
     ap.add_argument("--project-docs", type=float, default=100e6, help="corpus size to project to")
     ap.add_argument("--project-pods", type=int, default=64, help="pods to project to")
     ap.add_argument("--json", type=Path, help="write the measurements here")
@@ -177,41 +178,56 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         w = max(1, n // args.docs_per_rank)
         print(f"weak scaling: {n:,} documents on {w} ranks ...", file=sys.stderr, flush=True)
-        weak.append(measure(work, n, w, pools, pack=not args.no_pack))
+        weak.append(measure(work, n, w, pools, pack=not args.no_pack and n <= args.pack_max))
+        print(json.dumps(weak[-1]), file=sys.stderr, flush=True)
     for n in rank_sizes:
         print(f"one rank: {n:,} documents ...", file=sys.stderr, flush=True)
-        single.append(measure(work, n, 1, pools, pack=not args.no_pack))
+        single.append(measure(work, n, 1, pools, pack=not args.no_pack and n <= args.pack_max))
+        print(json.dumps(single[-1]), file=sys.stderr, flush=True)
+
+    rows = [*STEPS, *(["pack"] if not args.no_pack else [])]
+
+    def series(records: list[dict[str, Any]], step: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(record, measurement) of ``step`` in the records that have it (pack is skipped above --pack-max)."""
+        if step == "pack":
+            return [(r, r["pack"]) for r in records if "pack" in r]
+        return [(r, r["steps"][step]) for r in records]
 
     ns = [r["documents"] for r in weak]
     print(f"\nweak scaling, {args.docs_per_rank:,} documents per rank (peak RSS per rank in MB; step seconds = the "
           "slowest rank, ranks sharing 2 cores)")
-    head = f"{'step':<11}" + "".join(f"{n:>16,}" for n in ns) + f"{'mem exp':>9}{'work exp':>9}"
-    print(head)
-    rows = [*STEPS, *(["pack"] if not args.no_pack else [])]
+    print(f"{'step':<11}" + "".join(f"{n:>16,}" for n in ns) + f"{'mem exp':>9}{'work exp':>9}")
     for step in rows:
-        mems = [(r["pack"] if step == "pack" else r["steps"][step])["peak_rss_mb"] for r in weak]
-        secs = [(r["pack"] if step == "pack" else r["steps"][step])["seconds"] for r in weak]
-        # total work of a step: the slowest rank's wall time x the ranks sharing the 2 cores
-        work_s = [s * min(r["workers"], os.cpu_count() or 1) for s, r in zip(secs, weak)]
-        cells = "".join(f"{m:>8.0f} {s:>6.1f}s" for m, s in zip(mems, secs))
-        print(f"{step:<11}{cells}{slope(ns, mems):>9.2f}{slope(ns, work_s):>9.2f}")
+        got = series(weak, step)
+        if not got:
+            continue
+        xs = [r["documents"] for r, _ in got]
+        mems = [m["peak_rss_mb"] for _, m in got]
+        # total work of a step: the slowest rank's wall time x the ranks sharing the cores
+        work_s = [m["seconds"] * min(r["workers"], os.cpu_count() or 1) for r, m in got]
+        cells = "".join(f"{m['peak_rss_mb']:>8.0f} {m['seconds']:>6.1f}s" for _, m in got)
+        exps = (f"{slope(xs, mems):>9.2f}{slope(xs, work_s):>9.2f}") if len(got) > 1 else ""
+        print(f"{step:<11}{cells:<{16 * len(ns)}}{exps}")
     print("".join([f"{'clean wall':<11}", *(f"{r['clean_s']:>15.1f}s" for r in weak)]))
 
     rn = [r["documents"] for r in single]
-    print(f"\none rank (peak RSS in MB, seconds)")
-    print(f"{'step':<11}" + "".join(f"{n:>16,}" for n in rn) + f"{'MB/1M docs':>12}")
+    print("\none rank (peak RSS in MB, seconds)")
+    print(f"{'step':<11}" + "".join(f"{n:>16,}" for n in rn) + f"{'MB/1M docs':>12}{'s/1M docs':>11}")
     per_rank = args.project_docs / args.project_pods
     projection = {}
     for step in rows:
-        mems = [(r["pack"] if step == "pack" else r["steps"][step])["peak_rss_mb"] for r in single]
-        secs = [(r["pack"] if step == "pack" else r["steps"][step])["seconds"] for r in single]
-        a, b = linear(rn, mems)
-        ta, tb = linear(rn, secs)
+        got = series(single, step)
+        if len(got) < 2:
+            continue
+        xs = [r["documents"] for r, _ in got]
+        a, b = linear(xs, [m["peak_rss_mb"] for _, m in got])
+        ta, tb = linear(xs, [m["seconds"] for _, m in got])
         scale = args.project_docs if step == "resolve" else per_rank  # resolve: one rank, the whole corpus's pairs
-        projection[step] = {"peak_rss_mb": a + b * scale, "seconds": ta + tb * scale}
-        print(f"{step:<11}" + "".join(f"{m:>8.0f} {s:>6.1f}s" for m, s in zip(mems, secs)) + f"{b * 1e6:>12.0f}")
-    print(f"\nprojection: {args.project_docs:,.0f} documents on {args.project_pods} pods "
-          f"({per_rank:,.0f} per pod, one core each; resolve on one pod over the whole corpus's pairs)")
+        projection[step] = {"peak_rss_mb": a + max(b, 0.0) * scale, "seconds": ta + max(tb, 0.0) * scale}
+        cells = "".join(f"{m['peak_rss_mb']:>8.0f} {m['seconds']:>6.1f}s" for _, m in got)
+        print(f"{step:<11}{cells:<{16 * len(rn)}}{b * 1e6:>12.0f}{tb * 1e6:>11.0f}")
+    print(f"\nprojection (linear fit of the one-rank series): {args.project_docs:,.0f} documents on {args.project_pods} "
+          f"pods ({per_rank:,.0f} per pod, one core each; resolve on one pod over the whole corpus's pairs)")
     for step, pr in projection.items():
         print(f"  {step:<11} {pr['peak_rss_mb'] / 1024:6.2f} GB per pod   {pr['seconds'] / 3600:6.2f} h")
     total_h = sum(pr["seconds"] for s, pr in projection.items() if s != "pack") / 3600
