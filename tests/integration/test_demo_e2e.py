@@ -23,7 +23,8 @@ DEMO = REPO / "jobs" / "demo"
 SMALL: dict[str, dict] = {
     "init": {"max_position_embeddings": 128},
     "pretrain": {"micro_batch_size": 4, "global_batch_tokens": 512, "max_steps": 12, "warmup_steps": 2,
-                 "phases": [{"name": "broad", "shards": "shards", "until_step": 8},
+                 "phases": [{"name": "broad", "shards": "shards", "until_step": 8,
+                             "mix": {"kk": 2.0, "ru": 1.0, "en": 0.5}},
                             {"name": "strict", "shards": "shards-clean"}],
                  "checkpoint_every": 6, "eval_every": 6, "eval_max_blocks": 8, "log_every": 2,
                  "generation": {"every": 12, "prompts": ["Қазақстан", "The"], "max_new_tokens": 6}},
@@ -107,6 +108,10 @@ def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
     phases = storage.manifest("models/pretrain")["metrics"]["phases"]
     assert phases["broad"]["shards"] == "shards" and phases["strict"]["shards"] == "shards-clean"
     assert phases["strict"]["steps"] == [8, 12]
+    # the broad phase's language mix: what it drew of each language, tokens and epochs
+    broad = phases["broad"]
+    assert broad["mix"] == {"kk": 2.0, "ru": 1.0, "en": 0.5} and set(broad["languages"]) >= {"kk", "ru", "en"}
+    assert sum(v["tokens"] for v in broad["languages"].values()) == broad["tokens"] == 8 * 512
     assert float(champ.tags["metric.val_perplexity"]) == pytest.approx(
         storage.manifest("eval")["metrics"]["models"]["dpo"]["val_perplexity"])
     # the demo's SFT trained on the tool-use fixture too, and evaluate scored function calling and the generated
