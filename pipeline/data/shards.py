@@ -434,7 +434,7 @@ def new_index(*, seq_len: int, vocab_size: int, bos_id: int | None, eos_id: int 
                 n = sum(int(s["blocks"]) for s in shards if s["stream"] == key)
                 streams[key].update(start=start, blocks=n, tokens=n * int(seq_len))
                 start += n
-            entry["streams"] = streams
+            entry["streams"] = {k: streams[k] for k in sorted(streams)}  # block order, as on disk
         blocks = sum(int(s["blocks"]) for s in shards)
         entries[name] = {**entry, "blocks": blocks, "tokens": blocks * int(seq_len), "shards": shards}
     with_streams = any("streams" in e for e in entries.values())
