@@ -278,7 +278,7 @@ def resolve_mix(streams: list[Stream], mix: dict[str, float] | None, mix_by: str
     """Each stream's weight under a phase's ``mix`` (in the order of ``streams``), or None without a mix. A key names
     a language, a source or a stream (``mix_by``); ``*`` every stream no other key names; streams no key names get
     1.0. ConfigError (one line, naming what the shards have) for a key that names nothing or shards without
-    streams. ``where`` starts the messages: ``phase web (shards/)``."""
+    streams. ``where`` starts the messages: ``phases[0] (web, shards/)``."""
     if mix is None:
         return None
     attr, word = _MIX_KEY[mix_by]
