@@ -24,7 +24,12 @@ def test_every_stage_has_the_declared_shape(name):
     kind = type(stage)
     if stage.sharded:
         assert isinstance(stage, ShardedStage)
-        assert kind.run_part is not ShardedStage.run_part and kind.merge is not ShardedStage.merge
+        assert kind.merge is not ShardedStage.merge
+        if kind.STEPS:  # a stage in steps: a step_<name> method per step, no run_part
+            assert all(callable(getattr(stage, f"step_{step.name}", None)) for step in kind.STEPS)
+            assert len({step.name for step in kind.STEPS}) == len(kind.STEPS)
+        else:
+            assert kind.run_part is not ShardedStage.run_part
     else:
         assert kind.run is not Stage.run
 
