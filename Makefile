@@ -203,7 +203,26 @@ $(addprefix undeploy-,$(PIPELINE_STAGES)): undeploy-%: tools  ## undeploy-<stage
 undeploy-pipeline: tools  ## uninstall every stage's release
 	$(foreach s,$(PIPELINE_STAGES) $(foreach s,$(VARIANT_STAGES),$(call variants_of,$(s))),$(HELM) uninstall llmpipe-$(s) -n $(K8S_NAMESPACE) --ignore-not-found$(NEWLINE))
 
-status: install  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods
+# The serving release (templates/serve.yaml): a Deployment that serves models:/NAME@champion, no config, no Job.
+# Upgraded in place (a rolling update), never uninstalled first; `llmpipe promote` rolls it to each new champion.
+# VARIANT=cpu: jobs/cluster/values/serve-cpu.yaml, release llmpipe-serve-cpu.
+SERVE_RELEASE = llmpipe-serve$(if $(VARIANT),-$(VARIANT))
+define HELM_SERVE_ARGS
+$(SERVE_RELEASE) $(CHART) -n $(K8S_NAMESPACE) --set stage=serve -f jobs/cluster/values/serve$(if $(VARIANT),-$(VARIANT)).yaml $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+endef
+.PHONY: deploy-serve render-serve undeploy-serve
+
+deploy-serve: tools  ## deploy-serve [VARIANT=cpu]: helm upgrade --install llmpipe-serve[-cpu]: the champion behind an OpenAI-compatible API (vLLM; cpu: llmpipe serve)
+	@test -f jobs/cluster/values/serve$(if $(VARIANT),-$(VARIANT)).yaml || { echo "make deploy-serve: no jobs/cluster/values/serve$(if $(VARIANT),-$(VARIANT)).yaml" >&2; exit 1; }
+	$(HELM) upgrade --install $(HELM_SERVE_ARGS)
+
+render-serve: tools  ## render-serve [VARIANT=cpu]: print what deploy-serve would apply
+	@$(HELM) template $(HELM_SERVE_ARGS)
+
+undeploy-serve: tools  ## undeploy-serve [VARIANT=cpu]: helm uninstall llmpipe-serve[-cpu]
+	$(HELM) uninstall $(SERVE_RELEASE) -n $(K8S_NAMESPACE) --ignore-not-found
+
+status: install  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods, the serving pods' model versions
 	$(BIN)/llmpipe k8s status -n $(K8S_NAMESPACE)
 
 logs: install  ## follow a stage's logs: make logs STAGE=clean

@@ -47,14 +47,16 @@ def test_chart_knows_exactly_the_pipeline_stages():
     assert SHARDED == [s for s in ORDER if get_stage(s).sharded]
 
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert schema["properties"]["stage"]["enum"] == ["", *ORDER]  # "": the default, renders nothing
-    assert schema["properties"]["stages"]["propertyNames"]["enum"] == ORDER
+    # "": the default, renders nothing; serve: the serving Deployment (no pipeline stage, tests/helm/test_chart_serve.py)
+    assert schema["properties"]["stage"]["enum"] == ["", *ORDER, "serve"]
+    assert schema["properties"]["stages"]["propertyNames"]["enum"] == [*ORDER, "serve"]
     assert sorted(STAGES) == sorted(ORDER) and TRAINING == TRAIN
     table = (CHART / "templates" / "_helpers.tpl").read_text()
     assert re.findall(r"^(\w+): \{family: (\w+), kind: (\w+)\}$", table, re.M) == [
         (s, "data" if s in ("collect", "clean", "tokenizer", "pack") else "eval" if s in ("evaluate", "quantize")
          else "registry" if s == "register" else "train",
-         "sharded" if s in SHARDED else "training" if s in TRAINING else "single") for s in ORDER]
+         "sharded" if s in SHARDED else "training" if s in TRAINING else "single") for s in ORDER] + [
+        ("serve", "eval", "service")]
 
 
 def test_every_stage_with_a_config_is_covered():
@@ -527,7 +529,8 @@ def test_site_values_override_one_stage_and_not_the_others(tmp_path):
 def test_every_shipped_shape_is_a_valid_values_file_of_a_stage_with_a_config():
     """Every stage's config has its shape; a variant may have its own (pretrain-350m: one node), never a shape
     without a config."""
-    shapes = sorted((CLUSTER / "values").glob("*.yaml"))
+    # serve's shapes have no config: tests/helm/test_chart_serve.py renders them
+    shapes = sorted(p for p in (CLUSTER / "values").glob("*.yaml") if p.stem.split("-")[0] != "serve")
     assert {p.stem for p in CLUSTER.glob("*.yaml") if "-" not in p.stem} <= {p.stem for p in shapes}
     assert all((CLUSTER / f"{p.stem}.yaml").is_file() for p in shapes), shapes
     for path in shapes:

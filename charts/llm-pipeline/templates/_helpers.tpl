@@ -1,6 +1,7 @@
 {{/*
 The stage table: family (which image) and kind (what runs it). Keep in step with
-pipeline/stages/__init__.py (ORDER, TRAINING) and the sharded stages (clean, pack).
+pipeline/stages/__init__.py (ORDER, TRAINING) and the sharded stages (clean, pack). serve is no pipeline stage: the
+serving Deployment (templates/serve.yaml), in the eval image (torch and transformers; MLflow is in every image).
 */}}
 {{- define "llmpipe.stageTable" -}}
 collect: {family: data, kind: single}
@@ -15,6 +16,7 @@ reward: {family: train, kind: training}
 evaluate: {family: eval, kind: single}
 quantize: {family: eval, kind: single}
 register: {family: registry, kind: single}
+serve: {family: eval, kind: service}
 {{- end -}}
 
 {{/*
