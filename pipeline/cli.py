@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--root", metavar="URI", help=f"run root (default: $LLMPIPE_ROOT or {DEFAULT_ROOT})")
     ver.add_argument("--sizes-only", action="store_true", help="skip the sha256 (fast on a large root)")
 
+    from pipeline.serving.cli import add_parser as add_serve_parser  # `llmpipe serve`
+
+    add_serve_parser(sub)
     from pipeline.k8s.cli import add_parser as add_k8s_parser  # `llmpipe k8s submit|wait|logs|status`
 
     add_k8s_parser(sub)
@@ -408,6 +411,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serving.cli import main as serve_main
+
+    return serve_main(args, _tracking_client)
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     from pipeline.k8s.cli import main as k8s_main
 
@@ -422,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
                 "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "verify": cmd_verify,
-                "k8s": cmd_k8s}
+                "k8s": cmd_k8s, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:
