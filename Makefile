@@ -96,7 +96,10 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)
 	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
 
-.PHONY: bench-dedup bench-scale
+.PHONY: bench-dedup bench-scale bench-serve
+bench-serve: install  ## llmpipe serve under 1/4/16 concurrent openai clients vs the same model's bare generate(): tokens/s, p50/p95 latency, ratios (loopback, ~5 min)
+	$(BIN)/python benchmarks/bench_serve.py $(BENCH_ARGS)
+
 bench-scale: corpus  ## clean (every step) and pack on generated corpora of 25k-400k documents: time and peak memory per rank, growth exponents, projection to 100M documents on 64 pods (~25 min on 2 cores)
 	$(BIN)/python benchmarks/bench_scale.py --cache $(CACHE) $(BENCH_ARGS)
 
