@@ -132,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare the registered model's `candidate` version with its `champion` on the gates of a "
         "register config's `promote` section (e.g. val_perplexity no more than 5% worse, lm_eval accuracy at least "
         "0.3); move `champion` only when all pass; record the decision as tags on the candidate version. "
-        "Exit status: 0 promoted (or already champion, or --dry-run), 3 rejected.",
+        "When a serving Deployment of the model follows that alias (charts/llm-pipeline stage=serve, `make deploy-serve`), "
+        "roll it to the new champion; when its new pods do not become ready in time, move the alias and the Deployment "
+        "back and say so in one line. "
+        "Exit status: 0 promoted (or already champion, or --dry-run), 3 rejected, 4 rolled back.",
         epilog="examples:\n  llmpipe promote --config jobs/demo/register.yaml --root runs/demo --dry-run\n"
-        "  MLFLOW_TRACKING_URI=http://mlflow:5000 llmpipe promote --config jobs/cluster/register.yaml",
+        "  MLFLOW_TRACKING_URI=http://mlflow:5000 llmpipe promote --config jobs/cluster/register.yaml\n"
+        "  llmpipe promote -c jobs/cluster/register.yaml -n llm-pipeline --rollout --rollout-timeout 20m",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prom.add_argument("--config", "-c", metavar="FILE", help="a register config; its `name` and `promote.gates` are used")
@@ -143,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--root", metavar="URI", help="run root whose embedded MLflow store to use when $MLFLOW_TRACKING_URI is unset")
     prom.add_argument("--dry-run", action="store_true", help="show the comparison and the decision; change nothing")
     prom.add_argument("--json", action="store_true", help="print the decision as JSON")
+    roll = prom.add_argument_group(
+        "serving rollout (docs/kubernetes.md, Serving): by default, when a kubeconfig (or a pod's service account) is "
+        "there, look for serving Deployments of the model that follow the alias and roll them")
+    mode = roll.add_mutually_exclusive_group()
+    mode.add_argument("--rollout", action="store_true", help="require a serving Deployment to roll (an error without one)")
+    mode.add_argument("--no-rollout", action="store_true", help="only move the alias; do not look at the cluster")
+    roll.add_argument("--rollout-timeout", default="30m", metavar="T",
+                      help="roll back when the new pods are not all ready after T (seconds or 90s/15m/2h; default 30m), "
+                      "or sooner when the Deployment reports ProgressDeadlineExceeded")
+    roll.add_argument("--rollout-interval", type=float, default=2.0, metavar="S", help=argparse.SUPPRESS)
+    roll.add_argument("-n", "--namespace", metavar="NS", help="namespace of the serving Deployment (default: "
+                      "$LLMPIPE_NAMESPACE, the kubeconfig context's, llm-pipeline)")
+    roll.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    roll.add_argument("--context", metavar="NAME", help="kubeconfig context (default: the current one)")
 
     lin = sub.add_parser(
         "lineage",
@@ -368,9 +386,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     cfg = _load("register", args.config, args.overrides)  # its `name` and `promote` section
     client = _tracking_client(args)
-    result = registry.promote(client, args.name or cfg.name, cfg.promote, dry_run=args.dry_run)
-    print(json.dumps(result, indent=2) if args.json else registry.format_decision(result))
-    return 3 if result["decision"] == "rejected" else 0
+    name = args.name or cfg.name
+    plan = None
+    if not args.no_rollout:  # the serving Deployments are looked up before anything moves
+        from pipeline.k8s.serving import plan_for_promote
+
+        plan = plan_for_promote(args, name, cfg.promote.to_alias, out=sys.stderr if args.json else sys.stdout)
+    result = registry.promote(client, name, cfg.promote, dry_run=args.dry_run)
+    print(json.dumps(result, indent=2) if args.json else registry.format_decision(result), flush=True)
+    if result["decision"] == "rejected":
+        return 3
+    if plan is None:
+        return 0
+    from pipeline.k8s.serving import follow
+
+    return follow(client, plan, result, dry_run=args.dry_run)
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

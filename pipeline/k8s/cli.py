@@ -26,6 +26,7 @@ examples:
   llmpipe k8s logs clean --follow               # stream every pod of the stage until it finishes
   llmpipe k8s logs pretrain --tail 50 --role train
   llmpipe k8s status                            # every stage in the namespace, with what is wrong
+  llmpipe k8s status serve                      # the serving Deployments: each pod's model version
 
 The namespace is -n, else $LLMPIPE_NAMESPACE, else the kubeconfig context's, else llm-pipeline.
 The cluster comes from --kubeconfig, else $KUBECONFIG, else ~/.kube/config (or the pod's service account).
@@ -46,8 +47,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", metavar="NAME", help="kubeconfig context (default: the current one)")
 
 
-def _stage(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    stages = _stages()
+def _stage(p: argparse.ArgumentParser, optional: bool = False, extra: tuple[str, ...] = ()) -> None:
+    stages = [*_stages(), *extra]
     p.add_argument("stage", choices=stages, metavar="STAGE", nargs="?" if optional else None,
                    help=f"one of: {', '.join(stages)}" + (" (default: every stage)" if optional else ""))
 
@@ -116,9 +117,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     status = actions.add_parser(
         "status", help="the stages' Jobs and pods in a namespace, and what is wrong",
         description="A table of the Jobs / PyTorchJobs of one stage (or all), their state and pods, followed by "
-        "one line per cause for any stage that failed or is stuck.",
+        "one line per cause for any stage that failed or is stuck; then the serving Deployments (stage serve: only "
+        "those), their rollout and the model version each of their pods runs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stage(status, optional=True)
+    _stage(status, optional=True, extra=("serve",))
     _common(status)
     k8s.set_defaults(k8s_parser=k8s)
     return k8s

@@ -43,6 +43,7 @@ KINDS = {
     "Event": ("v1", "events"),
     "Job": ("batch/v1", "jobs"),
     "PyTorchJob": ("kubeflow.org/v1", "pytorchjobs"),
+    "Deployment": ("apps/v1", "deployments"),
 }
 
 
@@ -68,6 +69,11 @@ def _existing(paths: str) -> list[str]:
 
 def _in_cluster() -> bool:
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+
+
+def cluster_configured(kubeconfig: str | None = None) -> bool:
+    """Whether there is a cluster to talk to at all: a kubeconfig file, or a pod's service account."""
+    return bool(_existing(_kubeconfig_paths(kubeconfig))) or (_in_cluster() and not kubeconfig)
 
 
 def context_namespace(kubeconfig: str | None = None, context: str | None = None) -> str | None:
@@ -151,7 +157,7 @@ class Kube:
 
     # ------------------------------------------------------------------ one request
     def request(self, method: str, path: str, *, what: str, query: dict[str, Any] | None = None, body: Any = None,
-                missing_ok: bool = False, stream: bool = False) -> Any:
+                missing_ok: bool = False, stream: bool = False, content_type: str = "application/json") -> Any:
         """One API call. Returns the JSON body as a dict (text for logs; None for a missing object
         when ``missing_ok``), or the open urllib3 response when ``stream``."""
         import urllib3
@@ -159,7 +165,7 @@ class Kube:
 
         headers = {"Accept": "application/json, */*"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         params = self.api.param_serialize(method=method, resource_path=path,
                                           query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
                                           header_params=headers, body=body, auth_settings=["BearerToken"])
@@ -220,6 +226,12 @@ class Kube:
                 namespace: str | None = None) -> dict:
         return self.request("PUT", api_path(api_version, plural, namespace or self.namespace, name), body=body,
                             what=what)
+
+    def patch(self, api_version: str, plural: str, name: str, body: dict, *, what: str,
+              namespace: str | None = None) -> dict:
+        """A JSON merge patch (RFC 7386: a key set to None is removed), which every kind accepts."""
+        return self.request("PATCH", api_path(api_version, plural, namespace or self.namespace, name), body=body,
+                            what=what, content_type="application/merge-patch+json")
 
     def delete(self, api_version: str, plural: str, name: str, *, what: str, propagation: str = "Background",
                namespace: str | None = None, missing_ok: bool = False) -> Any:

@@ -7,7 +7,8 @@ status codes and Status bodies:
 * GET (one / list with ``labelSelector`` and ``fieldSelector``), POST, PUT, PATCH (merge patch),
   DELETE (``propagationPolicy``; Jobs orphan their pods by default, as the real API does) of
   configmaps, secrets, serviceaccounts, persistentvolumeclaims, pods, services, events (core/v1),
-  jobs (batch/v1) and pytorchjobs (kubeflow.org/v1, only when that "CRD" is installed);
+  jobs (batch/v1), deployments and replicasets (apps/v1) and pytorchjobs (kubeflow.org/v1, only when that
+  "CRD" is installed);
 * ``pods/{name}/log`` with ``container``, ``tailLines`` and ``follow=true`` (chunked stream
   until the container terminates); 400 while the container is waiting to start;
 * bearer-token auth (401), per-verb denials (403 with the RBAC message), 404 for a missing
@@ -22,7 +23,9 @@ Job or PyTorchJob gets pods that start, write log lines and end the way the ``Sc
 registered for that name says, with status fields, conditions and events as a real cluster sets
 them. The PyTorchJob controller is the model of training-operator v1.8.1 in tests/k8s/operator.py,
 run as a reconcile loop (``_reconcile_pytorchjob``: ReconcileJobs, ReconcilePods, ReconcileServices,
-UpdateJobStatus); only what a *workload* does (exit codes, log lines) comes from the Scenario. Each
+UpdateJobStatus); only what a *workload* does (exit codes, log lines) comes from the Scenario. A created
+Deployment gets the Deployment and ReplicaSet controllers and its pods' kubelet of tests/k8s/deployments.py (a
+rolling update, its status and conditions; the serving pods' behaviour per model version from ``serving``). Each
 simulated behaviour names the upstream file and function it reproduces: training-operator v1.8.1
 (github.com/kubeflow/training-operator), kubernetes v1.33 (k8s.io/kubernetes, k8s.io/apiserver
 v0.33.0, k8s.io/pod-security-admission v0.33.0), controller-runtime v0.17.2 (the operator's).
@@ -45,6 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from tests.k8s import deployments as dep
 from tests.k8s import operator as op
 from tests.k8s import podsecurity as ps
 
@@ -63,6 +67,8 @@ RESOURCES = {
     ("api/v1", "events"): ("Event", "v1", "events", ""),
     ("apis/batch/v1", "jobs"): ("Job", "batch/v1", "jobs.batch", "batch"),
     ("apis/kubeflow.org/v1", "pytorchjobs"): ("PyTorchJob", "kubeflow.org/v1", "pytorchjobs.kubeflow.org", "kubeflow.org"),
+    ("apis/apps/v1", "deployments"): ("Deployment", "apps/v1", "deployments.apps", "apps"),
+    ("apis/apps/v1", "replicasets"): ("ReplicaSet", "apps/v1", "replicasets.apps", "apps"),
 }
 CUSTOM = {"pytorchjobs"}
 PATH = re.compile(r"^/(?P<prefix>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
@@ -267,6 +273,11 @@ class FakeKube:
         self.init_template: str = op.DEFAULT_INIT_TEMPLATE
         self.init_image: str = op.INIT_CONTAINER_IMAGE_DEFAULT
         self.init_max_tries: int = op.INIT_MAX_TRIES_DEFAULT
+        # the serving pods' registry and servers (tests/k8s/deployments.py: ServingModel); the Deployment
+        # controller model's errors, if any (a test asserts there are none)
+        self.serving = dep.ServingModel()
+        self.controller_errors: list[str] = []
+        self.previous_logs: dict[tuple[str, str, str], _Log] = {}  # a restarted container's last run (?previous=true)
         self.starts: dict[tuple[str, str], int] = {}  # (ns, pod name) -> container starts (all its pods)
         self._started_pods: dict[tuple[str, str], set[str]] = {}  # (ns, job uid) -> its pods that ever ran
         self.cond = threading.Condition(threading.RLock())
@@ -505,10 +516,15 @@ class FakeKube:
                 self._admit_pytorchjob(obj)
             if plural == "pods":
                 self._admit_pod(obj, ns)
+            if plural == "deployments":
+                dep.admit_deployment(obj, self._invalid)
             self._put(plural, obj)
         if simulate and self.simulate and plural in ("jobs", "pytorchjobs"):
             target = self._run_job if plural == "jobs" else self._run_pytorchjob
             threading.Thread(target=self._guard, args=(target, ns, name, obj["metadata"]["uid"]), daemon=True).start()
+        if simulate and self.simulate and plural == "deployments":  # the Deployment and ReplicaSet controllers
+            threading.Thread(target=dep.DeploymentController(self, ns, name, obj["metadata"]["uid"]).run,
+                             daemon=True).start()
         return copy.deepcopy(obj)
 
     def _admit_pytorchjob(self, job: dict) -> None:
@@ -613,6 +629,8 @@ class FakeKube:
             obj["metadata"] = {**obj.get("metadata", {}), **keep}
             if "status" in old:
                 obj["status"] = old["status"]
+            if plural == "deployments":
+                dep.prepare_for_update(obj, old, self._invalid)
             return copy.deepcopy(self._put(plural, obj))
 
     def _patch(self, prefix: str, plural: str, ns: str, name: str, body: Any) -> dict:
@@ -624,7 +642,13 @@ class FakeKube:
             obj = merge_patch(old, body)
             if plural == "jobs" and obj["spec"].get("template") != old["spec"].get("template"):
                 raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template: field is immutable')
+            if plural == "deployments":
+                dep.prepare_for_update(obj, old, self._invalid)
             return copy.deepcopy(self._put(plural, obj))
+
+    @staticmethod
+    def _invalid(message: str) -> ApiError:
+        return ApiError(422, "Invalid", message)
 
     def _delete(self, prefix: str, plural: str, ns: str, name: str, policy: str | None, record: bool = True) -> dict:
         """A delete (``record``: one a client sent, kept in ``deletions``; the simulated controllers' are not).
@@ -688,6 +712,15 @@ class FakeKube:
             container = names[0]
         if container not in names + init_names:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        if query.get("previous") in ("true", "1"):  # the container's last terminated instance (the kubelet's
+            # GetContainerLogs with previous: "previous terminated container %q in pod %q not found" without one)
+            with self.cond:
+                prev = self.previous_logs.get((ns, name, container))
+            if prev is None:
+                raise ApiError(400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found')
+            tail = int(query["tailLines"]) if query.get("tailLines") else None
+            lines = prev.lines[-tail:] if tail else ([] if tail == 0 else prev.lines)
+            return self._send(h, 200, "".join(ln + "\n" for ln in lines).encode(), "text/plain")
         statuses = ((pod.get("status") or {}).get("containerStatuses") or []) + \
             ((pod.get("status") or {}).get("initContainerStatuses") or [])
         cs = next((c for c in statuses if c["name"] == container), {})
