@@ -467,25 +467,44 @@ def bucket_step(records: np.ndarray, near: bool) -> tuple[np.ndarray, np.ndarray
     ``exact``: PAIR array (later = the duplicate, earlier = the first document with its key), from
     keyed records only. ``pairs``: unique candidate PAIRs from the buckets of the documents that are
     not exact duplicates (empty unless ``near``). Depends only on the set of records, not on their
-    order or on which rank sent them."""
+    order or on which rank sent them. The bands are sorted one at a time, so the temporaries of the
+    sort are one band's, not all of them."""
     empty = np.zeros(0, dtype=PAIR)
     if not len(records):
         return empty, empty
+    order = np.argsort(records["b"], kind="stable")
+    bands = records["b"][order]
+    cuts = np.flatnonzero(np.diff(bands)) + 1
+    exact_parts, pair_parts = [], []
+    for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(order)]))):
+        e, p = _bucket_band(records[order[lo:hi]], near)
+        exact_parts.append(e)
+        pair_parts.append(p)
+    del order, bands
+    exact = np.concatenate(exact_parts)
+    exact.sort()
+    pairs = np.unique(np.concatenate(pair_parts)) if pair_parts else empty
+    return exact, pairs
+
+
+def _bucket_band(records: np.ndarray, near: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bucket_step` for the records of one band."""
+    empty = np.zeros(0, dtype=PAIR)
     exact = empty
     if "k0" in records.dtype.names:
-        r = records[np.lexsort((records["d"], records["k1"], records["k0"], records["h"], records["b"]))]
-        first = _starts(r["b"], r["h"], r["k0"], r["k1"])
-        head = np.flatnonzero(first)[np.cumsum(first) - 1]
+        r = records[np.lexsort((records["d"], records["k1"], records["k0"], records["h"]))]
+        first = _starts(r["h"], r["k0"], r["k1"])
         dup = ~first
-        in_band0 = dup & (r["b"] == 0)  # every document has a band-0 record: report each copy once
-        exact = np.empty(int(in_band0.sum()), dtype=PAIR)
-        exact["l"], exact["e"] = r["d"][in_band0], r["d"][head[in_band0]]
-        exact.sort()
+        if r["b"][0] == 0:  # every document has a band-0 record: report each copy once
+            head = np.flatnonzero(first)[np.cumsum(first) - 1]
+            exact = np.empty(int(dup.sum()), dtype=PAIR)
+            exact["l"], exact["e"] = r["d"][dup], r["d"][head[dup]]
         records = r[first]
+        del r
     if not near:
         return exact, empty
-    r = records[np.lexsort((records["d"], records["h"], records["b"]))]
-    new = _starts(r["b"], r["h"])
+    r = records[np.lexsort((records["d"], records["h"]))]
+    new = _starts(r["h"])
     member = np.flatnonzero(~new)
     if not len(member):
         return exact, empty
