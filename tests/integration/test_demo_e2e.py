@@ -7,6 +7,7 @@ test breaks when the shipped demo configs stop working together.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,22 @@ def test_rerun_is_up_to_date_and_lineage_reaches_the_sources(demo_run, capsys):
                      "clean", "clean-strict", "raw"):
         assert f"    {artifact} " in text, artifact
     assert "en-fortunes (" in text
+
+
+def test_the_demo_ends_by_serving_its_champion(demo_run):
+    """What `make demo` runs last: scripts/demo_serve.py serves the champion, the openai client talks to it, and the
+    server is gone afterwards."""
+    import subprocess
+    import sys
+
+    code, root, _ = demo_run
+    assert code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "LLMPIPE_TRACKING")}
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "demo_serve.py"), "--root", str(root)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "answered through the OpenAI API" in res.stdout and "llmpipe serve --root" in res.stdout
+    log = (root / ".serve-cache" / "demo-serve.log").read_text()
+    assert "model_version=1 status=200" in log
+    served = json.loads((root / ".serve-cache" / "served.json").read_text())
+    assert served["alias"] == "champion" and served["version"] == 1
