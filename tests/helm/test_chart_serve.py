@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, REPO, SCHEMAS, helm, helm_run, one, render_error, template_args, validate
+from tests.helm.chart import CHART, REPO, SCHEMAS, helm, helm_run, one, validate
 from tests.k8s import podsecurity as ps
 
 SERVICEMONITOR_SCHEMA = SCHEMAS / "servicemonitor-monitoring.coreos.com-v1.json"
