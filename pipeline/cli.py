@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.serving.cli import add_parser as add_serve_parser  # `llmpipe serve`
 
     add_serve_parser(sub)
+    from pipeline.publish import add_parser as add_publish_parser  # `llmpipe publish`: a version to the HF Hub
+
+    add_publish_parser(sub)
     from pipeline.k8s.cli import add_parser as add_k8s_parser  # `llmpipe k8s submit|wait|logs|status`
 
     add_k8s_parser(sub)
@@ -447,6 +450,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args, _tracking_client)
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pipeline import publish
+
+    return publish.main(args, _tracking_client(args))
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     from pipeline.k8s.cli import main as k8s_main
 
@@ -461,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
                 "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "verify": cmd_verify,
-                "k8s": cmd_k8s, "serve": cmd_serve}
+                "k8s": cmd_k8s, "publish": cmd_publish, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:
