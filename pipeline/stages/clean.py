@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -83,14 +83,20 @@ def _write(out: OutputDir, rel: str, arr: np.ndarray) -> None:
             fh.write(np.ascontiguousarray(arr).tobytes())
 
 
-def _by_owner(out: OutputDir, folder: str, arr: np.ndarray, owner: np.ndarray, suffix: str) -> None:
-    """Write ``arr``'s rows into ``folder/<owner>.<suffix>``, one file per owner that has rows (sorted by owner)."""
-    order = np.argsort(owner, kind="stable")
-    arr, owner = arr[order], owner[order]
-    cuts = np.flatnonzero(np.diff(owner)) + 1
+def _by_destination(arr: np.ndarray, dest: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``arr``'s rows grouped by ``dest`` (each row's rank or task), in the rows' order within each group."""
+    order = np.argsort(dest, kind="stable")
+    arr, dest = arr[order], dest[order]
+    cuts = np.flatnonzero(np.diff(dest)) + 1
     for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(arr)]))):
         if hi > lo:
-            _write(out, f"{folder}/{int(owner[lo]):05d}.{suffix}", arr[lo:hi])
+            yield int(dest[lo]), arr[lo:hi]
+
+
+def _by_owner(out: OutputDir, folder: str, arr: np.ndarray, owner: np.ndarray, suffix: str) -> None:
+    """Write ``arr``'s rows into ``folder/<owner>.<suffix>``, one file per owner that has rows."""
+    for who, rows in _by_destination(arr, owner):
+        _write(out, f"{folder}/{who:05d}.{suffix}", rows)
 
 
 def _read(part: Artifact, rel: str, dtype: np.dtype) -> np.ndarray:
@@ -163,11 +169,11 @@ class CleanStage(ShardedStage):
     OUTPUT = "clean"
     INPUTS = ("raw",)  # the defaults; `inputs(cfg)` and the output follow cfg.input / cfg.output
 
-    def inputs(self, cfg: CleanConfig) -> list[str]:
-        return [cfg.input]
-
     STEPS = (Step("signatures"), Step("buckets"), Step("exchange"), Step("confirm"), Step("resolve", single=True),
              Step("filter"))
+
+    def inputs(self, cfg: CleanConfig) -> list[str]:
+        return [cfg.input]
 
     # -------------------------------------------------------------------------------- 1. signatures
 
@@ -221,12 +227,8 @@ class CleanStage(ShardedStage):
                         send("sigs.u32", sigs)
                     recs = dedup.band_records(sigs, keys, docs, cfg.dedup)
                     records += len(recs)
-                    dest = dedup.task_of(recs["h"], ctx.world)
-                    order = np.argsort(dest, kind="stable")
-                    recs, dest = recs[order], dest[order]
-                    cuts = np.flatnonzero(np.diff(dest)) + 1
-                    for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(recs)]))):
-                        send(f"bands/{int(dest[lo]):05d}.rec", recs[lo:hi])
+                    for task, rows in _by_destination(recs, dedup.task_of(recs["h"], ctx.world)):
+                        send(f"bands/{task:05d}.rec", rows)
         finally:
             for fh in files.values():
                 fh.close()
