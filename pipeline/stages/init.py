@@ -12,9 +12,14 @@
   tokens' rows (``new_token_init: mean``), N(0, initializer_range) (``random``), or the stage
   refuses (``forbid``). The hub is used only with ``allow_hub: true``.
 * ``scale`` then changes the depth: ``{mode: down, drop_layers: [...]}`` removes layers (0-based);
-  ``{mode: up, target_layers: N}`` is SOLAR depth up-scaling: two copies of the n-layer stack,
-  the top k layers dropped from the first and the bottom k from the second (layers
-  ``0..n-k-1`` then ``k..n-1``, N = 2(n-k); 12 -> 16 uses k = 4).
+  ``{mode: down, target_layers: N, select: importance}`` removes the run of ``layers - N`` consecutive
+  layers whose output is closest in angle to its input on packed validation blocks (Gromov et al. 2024;
+  :mod:`pipeline.models.importance`), the last layer kept; ``{mode: up, target_layers: N}`` is SOLAR depth
+  up-scaling: two copies of the n-layer stack, the top k layers dropped from the first and the bottom k
+  from the second (layers ``0..n-k-1`` then ``k..n-1``, N = 2(n-k); 12 -> 16 uses k = 4).
+* ``validation: {artifact: shards}`` (needed by ``select: importance``, optional otherwise): the pack
+  output whose validation blocks init measures: the perplexity of the model before and after scaling
+  (the same blocks, in float32, before the ``dtype`` cast), and the layer-run scores.
 
 The vocabulary is ``len(tokenizer)`` rounded up to ``pad_vocab_multiple``; BOS/EOS/PAD ids go
 into the model config and generation config. The output is ``save_pretrained`` (safetensors)
@@ -32,26 +37,51 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import ArtifactName, StrictModel
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.stage import Stage, StageContext
 from pipeline.storage import OutputDir
 
 
 class DownScale(StrictModel):
-    """Remove layers (0-based indices of the base model's stack)."""
+    """Remove layers: the ones named in ``drop_layers`` (0-based), or down to ``target_layers`` by dropping the
+    contiguous run of ``layers - target_layers`` layers that ``select`` picks."""
 
     mode: Literal["down"]
-    drop_layers: list[int] = Field(..., min_length=1, description="0-based layers to remove, e.g. [10, 11]")
+    drop_layers: Annotated[list[int], Field(min_length=1)] | None = Field(
+        None, description="0-based layers to remove, e.g. [10, 11] (or give target_layers instead)")
+    target_layers: int | None = Field(
+        None, ge=1, description="layers after down-scaling; `select` picks the run of consecutive layers to remove")
+    select: Literal["importance"] | None = Field(
+        None, description="with target_layers (default importance): the run whose output is closest in angle to its "
+        "input on the `validation` blocks (mean over tokens of arccos(cos(h_l, h_l+n)) / pi, Gromov et al. 2024)")
+    keep_last_layer: bool | None = Field(
+        None, description="with target_layers (default true): never drop the last layer (it writes what the output "
+        "head reads); false: runs ending at the last layer are candidates too")
 
     @field_validator("drop_layers")
     @classmethod
-    def _valid(cls, value: list[int]) -> list[int]:
+    def _valid(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
         if any(i < 0 for i in value):
             raise ValueError("layer indices are 0-based and non-negative")
         if len(set(value)) != len(value):
             raise ValueError(f"drop_layers has repeats: {value}")
         return sorted(value)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DownScale":
+        if (self.drop_layers is None) == (self.target_layers is None):
+            raise ValueError(
+                "scale mode down takes exactly one of drop_layers: [i, j, ...] (the 0-based layers to remove) or "
+                "target_layers: N with select: importance (the layers to keep; the run to drop is measured), "
+                f"got {'both' if self.drop_layers is not None else 'neither'}")
+        if self.drop_layers is not None:
+            extra = [f for f in ("keep_last_layer", "select") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} apply to target_layers; drop_layers names the layers itself")
+        return self
 
 
 class UpScale(StrictModel):
@@ -70,6 +100,17 @@ class UpScale(StrictModel):
         if value % 2:
             raise ValueError(f"SOLAR up-scaling gives 2 x (n - k) layers, an even number; got {value}")
         return value
+
+
+class ValidationBlocks(StrictModel):
+    """Packed validation blocks (a pack output) that init measures the model on."""
+
+    artifact: ArtifactName = Field(..., description="the pack output to read, e.g. shards")
+    split: str = Field("val", description="split of the shards")
+    max_blocks: int = Field(32, ge=1, description="blocks measured, spread evenly over the split")
+    batch_size: int = Field(4, ge=1, description="blocks per forward pass")
+    device: str = Field("auto", description="auto (cuda when visible), cpu, cuda, cuda:N; the model moves back to "
+                                            "the CPU afterwards")
 
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "tie_word_embeddings")
@@ -105,6 +146,9 @@ class InitConfig(StrictModel):
     # vocabulary, depth, numerics
     pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows = len(tokenizer) rounded up to this")
     scale: Annotated[Union[DownScale, UpScale], Field(discriminator="mode")] | None = None
+    validation: ValidationBlocks | None = Field(
+        None, description="packed validation blocks: perplexity before/after scaling, and what select: importance "
+        "measures the layers on")
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
 
@@ -131,6 +175,15 @@ class InitConfig(StrictModel):
                     f"{', '.join(given)} cannot change a pretrained model's shape; only max_position_embeddings, "
                     "rope_theta and `scale` apply to it"
                 )
+        if isinstance(self.scale, DownScale) and self.scale.target_layers is not None:
+            if self.validation is None:
+                raise ValueError(
+                    "scale select: importance measures the layers on packed validation blocks: add "
+                    "`validation: {artifact: shards}` (the pack output; optionally split: val, max_blocks: 32)")
+            layers = self.shape().num_layers if self.source == "random" else None
+            if layers is not None and self.scale.target_layers >= layers:
+                raise ValueError(f"scale.target_layers {self.scale.target_layers} must be below the model's "
+                                 f"{layers} layers (down-scaling removes layers)")
         return self
 
     def shape(self) -> Any:
@@ -248,24 +301,83 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
     return L.build_from_state_dict(config, sd), info
 
 
-def _scale(cfg: InitConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+def _validation_blocks(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab: int) -> Any:
+    """The packed validation blocks of ``cfg.validation``, checked against our tokenizer (before any weights load)."""
+    from pipeline.data.packed import PackedDataset
+    from pipeline.evaluation.loading import check_against_shards
+
+    v = cfg.validation
+    assert v is not None
+    art = ctx.inputs[v.artifact]
+    blocks = PackedDataset(art.url(), v.split, storage_options=ctx.storage.storage_options)
+    if not len(blocks):
+        raise InputError(f"{art.url()} has no {v.split} blocks to measure on (pack with val_fraction > 0, or name "
+                         "another split in validation.split)")
+    check_against_shards(tokenizer, {"vocab_size": vocab}, blocks.index, "init's tokenizer/", blocks.block(0))
+    return blocks
+
+
+def _perplexity(model: Any, blocks: Any, cfg: InitConfig, ctx: StageContext, desc: str) -> dict[str, Any]:
+    """Loss and perplexity of ``model`` on the validation blocks (the code evaluate and the training stages use)."""
+    from pipeline.evaluation.loading import pick_device
+    from pipeline.evaluation.perplexity import shard_loss
+
+    v = cfg.validation
+    assert v is not None
+    device = pick_device(v.device)
+    model.to(device).eval()
+    try:
+        return shard_loss(model, blocks, max_blocks=v.max_blocks, batch_size=v.batch_size, device=device,
+                          bar=lambda it, **kw: ctx.bar(it, **{**kw, "desc": desc}))
+    finally:
+        model.to("cpu")
+
+
+def _scale(cfg: InitConfig, model: Any, blocks: Any = None, ctx: StageContext | None = None) -> tuple[Any, dict[str, Any]]:
+    from pipeline.models import importance as I
     from pipeline.models import llama as L
 
     n = model.config.num_hidden_layers
+    sc = cfg.scale
+    before: dict[str, Any] | None = None
+    chosen: dict[str, Any] = {}
     try:
-        if isinstance(cfg.scale, DownScale):
-            layer_map = L.drop_layer_map(n, cfg.scale.drop_layers)
+        if isinstance(sc, DownScale) and sc.target_layers is not None:
+            if sc.target_layers >= n:
+                raise ValueError(f"target_layers {sc.target_layers} must be below the model's {n} layers "
+                                 "(down-scaling removes layers)")
+            run = n - sc.target_layers
+            # one pass over the blocks: the validation perplexity, with the layer-run distances recorded alongside
+            keep_last = sc.keep_last_layer is not False  # None: the default, true
+            with I.RunDistance(model, run, keep_last_layer=keep_last) as probe:
+                before = _perplexity(model, blocks, cfg, ctx, "layer importance")  # type: ignore[arg-type]
+            scores = probe.scores()
+            start = I.least_important_run(scores)
+            layer_map = L.drop_layer_map(n, range(start, start + run))
+            chosen = {"select": sc.select or "importance", "keep_last_layer": keep_last, "run_length": run,
+                      "scores": {str(s): d for s, d in scores.items()}, "run_start": start,
+                      "dropped": list(range(start, start + run)), "score_tokens": probe.tokens}
+        elif isinstance(sc, DownScale):
+            layer_map = L.drop_layer_map(n, sc.drop_layers or [])
         else:
-            layer_map = L.solar_layer_map(n, cfg.scale.target_layers)  # type: ignore[union-attr]
+            layer_map = L.solar_layer_map(n, sc.target_layers)  # type: ignore[union-attr]
     except ValueError as exc:
         raise ConfigError(f"scale: {exc}") from None
+    if before is None and blocks is not None:
+        before = _perplexity(model, blocks, cfg, ctx, "perplexity before scaling")  # type: ignore[arg-type]
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(layer_map)
     scaled = L.build_from_state_dict(config, L.remap_layers(dict(model.state_dict()), layer_map))
-    info = {"mode": cfg.scale.mode, "from_layers": n, "to_layers": len(layer_map), "layer_map": layer_map}  # type: ignore[union-attr]
-    if isinstance(cfg.scale, UpScale):
-        info["recipe"] = cfg.scale.recipe
+    info = {"mode": sc.mode, "from_layers": n, "to_layers": len(layer_map), "layer_map": layer_map}  # type: ignore[union-attr]
+    if isinstance(sc, UpScale):
+        info["recipe"] = sc.recipe
         info["k"] = n - len(layer_map) // 2
+    info.update(chosen)
+    if before is not None:
+        after = _perplexity(scaled, blocks, cfg, ctx, "perplexity after scaling")  # type: ignore[arg-type]
+        info.update({"loss_before": before["loss"], "perplexity_before": before["perplexity"],
+                     "loss_after": after["loss"], "perplexity_after": after["perplexity"],
+                     "val_blocks": after["blocks"], "val_tokens": after["tokens"]})
     return scaled, info
 
 
@@ -286,7 +398,10 @@ class InitStage(Stage):
     name = "init"
     config = InitConfig
     OUTPUT = "models/init"
-    INPUTS = ("tokenizer",)
+    INPUTS = ("tokenizer",)  # the default; `inputs(cfg)` adds the validation blocks' pack output
+
+    def inputs(self, cfg: InitConfig) -> list[str]:
+        return ["tokenizer", *([cfg.validation.artifact] if cfg.validation is not None else [])]
 
     def run(self, cfg: InitConfig, ctx: StageContext, out: OutputDir) -> dict[str, Any]:
         import torch
@@ -298,14 +413,24 @@ class InitStage(Stage):
             tokenizer = L.load_tokenizer(ctx.inputs["tokenizer"].download(tmp), "pipeline's")
         vocab = L.padded_vocab(len(tokenizer), cfg.pad_vocab_multiple)
         ids = _special_ids(tokenizer)
+        blocks = _validation_blocks(cfg, ctx, tokenizer, vocab) if cfg.validation is not None else None
         if cfg.source == "random":
             model, info = _random_model(cfg, vocab, ids)
         else:
             model, info = _pretrained_model(cfg, ctx, tokenizer, vocab, ids)
         scale_info: dict[str, Any] = {"mode": "none"}
         if cfg.scale is not None:
-            model, scale_info = _scale(cfg, model)
+            model, scale_info = _scale(cfg, model, blocks, ctx)
             ctx.log(f"init: scaled {scale_info['from_layers']} -> {scale_info['to_layers']} layers: {scale_info['layer_map']}")
+        val: dict[str, Any] = {}
+        if blocks is not None:  # the saved model's validation perplexity (measured after scaling, when it scaled)
+            if "loss_after" in scale_info:
+                p = {"loss": scale_info["loss_after"], "perplexity": scale_info["perplexity_after"],
+                     "blocks": scale_info["val_blocks"], "tokens": scale_info["val_tokens"]}
+            else:
+                p = _perplexity(model, blocks, cfg, ctx, "perplexity")
+            val = {"val_loss": p["loss"], "val_perplexity": p["perplexity"], "val_blocks": p["blocks"],
+                   "val_tokens": p["tokens"], "validation": f"{cfg.validation.artifact}/{blocks.split}"}  # type: ignore[union-attr]
         model = model.to(torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32).eval()
         model.generation_config = GenerationConfig(
             bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"]
@@ -345,6 +470,7 @@ class InitStage(Stage):
             **{k: v for k, v in ids.items()},
             "dtype": cfg.dtype,
             "scale": scale_info,
+            **val,
             **info,
         }
         return metrics
@@ -367,6 +493,16 @@ class InitStage(Stage):
         sc = m.get("scale") or {}
         if sc.get("mode", "none") != "none":
             rows.append((f"scaled {sc['mode']}", f"{sc['from_layers']} -> {sc['to_layers']} layers {sc['layer_map']}"))
+        if sc.get("scores"):
+            d = sc["dropped"]
+            rows.append(("dropped run", f"layers {d[0]}..{d[-1]}: angular distance {sc['scores'][str(d[0])]:.4f}, "
+                                        f"the smallest of {len(sc['scores'])} runs of {sc['run_length']}"))
+            rows.append(("run scores", ", ".join(f"{s}: {x:.4f}" for s, x in sc["scores"].items())))
+        if "perplexity_before" in sc:
+            rows.append(("val perplexity", f"{sc['perplexity_before']:,.4g} before -> {sc['perplexity_after']:,.4g} after "
+                                           f"scaling ({m['val_blocks']} blocks of {m['validation']})"))
+        elif "val_perplexity" in m:
+            rows.append(("val perplexity", f"{m['val_perplexity']:,.4g} ({m['val_blocks']} blocks of {m['validation']})"))
         return rows
 
 
