@@ -35,13 +35,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable
 
 from pipeline.errors import InputError
+from pipeline.models.families import causal_lm_class, family_of
 
 # torch, transformers, accelerate and huggingface_hub are imported in the functions that use them:
 # the init stage's config validation imports this module (resolve_shape) for `llmpipe config init`
 # and `llmpipe pipeline`'s up-front checks, which they would slow by seconds (torch ~2 s,
 # transformers' Llama classes ~3 s more, measured on the dev box).
 
-LLAMA_MODEL_TYPES = ("llama",)
+LLAMA_MODEL_TYPES = ("llama",)  # the random-init presets; init takes every family of pipeline.models.families
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
@@ -165,7 +166,8 @@ def resolve_pretrained(path: str, allow_hub: bool) -> str:
 
 
 def check_pretrained(folder: str) -> dict[str, Any]:
-    """Read and check ``config.json`` (a Llama-family model with weights) before anything is loaded."""
+    """Read and check ``config.json`` (a model of a supported family, :mod:`pipeline.models.families`, with
+    weights) before anything is loaded."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise InputError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -174,13 +176,7 @@ def check_pretrained(folder: str) -> dict[str, Any]:
             raw = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{cfg_path} is not readable JSON: {exc}") from None
-    model_type = raw.get("model_type")
-    if model_type not in LLAMA_MODEL_TYPES:
-        archs = ", ".join(raw.get("architectures") or []) or "no architectures listed"
-        raise InputError(
-            f"{folder} holds a {model_type!r} model ({archs}); init takes Llama-family checkpoints "
-            f"(model_type {', '.join(map(repr, LLAMA_MODEL_TYPES))})"
-        )
+    family_of(raw, folder)  # llama, qwen2, qwen3: one line naming them otherwise
     if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES):
         raise InputError(f"{folder} has a config.json but no weights ({' / '.join(WEIGHT_FILES)})")
     return raw
@@ -322,12 +318,12 @@ def remap_layers(state_dict: dict[str, Any], layer_map: list[int]) -> dict[str, 
 
 
 def build_from_state_dict(config: Any, state_dict: dict[str, Any]) -> Any:
-    """A LlamaForCausalLM with exactly these weights (nothing randomly initialised first)."""
+    """A causal LM of the config's family (Llama, Qwen2, Qwen3) with exactly these weights (nothing randomly
+    initialised first)."""
     from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
 
     with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE buffers real
-        model = LlamaForCausalLM(config)
+        model = causal_lm_class(family_of(config))(config)
     if config.tie_word_embeddings:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)

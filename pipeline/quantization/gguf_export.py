@@ -1,9 +1,9 @@
-"""Hugging Face Llama checkpoint -> GGUF (llama.cpp's file format), and GGUF -> HF weights again.
+"""Hugging Face Llama / Qwen2 / Qwen3 checkpoint -> GGUF (llama.cpp's file format), and GGUF -> HF weights again.
 
 Written against the ``gguf`` library (the format's reference writer, maintained with llama.cpp):
 :class:`gguf.GGUFWriter` for the file, :mod:`gguf.quants` for the Q8_0 / Q4_0 blocks, the
-``gguf.TENSOR_NAMES`` constants for the tensor names of the ``llama`` architecture. The mapping
-itself is ours and short:
+``gguf.TENSOR_NAMES`` constants for the tensor names of the ``llama``, ``qwen2`` and ``qwen3`` architectures
+(``gguf.MODEL_TENSORS`` lists which each architecture has). The mapping itself is ours and short:
 
 =================================================  ==========================  =====================
 HF ``LlamaForCausalLM`` key                          GGUF tensor                  note
@@ -18,6 +18,19 @@ HF ``LlamaForCausalLM`` key                          GGUF tensor                
 ``model.norm.weight``                                ``output_norm.weight``       F32
 ``lm_head.weight``                                   ``output.weight``            left out when tied
 =================================================  ==========================  =====================
+
+The families (:mod:`pipeline.models.families`) differ only in a few tensors and in RoPE, as llama.cpp's own
+``convert_hf_to_gguf.py`` writes them (``Qwen2Model`` / ``Qwen3Model`` there: no tensor changes but the names):
+
+* ``qwen2`` (Qwen2, Qwen2.5): also ``self_attn.{q,k,v}_proj.bias`` -> ``blk.N.attn_{q,k,v}.bias`` (F32).
+* ``qwen3``: also ``self_attn.{q,k}_norm.weight`` -> ``blk.N.attn_{q,k}_norm.weight`` (F32), and a
+  ``head_dim`` that need not be hidden / heads (written as ``attention.key_length`` / ``value_length``).
+* llama.cpp runs ``qwen2`` / ``qwen3`` with NEOX-style RoPE (rotating halves, as HF does), so their q/k rows
+  are written as they are; only ``llama`` gets the permutation below.
+
+What the export refuses (one line, and the quantize stage goes on with its other variants): Llama with
+attention/MLP biases, a sliding-window Qwen config, Qwen3 with attention biases, activations other than SiLU,
+RoPE scaling other than none / linear (e.g. Qwen2.5's YaRN).
 
 RoPE: HF rotates the two halves of each head (``rotate_half``), llama.cpp's ``llama`` graph
 rotates adjacent pairs. Within every head of ``q_proj`` / ``k_proj`` the output rows are
@@ -61,9 +74,11 @@ from transformers import AutoTokenizer
 
 from pipeline.data.tokenization import LLAMA_CPP_PRE, PATTERNS
 from pipeline.errors import InputError
+from pipeline.models.families import FAMILIES, family_of
 from pipeline.models.llama import rope_settings
 
 ARCH = "llama"
+ARCHES = tuple(f.gguf_arch for f in FAMILIES.values())
 SUPPORTED = ("F16", "Q8_0", "Q4_0")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF suffix inside a decoder layer -> (gguf MODEL_TENSOR member name, needs the RoPE row permutation)
@@ -78,6 +93,22 @@ _LAYER_MAP = {
     "mlp.up_proj.weight": ("FFN_UP", None),
     "mlp.down_proj.weight": ("FFN_DOWN", None),
 }
+# the extra tensors of the other architectures (1-D, so F32), none with the RoPE permutation
+_ARCH_EXTRA = {
+    "llama": {},
+    "qwen2": {"self_attn.q_proj.bias": ("ATTN_Q", None), "self_attn.k_proj.bias": ("ATTN_K", None),
+              "self_attn.v_proj.bias": ("ATTN_V", None)},
+    "qwen3": {"self_attn.q_norm.weight": ("ATTN_Q_NORM", None), "self_attn.k_norm.weight": ("ATTN_K_NORM", None)},
+}
+
+
+def _layer_map(arch: str) -> dict[str, tuple[str, str | None]]:
+    """HF suffix inside a decoder layer -> (gguf MODEL_TENSOR member, 'q'/'k' for the RoPE permutation) of ``arch``."""
+    if arch == "llama":
+        return dict(_LAYER_MAP)
+    return {**{k: (member, None) for k, (member, _) in _LAYER_MAP.items()}, **_ARCH_EXTRA[arch]}
+
+
 _GLOBAL_MAP = {
     "model.embed_tokens.weight": "TOKEN_EMBD",
     "model.norm.weight": "OUTPUT_NORM",
@@ -90,7 +121,7 @@ _GLOBAL_MAP = {
 
 @dataclass(frozen=True)
 class LlamaDims:
-    """The numbers of a Llama config that the GGUF header and the RoPE permutation need."""
+    """The numbers of a Llama / Qwen2 / Qwen3 config that the GGUF header and the RoPE permutation need."""
 
     n_layers: int
     hidden: int
@@ -104,34 +135,55 @@ class LlamaDims:
     rms_eps: float
     tied: bool
     rope_scaling: dict[str, Any] | None = None
+    arch: str = ARCH  # llama.cpp architecture: llama, qwen2, qwen3
+
+
+def gguf_problem(config: Any, where: str = "the model") -> str | None:
+    """Why a model of a supported family cannot be written as GGUF (one line), or None when it can."""
+    arch = family_of(config, where).gguf_arch
+    if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        return f"{where} has attention/MLP biases, which the GGUF llama export does not map"
+    if arch == "qwen3" and getattr(config, "attention_bias", False):
+        return f"{where} is a Qwen3 with attention biases, which the GGUF qwen3 export does not map"
+    if arch != "llama" and getattr(config, "use_sliding_window", False):
+        return f"{where} uses sliding-window attention (use_sliding_window: true), which the GGUF {arch} export does not write"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"{where} uses hidden_act={config.hidden_act!r}; llama.cpp's {arch} graph is SwiGLU (silu)"
+    rope = rope_settings(config)
+    if rope["rope_type"] not in ("linear", "default"):
+        return f"{where} uses rope_scaling type {rope['rope_type']!r}; the GGUF export supports none or 'linear'"
+    if _head_dim(config) % 2:
+        return f"{where} has an odd head size {_head_dim(config)}; RoPE needs it even"
+    return None
+
+
+def _head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def model_dims(config: Any, where: str = "the model") -> LlamaDims:
+    """The dims of a Llama / Qwen2 / Qwen3 config, whether or not GGUF can hold it (:func:`gguf_problem`);
+    :class:`InputError` (one line naming the families) for any other model."""
+    arch = family_of(config, where).gguf_arch
+    rope = rope_settings(config)
+    n_heads = int(config.num_attention_heads)
+    return LlamaDims(
+        n_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size), ffn=int(config.intermediate_size),
+        n_heads=n_heads, n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
+        head_dim=_head_dim(config), vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
+        rope_theta=float(rope["rope_theta"]), rms_eps=float(config.rms_norm_eps),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_scaling=rope if rope["rope_type"] == "linear" else None, arch=arch,
+    )
 
 
 def check_llama_config(config: Any, where: str = "the model") -> LlamaDims:
-    """The dims of a transformers ``LlamaConfig``; :class:`InputError` for anything GGUF/llama cannot hold."""
-    model_type = getattr(config, "model_type", None)
-    archs = list(getattr(config, "architectures", None) or [])
-    if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
-        raise InputError(f"{where} is a {model_type!r} model ({', '.join(archs) or 'no architectures listed'}); "
-                         "quantize supports Llama models (LlamaForCausalLM) only")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise InputError(f"{where} has attention/MLP biases, which the GGUF llama export does not map")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise InputError(f"{where} uses hidden_act={config.hidden_act!r}; llama.cpp's llama graph is SwiGLU (silu)")
-    rope = rope_settings(config)
-    if rope["rope_type"] not in ("linear", "default"):
-        raise InputError(f"{where} uses rope_scaling type {rope['rope_type']!r}; the GGUF export supports none or 'linear'")
-    n_heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
-    if head_dim % 2:
-        raise InputError(f"{where} has an odd head size {head_dim}; RoPE needs it even")
-    return LlamaDims(
-        n_layers=int(config.num_hidden_layers), hidden=int(config.hidden_size), ffn=int(config.intermediate_size),
-        n_heads=n_heads, n_kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim=head_dim,
-        vocab_size=int(config.vocab_size), context_length=int(config.max_position_embeddings),
-        rope_theta=float(rope["rope_theta"]), rms_eps=float(config.rms_norm_eps),
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
-        rope_scaling=rope if rope["rope_type"] == "linear" else None,
-    )
+    """:func:`model_dims`, and :class:`InputError` when GGUF cannot hold the model (:func:`gguf_problem`).
+    (The name predates the Qwen families.)"""
+    problem = gguf_problem(config, where)
+    if problem:
+        raise InputError(problem)
+    return model_dims(config, where)
 
 
 # ------------------------------------------------------------------------------- tensors
@@ -149,28 +201,34 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_name(member: str, layer: int | None = None) -> str:
+def tensor_name(member: str, layer: int | None = None, kind: str = "weight") -> str:
     base = gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, member)]
-    return (base.format(bid=layer) if layer is not None else base) + ".weight"
+    return (base.format(bid=layer) if layer is not None else base) + "." + kind
 
 
-def hf_to_gguf_name(key: str) -> tuple[str, str | None]:
+def _kind(suffix: str) -> str:
+    return "bias" if suffix.endswith(".bias") else "weight"
+
+
+def hf_to_gguf_name(key: str, arch: str = ARCH) -> tuple[str, str | None]:
     """(GGUF tensor name, 'q'/'k' when the RoPE permutation applies) of an HF state-dict key."""
     if key in _GLOBAL_MAP:
         return tensor_name(_GLOBAL_MAP[key]), None
     m = _LAYER_RE.match(key)
-    if m and m.group(2) in _LAYER_MAP:
-        member, perm = _LAYER_MAP[m.group(2)]
-        return tensor_name(member, int(m.group(1))), perm
-    raise InputError(f"weight {key!r} has no place in a GGUF llama model (is this a plain LlamaForCausalLM?)")
+    layer_map = _layer_map(arch)
+    if m and m.group(2) in layer_map:
+        member, perm = layer_map[m.group(2)]
+        return tensor_name(member, int(m.group(1)), _kind(m.group(2))), perm
+    raise InputError(f"weight {key!r} has no place in a GGUF {arch} model (is this a plain "
+                     f"{next(f.causal_lm for f in FAMILIES.values() if f.gguf_arch == arch)}?)")
 
 
-def gguf_to_hf_names(n_layers: int) -> dict[str, tuple[str, str | None]]:
-    """GGUF tensor name -> (HF key, permutation) for a model of ``n_layers`` layers."""
+def gguf_to_hf_names(n_layers: int, arch: str = ARCH) -> dict[str, tuple[str, str | None]]:
+    """GGUF tensor name -> (HF key, permutation) for an ``arch`` model of ``n_layers`` layers."""
     found = {tensor_name(member): (key, None) for key, member in _GLOBAL_MAP.items()}
     for i in range(n_layers):
-        for suffix, (member, perm) in _LAYER_MAP.items():
-            found[tensor_name(member, i)] = (f"model.layers.{i}.{suffix}", perm)
+        for suffix, (member, perm) in _layer_map(arch).items():
+            found[tensor_name(member, i, _kind(suffix))] = (f"model.layers.{i}.{suffix}", perm)
     return found
 
 
@@ -333,11 +391,11 @@ def iter_state_dict(state_dict: dict[str, Any], dims: LlamaDims) -> Iterator[tup
     keys = [k for k in state_dict if not k.endswith("rotary_emb.inv_freq")]
     if dims.tied:
         keys = [k for k in keys if k != "lm_head.weight"]
-    names = {k: hf_to_gguf_name(k) for k in keys}  # raises on a key with no place before any work
-    expected = set(gguf_to_hf_names(dims.n_layers)) - ({tensor_name("OUTPUT")} if dims.tied else set())
+    names = {k: hf_to_gguf_name(k, dims.arch) for k in keys}  # raises on a key with no place before any work
+    expected = set(gguf_to_hf_names(dims.n_layers, dims.arch)) - ({tensor_name("OUTPUT")} if dims.tied else set())
     missing = expected - {n for n, _ in names.values()}
     if missing:
-        raise InputError(f"the checkpoint lacks {len(missing)} llama weights, e.g. {sorted(missing)[0]}")
+        raise InputError(f"the checkpoint lacks {len(missing)} {dims.arch} weights, e.g. {sorted(missing)[0]}")
 
     def position(key: str) -> tuple[int, int, str]:  # embedding, layers in order, final norm and head
         m = _LAYER_RE.match(key)
@@ -371,7 +429,7 @@ def write_gguf(
     meta: TokenizerMeta | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Write a Llama state dict and its tokenizer as one GGUF file of type ``target`` (F16, Q8_0 or Q4_0).
+    """Write a Llama / Qwen2 / Qwen3 state dict and its tokenizer as one GGUF file of type ``target`` (F16, Q8_0 or Q4_0).
 
     ``meta`` (from :func:`tokenizer_meta`) saves reading the tokenizer again when writing several files.
     """
@@ -380,7 +438,7 @@ def write_gguf(
     dims = check_llama_config(config)
     if meta is None:
         meta = tokenizer_meta(tokenizer_folder, dims.vocab_size, config, pre=pre)
-    w = gguf.GGUFWriter(path, ARCH)
+    w = gguf.GGUFWriter(path, dims.arch)
     # -- general
     w.add_name(name)
     w.add_file_type(_file_type(target))
@@ -450,21 +508,25 @@ def write_gguf(
 
 
 def read_gguf_state_dict(path: str, n_layers: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Dequantize every tensor of a llama GGUF back to an HF ``LlamaForCausalLM`` state dict (float32 torch).
+    """Dequantize every tensor of a llama / qwen2 / qwen3 GGUF back to an HF state dict (float32 torch) of the
+    matching transformers class (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``).
 
     Returns ``(state_dict, {gguf name: GGML type})``. The Q/K row permutation is undone. A tied
     model's file has no ``output.weight``; the HF model ties the head to the embedding itself.
     """
     reader = gguf.GGUFReader(path)
-    layers = n_layers if n_layers is not None else int(_field_value(reader, f"{ARCH}.block_count"))
-    heads = int(_field_value(reader, f"{ARCH}.attention.head_count"))
-    kv_heads = int(_field_value(reader, f"{ARCH}.attention.head_count_kv"))
-    names = gguf_to_hf_names(layers)
+    arch = str(_field_value(reader, "general.architecture"))
+    if arch not in ARCHES:
+        raise InputError(f"{path} is a GGUF of architecture {arch!r}; this reader knows {', '.join(ARCHES)}")
+    layers = n_layers if n_layers is not None else int(_field_value(reader, f"{arch}.block_count"))
+    heads = int(_field_value(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_field_value(reader, f"{arch}.attention.head_count_kv"))
+    names = gguf_to_hf_names(layers, arch)
     state: dict[str, Any] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
         if t.name not in names:
-            raise InputError(f"{path}: tensor {t.name!r} is not part of a {layers}-layer llama model")
+            raise InputError(f"{path}: tensor {t.name!r} is not part of a {layers}-layer {arch} model")
         key, perm = names[t.name]
         arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         arr = arr.reshape(tuple(reversed([int(x) for x in t.shape])))

@@ -61,7 +61,15 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         # ---------------------------------------------------------------- 1. checks before compute
         folder = art.download(os.path.join(tmp, "model"))
         config = _load_config(folder, cfg.model)
-        dims = gguf_export.check_llama_config(config, f"{cfg.model}/")
+        dims = gguf_export.model_dims(config, f"{cfg.model}/")  # llama / qwen2 / qwen3, else one line naming them
+        variant_names = list(cfg.variants)
+        problem = gguf_export.gguf_problem(config, f"{cfg.model}/") if wanted_gguf else None
+        if problem:  # the GGUF variants cannot be written; the others still are
+            variant_names = [v for v in variant_names if v not in GGUF_TARGETS]
+            if not variant_names:
+                raise InputError(f"{problem}; no other variant was asked for (add int8)")
+            ctx.log(f"quantize: skipping {', '.join(wanted_gguf)}: {problem}")
+            wanted_gguf = []
         tok_folder = _tokenizer_folder(cfg, ctx, folder, tmp)
         meta = None
         if wanted_gguf:
@@ -83,7 +91,7 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         prompt_ids = list(tokenizer(cfg.prompt)["input_ids"]) if tokenizer is not None else None
         ctx.log(f"quantize: {cfg.model}/ ({dims.n_layers} layers, hidden {dims.hidden}, vocab {dims.vocab_size}"
                 f"{', tied' if dims.tied else ''}); {len(blocks)} x {blocks.shape[1]} tokens of {cfg.shards}/{cfg.split}; "
-                f"variants {', '.join(cfg.variants)}; llama.cpp {cpp or 'not used'}")
+                f"variants {', '.join(variant_names)}; llama.cpp {cpp or 'not used'}")
 
         # ---------------------------------------------------------------- 2. the original
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -101,7 +109,7 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         variants: dict[str, dict[str, Any]] = {}
         gguf_results: dict[str, gguf_export.ExportResult] = {}
         base = cfg.model.rstrip("/").split("/")[-1] or "model"
-        for name in cfg.variants:
+        for name in variant_names:
             t0 = time.perf_counter()
             if name == "int8":
                 local = os.path.join(tmp, "out", "int8")

@@ -6,7 +6,8 @@
   Llama init), or with the residual branches' output projections (``o_proj``, ``down_proj``) at
   initializer_range / sqrt(2 x layers) (``init_std: depth_scaled``, GPT-2 / Megatron), so that each of the 2L
   residual additions starts as a small update and the residual stream's variance does not grow with depth.
-* ``source: pretrained``: a local Llama-family checkpoint. When its vocabulary is not ours, the
+* ``source: pretrained``: a local checkpoint of a supported family (``model_type`` llama, qwen2 -- Qwen2 and
+  Qwen2.5 --, or qwen3; :mod:`pipeline.models.families`). When its vocabulary is not ours, the
   input embedding (and an untied output head) is rebuilt for our tokenizer: rows of tokens both
   vocabularies hold (same token string) are copied, the other rows get the mean of the old
   tokens' rows (``new_token_init: mean``), N(0, initializer_range) (``random``), or the stage
@@ -136,7 +137,8 @@ class InitConfig(StrictModel):
         "the residual output projections (o_proj, down_proj) at initializer_range / sqrt(2 x layers) (GPT-2/Megatron)")
     # pretrained weights
     pretrained_path: str | None = Field(
-        None, description="local folder of a Llama-family HF checkpoint with its tokenizer (a hub id only with allow_hub)"
+        None, description="local folder of an HF checkpoint with its tokenizer, model_type llama, qwen2 (Qwen2/2.5) or "
+        "qwen3 (a hub id only with allow_hub)"
     )
     allow_hub: bool = Field(False, description="let pretrained_path be a Hugging Face hub id that is downloaded")
     new_token_init: Literal["mean", "random", "forbid"] = Field(
@@ -236,14 +238,14 @@ def depth_scaled_init(model: Any, std: float) -> float:
 
 def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab: int, ids: dict[str, int | None]) -> tuple[Any, dict[str, Any]]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.models import llama as L
 
     # every check before any weights are read
     folder = L.resolve_pretrained(cfg.pretrained_path or "", cfg.allow_hub)
     L.check_pretrained(folder)
-    old_config = LlamaConfig.from_pretrained(folder, local_files_only=True)
+    old_config = AutoConfig.from_pretrained(folder, local_files_only=True)  # llama, qwen2 or qwen3 (checked above)
     old_tok = L.load_tokenizer(folder, "pretrained model's")
     match = L.match_vocab(L.tokenizer_tokens(tokenizer), old_tok.get_vocab(), old_config.vocab_size)
     if match.matched == 0:
@@ -262,7 +264,7 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
         ctx.log("init: warning: fewer than half of our tokens matched: tokens are matched by string, so a tokenizer "
                 "with another byte/space convention (SentencePiece '▁' vs byte-level 'Ġ') shares few of them")
 
-    old = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    old = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     sd = dict(old.state_dict())
     tied = bool(old_config.tie_word_embeddings)
     gen = torch.Generator().manual_seed(cfg.seed)

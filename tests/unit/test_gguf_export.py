@@ -261,7 +261,7 @@ def test_rope_base_and_linear_scaling_from_the_config():
 def test_clear_errors(tok_dir, tmp_path):
     from transformers import GPT2Config, LlamaConfig
 
-    with pytest.raises(InputError, match="supports Llama models"):
+    with pytest.raises(InputError, match="holds a .gpt2. model .*supported model families .*qwen3"):
         ge.check_llama_config(GPT2Config(n_layer=1, n_embd=32, n_head=2), "models/x/")
     with pytest.raises(InputError, match="rope_scaling type 'yarn'"):
         ge.check_llama_config(LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}))
@@ -278,3 +278,73 @@ def test_clear_errors(tok_dir, tmp_path):
         ge.tokenizer_meta(str(tmp_path), 600)
     with pytest.raises(InputError, match="only 10 rows"):
         ge.tokenizer_meta(str(tok_dir), 10)
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen2", False), ("qwen3", True), ("qwen3", False)])
+def test_qwen_families_round_trip(tok_dir, tmp_path, family, tied):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm, head_dim 32 != hidden / heads) write as llama.cpp's qwen2 / qwen3
+    architectures: the extra tensors as F32 under llama.cpp's names, q/k rows unpermuted (NEOX RoPE), the header
+    under the architecture's prefix; the file reads back into the same model (F16: same logits; Q8_0: close)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6, tie_word_embeddings=tied,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  initializer_range=0.1)
+    torch.manual_seed(0)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+        extra = {f"blk.{i}.attn_{x}.bias": model.model.layers[i].self_attn.get_submodule(f"{x}_proj").bias
+                 for i in range(2) for x in "qkv"}
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32)).eval()
+        extra = {f"blk.{i}.attn_{x}_norm.weight": model.model.layers[i].self_attn.get_submodule(f"{x}_norm").weight
+                 for i in range(2) for x in "qk"}
+    with torch.no_grad():
+        for p in extra.values():
+            p.uniform_(0.5, 1.5)  # biases start at 0, norms at 1: values that would show a dropped or swapped tensor
+    ids = torch.tensor([tok("Қазақстан Республикасы. The quick brown fox.")["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    for target, tol in (("F16", 2e-2), ("Q8_0", 0.15)):
+        path = str(tmp_path / f"{family}-{target}.gguf")
+        res = ge.write_gguf(path, model.state_dict(), model.config, str(tok_dir), target)
+        r = gguf.GGUFReader(path)
+        assert _field(r, "general.architecture") == family
+        assert _field(r, f"{family}.block_count") == 2 and _field(r, f"{family}.attention.head_count_kv") == 2
+        assert _field(r, f"{family}.rope.freq_base") == 1e6
+        if family == "qwen3":
+            assert _field(r, "qwen3.attention.key_length") == 32 and _field(r, "qwen3.rope.dimension_count") == 32
+        tensors = {t.name: t for t in r.tensors}
+        assert set(extra) <= set(tensors) and ("output.weight" in tensors) is (not tied)
+        assert len(tensors) == 2 + 9 * 2 + len(extra) + (not tied)
+        assert all(res.tensor_types[n] == "F32" for n in extra)
+        q0 = tensors["blk.0.attn_q.weight"]
+        back, _ = ge.read_gguf_state_dict(path)
+        if target == "F16":  # stored in HF row order: no RoPE permutation for these architectures
+            raw = gguf.quants.dequantize(q0.data, q0.tensor_type).reshape(model.model.layers[0].self_attn.q_proj.weight.shape)
+            assert np.allclose(raw, model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), atol=1e-3)
+        for name, p in extra.items():
+            assert torch.equal(back[ge.gguf_to_hf_names(2, family)[name][0]], p.detach().float())
+        copy_ = type(model)(model.config).eval()
+        missing, unexpected = copy_.load_state_dict(back, strict=False)
+        assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set())
+        copy_.tie_weights()
+        with torch.no_grad():
+            assert (copy_(ids).logits - ref).abs().max() < tol, (family, tied, target)
+
+
+def test_gguf_problem_names_what_cannot_be_written():
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    assert ge.gguf_problem(Qwen2Config()) is None and ge.gguf_problem(Qwen3Config()) is None
+    assert "sliding-window" in ge.gguf_problem(Qwen2Config(use_sliding_window=True), "models/x/")
+    assert "Qwen3 with attention biases" in ge.gguf_problem(Qwen3Config(attention_bias=True))
+    assert "attention/MLP biases" in ge.gguf_problem(LlamaConfig(attention_bias=True))
+    yarn = Qwen2Config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    assert "rope_scaling type 'yarn'" in ge.gguf_problem(yarn)
+    with pytest.raises(InputError, match="rope_scaling type 'yarn'"):
+        ge.check_llama_config(yarn)
+    assert ge.model_dims(yarn).arch == "qwen2"  # the dims still come (the quantize stage's int8 needs them)

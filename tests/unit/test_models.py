@@ -377,7 +377,7 @@ def test_not_llama(tmp_path, stage):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(src)
     root = tmp_path / "root"
     commit_tokenizer(root, wordlevel_tokenizer(OLD_WORDS))
-    with pytest.raises(InputError, match=r"holds a 'gpt2' model \(GPT2LMHeadModel\); init takes Llama-family"):
+    with pytest.raises(InputError, match=r"holds a 'gpt2' model \(GPT2LMHeadModel\); supported model families \(model_type\): llama \(Llama\), qwen2"):
         stage(root, source="pretrained", pretrained_path=str(src))
 
 
