@@ -4,7 +4,9 @@
   the configured language mix (languages short of their share are repeated, deterministically).
 * :func:`extend_tokenizer` continues the BPE of an existing tokenizer (Llama 3, Qwen, ...) on
   our corpus: the new tokens are *merges* appended after the base's own, so every text the
-  base handled is tokenized the same up to the new merges, and round trips stay exact.
+  base handled is tokenized the same up to the new merges, and round trips stay exact. ``extend.new_tokens`` says
+  how many to add, or ``extend.target_size`` the size to reach; :func:`extension_report` says what the expansion
+  gained per language (base vs expanded tokens per word on held-out text) and what it added.
 * :func:`save_hf` writes the ``save_pretrained`` layout (``AutoTokenizer`` loads it offline)
   with BOS/EOS/PAD, the chat tokens and a ChatML chat template.
 * :func:`fertility_report` compares tokenizers on held-out text: tokens per word (fertility),
@@ -32,7 +34,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pipeline.config import StrictModel
@@ -65,10 +67,31 @@ class SpecialTokens(StrictModel):
 
 
 class ExtendConfig(StrictModel):
-    """Extension mode: add tokens learned from our corpus to an existing tokenizer."""
+    """Extension mode: add tokens learned from our corpus to an existing tokenizer, a number of them (``new_tokens``)
+    or up to a size (``target_size``)."""
 
     base: str = Field(..., description="path of the tokenizer.json (or its folder) to extend")
-    new_tokens: int = Field(8000, ge=1, description="how many corpus tokens to add")
+    new_tokens: int = Field(8000, ge=1, description="how many corpus tokens to add (give this or target_size)")
+    target_size: int | None = Field(
+        None, ge=1, description="instead of new_tokens: add corpus tokens until the tokenizer holds this many tokens "
+        "in all (the base's, its added tokens, ours, and the special tokens the base lacks), e.g. 168000 for Qwen "
+        "(151,669 tokens) + 16,329")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "ExtendConfig":
+        if self.target_size is not None and "new_tokens" in self.model_fields_set:
+            raise ValueError("give new_tokens (how many to add) or target_size (the size to reach), not both")
+        return self
+
+    def to_add(self, base_size: int, missing_specials: int) -> int:
+        """How many corpus tokens to learn for a base of ``base_size`` tokens lacking ``missing_specials``."""
+        if self.target_size is None:
+            return self.new_tokens
+        n = self.target_size - base_size - missing_specials
+        if n < 1:
+            raise ConfigError(f"extend.target_size {self.target_size} is not above the base's {base_size:,} tokens "
+                              f"(+ {missing_specials} special tokens it lacks): nothing to add; raise it or give new_tokens")
+        return n
 
 
 class TokenizerConfig(StrictModel):
@@ -550,7 +573,9 @@ def _continue_bpe(words: list[list[str]], freqs: list[int], vocab: set[str], n_n
 
 
 def extend_tokenizer(base: Tokenizer, texts_by_lang: dict[str, Iterable[str]], cfg: TokenizerConfig) -> tuple[Tokenizer, list[str]]:
-    """Add ``cfg.extend.new_tokens`` tokens learned from our corpus to a byte-level BPE ``base``.
+    """Add ``cfg.extend.new_tokens`` tokens learned from our corpus to a byte-level BPE ``base`` (or as many as
+    bring it to ``cfg.extend.target_size`` tokens, special tokens it lacks included; fewer when the corpus has no
+    more pairs of ``min_frequency``).
 
     The corpus is sampled to ``cfg.mix`` as for training, pre-tokenized and segmented by the
     base; BPE then continues on those segmentations, and each new merge is appended after the
@@ -566,6 +591,14 @@ def extend_tokenizer(base: Tokenizer, texts_by_lang: dict[str, Iterable[str]], c
     if model.get("type") != "BPE":
         raise InputError(f"extension supports BPE tokenizers; the base is {model.get('type')!r}")
     vocab: dict[str, int] = model["vocab"]
+    # Added tokens the model's vocabulary lacks (Qwen's <|endoftext|>... at 151,643+, after its 151,643 BPE tokens)
+    # go into it at their ids: `tokenizers` gives an added token that is not in the model's vocabulary the id
+    # len(vocabulary) + its rank, so with our merges after them they would move past the merges, leaving a hole where
+    # they were. In the vocabulary they keep their ids (and no merge of ours can make one: they count as known).
+    for added_token in data.get("added_tokens", []):
+        vocab.setdefault(added_token["content"], added_token["id"])
+    lacking = [t for t in cfg.special_tokens.all() if base.token_to_id(t) is None]
+    n_new = cfg.extend.to_add(base.get_vocab_size(with_added_tokens=True), len(lacking))
     sample, _ = sample_mix(texts_by_lang, cfg)
     counts = _pieces(base, (t for lang in sorted(sample) for t in sample[lang]))
     pieces = sorted(counts)
@@ -573,7 +606,7 @@ def extend_tokenizer(base: Tokenizer, texts_by_lang: dict[str, Iterable[str]], c
     for piece in pieces:
         words.append([tok.value for tok in base.model.tokenize(piece)])
     freqs = [counts[p] for p in pieces]
-    merges = _continue_bpe(words, freqs, set(vocab), cfg.extend.new_tokens, cfg.min_frequency)
+    merges = _continue_bpe(words, freqs, set(vocab), n_new, cfg.min_frequency)
     next_id = max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))]) + 1
     merge_list = model.get("merges", [])
     as_strings = bool(merge_list) and isinstance(merge_list[0], str)
@@ -591,15 +624,88 @@ def extend_tokenizer(base: Tokenizer, texts_by_lang: dict[str, Iterable[str]], c
     return extended, added
 
 
+# Cyrillic letters Kazakh has and Russian does not (Ә Ғ Қ Ң Ө Ұ Ү Һ І): a token holding one is Kazakh
+KAZAKH_LETTERS = frozenset("әғқңөұүһіӘҒҚҢӨҰҮҺІ")
+
+
+def token_script(text: str) -> str:
+    """What an added token is made of, for the extension report: ``kazakh`` (a Kazakh-only letter), ``cyrillic``,
+    ``latin``, ``mixed`` (letters of several scripts) or ``no letters`` (digits, punctuation, spaces)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return "no letters"
+    if any(c in KAZAKH_LETTERS for c in letters):
+        return "kazakh"
+    if all("\u0400" <= c <= "\u04ff" for c in letters):
+        return "cyrillic"
+    if all(c.isascii() for c in letters):
+        return "latin"
+    return "mixed"
+
+
+def extension_report(report: dict, added: list[str], *, base_size: int, size: int, requested: int,
+                     ours: str = "ours", base: str = "base") -> dict[str, Any]:
+    """What an extension did, from the fertility ``report`` holding ``ours`` (the expanded tokenizer) and ``base``:
+    tokens added (asked for, learned, by :func:`token_script`, the longest), the sizes before and after, and per
+    language the base's and the expanded tokenizer's tokens per word and held-out tokens, and the share of tokens
+    saved."""
+    languages: dict[str, Any] = {}
+    for lang, entry in report.get("languages", {}).items():
+        b, e = entry["tokenizers"][base], entry["tokenizers"][ours]
+        languages[lang] = {
+            "words": entry["words"],
+            "base_fertility": round(b["fertility"], 4),
+            "expanded_fertility": round(e["fertility"], 4),
+            "ratio": round(e["fertility"] / b["fertility"], 4) if b["fertility"] else None,
+            "base_tokens": b["tokens"],
+            "expanded_tokens": e["tokens"],
+            "tokens_saved": round(1 - e["tokens"] / b["tokens"], 4) if b["tokens"] else None,
+        }
+    scripts = Counter(token_script(t) for t in added)
+    return {
+        "base_size": base_size,
+        "size": size,
+        "requested": requested,
+        "added": len(added),
+        "specials_added": size - base_size - len(added),
+        "by_script": dict(sorted(scripts.items(), key=lambda kv: -kv[1])),
+        "longest": sorted(added, key=lambda t: (-len(t), t))[:10],
+        "languages": languages,
+    }
+
+
+def format_extension_markdown(ext: dict[str, Any]) -> str:
+    """The extension report as Markdown: sizes, tokens added by script, and base vs expanded per language."""
+    lines = [
+        f"Base: {ext['base_size']:,} tokens. Expanded: {ext['size']:,} tokens = {ext['added']:,} learned from the corpus "
+        f"(asked for {ext['requested']:,})" + (f" + {ext['specials_added']} special tokens the base lacked"
+                                               if ext["specials_added"] else "") + ".",
+        "",
+        "Added tokens by script: " + ", ".join(f"{k} {v:,}" for k, v in ext["by_script"].items()) + ".",
+        "Longest: " + ", ".join(f"`{t.strip() or repr(t)}`" for t in ext["longest"][:5]) + ".",
+        "",
+        "| language | words | base tokens/word | expanded tokens/word | expanded / base | held-out tokens saved |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for lang, row in ext["languages"].items():
+        ratio = f"{row['ratio']:.3f}x" if row["ratio"] is not None else ""
+        saved = f"{row['tokens_saved']:.1%}" if row["tokens_saved"] is not None else ""
+        lines.append(f"| {lang} | {row['words']:,} | {row['base_fertility']:.3f} | {row['expanded_fertility']:.3f} | "
+                     f"{ratio} | {saved} |")
+    return "\n".join(lines) + "\n"
+
 __all__ = [
     "WORD_PATTERN",
     "build_pretokenizer",
     "count_words",
     "extend_tokenizer",
+    "extension_report",
     "fertility_report",
+    "format_extension_markdown",
     "format_report_markdown",
     "load_reference",
     "sample_mix",
     "save_hf",
+    "token_script",
     "train_bpe",
 ]

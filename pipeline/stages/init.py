@@ -11,7 +11,9 @@
   input embedding (and an untied output head) is rebuilt for our tokenizer: rows of tokens both
   vocabularies hold (same token string) are copied, the other rows get the mean of the old
   tokens' rows (``new_token_init: mean``), N(0, initializer_range) (``random``), or the stage
-  refuses (``forbid``). The hub is used only with ``allow_hub: true``.
+  refuses (``forbid``); when our tokenizer extends the checkpoint's (the tokenizer stage's ``extend``), a new
+  token's rows start as the mean of the rows of its pieces under the checkpoint's tokenizer (``pieces``, what
+  ``auto``, the default, picks then; :mod:`pipeline.models.vocab`). The hub is used only with ``allow_hub: true``.
 * ``scale`` then changes the depth: ``{mode: down, drop_layers: [...]}`` removes layers (0-based);
   ``{mode: down, target_layers: N, select: importance}`` removes the run of ``layers - N`` consecutive
   layers whose output is closest in angle to its input on packed validation blocks (Gromov et al. 2024;
@@ -141,9 +143,12 @@ class InitConfig(StrictModel):
         "qwen3 (a hub id only with allow_hub)"
     )
     allow_hub: bool = Field(False, description="let pretrained_path be a Hugging Face hub id that is downloaded")
-    new_token_init: Literal["mean", "random", "forbid"] = Field(
-        "mean", description="rows for our tokens the pretrained vocabulary lacks: mean of the old rows, "
-        "N(0, initializer_range), or refuse to run when there are any"
+    new_token_init: Literal["auto", "pieces", "mean", "random", "forbid"] = Field(
+        "auto", description="rows for our tokens the pretrained vocabulary lacks: pieces = the mean of the rows of the "
+        "pieces the pretrained tokenizer cuts the token into (input and untied output head; added/special tokens get "
+        "the mean), mean = the mean of the old rows, random = N(0, initializer_range), forbid = refuse to run when "
+        "there are any; auto = pieces when our tokenizer extends the pretrained one (its tokens at their ids, ours "
+        "after: the tokenizer stage's extend), else mean (pipeline/models/vocab.py)"
     )
     # vocabulary, depth, numerics
     pad_vocab_multiple: int = Field(64, ge=1, description="embedding rows = len(tokenizer) rounded up to this")
@@ -278,17 +283,18 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
         "vocab_identical": match.identical and vocab == old_config.vocab_size,
     }
     if not info["vocab_identical"]:
-        sd["model.embed_tokens.weight"] = L.transfer_vocab(
-            sd["model.embed_tokens.weight"], match, vocab, cfg.new_token_init if cfg.new_token_init != "forbid" else "mean",
-            generator=gen, std=std,
-        )
-        if tied:
-            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-        else:
-            sd["lm_head.weight"] = L.transfer_vocab(
-                sd["lm_head.weight"], match, vocab, cfg.new_token_init if cfg.new_token_init != "forbid" else "mean",
-                generator=gen, std=std,
-            )
+        from pipeline.models import vocab as V
+
+        ours = L.tokenizer_tokens(tokenizer)
+        info["vocab_extends_pretrained"] = V.extends(ours, old_tok.get_vocab())
+        init = info["new_token_init"] = V.resolve_init(cfg.new_token_init, info["vocab_extends_pretrained"])
+        pieces = None
+        if init == "pieces":  # each new token: the mean of the rows of its pieces under the pretrained tokenizer
+            pieces = V.decompose(ours, match.new_ids, old_tok.backend_tokenizer, old_rows=old_config.vocab_size,
+                                 added_ids=tokenizer.added_tokens_decoder,
+                                 to_text=lambda t: tokenizer.convert_tokens_to_string([t]))
+            info["new_token_pieces"] = pieces.stats()
+        V.transfer_embeddings(sd, match, vocab, init, tied=tied, pieces=pieces, generator=gen, std=std)
     config = copy.deepcopy(old.config)
     del old
     config.vocab_size = vocab
@@ -491,7 +497,8 @@ class InitStage(Stage):
             rows.append(("init std", f"N(0, {m['initializer_range']:g})" + (
                 f", residual outputs {m['residual_out_std']:.4g}" if m["init_std"] == "depth_scaled" else "")))
         if "vocab_matched" in m:
-            rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, {m['vocab_new']:,} new"))
+            rows.append(("vocab transfer", "identical" if m["vocab_identical"] else f"{m['vocab_matched']:,} matched, "
+                         f"{m['vocab_new']:,} new" + (f" ({m['new_token_init']})" if m.get("new_token_init") else "")))
         sc = m.get("scale") or {}
         if sc.get("mode", "none") != "none":
             rows.append((f"scaled {sc['mode']}", f"{sc['from_layers']} -> {sc['to_layers']} layers {sc['layer_map']}"))

@@ -4,7 +4,10 @@ A stable hash of each document id routes a share of the corpus (``heldout_fracti
 held-out set; the rest, sampled to the language mix, trains a byte-level BPE (or, with
 ``extend``, adds corpus tokens to an existing tokenizer). The report compares fertility
 (tokens per word), bytes per token and the share of split words per language against the
-reference tokenizers named in the config.
+reference tokenizers named in the config. An extension also writes ``extension.json`` / ``extension.md``: the
+base's and the expanded tokenizer's tokens per word and held-out tokens per language, and how many tokens were
+added (asked for, learned, by script); the init stage then starts each added token from its pieces' rows
+(:mod:`pipeline.models.vocab`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pipeline.data.documents import DocumentSet
 from pipeline.data.tokenization import (
     TokenizerConfig,
     extend_tokenizer,
+    extension_report,
     fertility_report,
+    format_extension_markdown,
     format_report_markdown,
     load_reference,
     save_hf,
@@ -83,8 +88,11 @@ class TokenizerStage(Stage):
         train, heldout = _split_corpus(cfg, ctx)
         ctx.log("tokenizer: training on " + ", ".join(f"{k} {sum(map(len, v)):,} chars" for k, v in sorted(train.items())))
         added: list[str] = []
+        extension: dict[str, Any] | None = None
         if cfg.extend:
             base = load_reference(cfg.extend.base)
+            base_size = base.get_vocab_size(with_added_tokens=True)
+            requested = cfg.extend.to_add(base_size, sum(base.token_to_id(t) is None for t in cfg.special_tokens.all()))
             tokenizer, added = extend_tokenizer(base, train, cfg)
             compared = {"ours": tokenizer, "base": base, **references}
         else:
@@ -99,12 +107,22 @@ class TokenizerStage(Stage):
         if added:
             # JSON, not lines: tokens may hold newlines; not added_tokens.json, which transformers 5 reads as its own
             out.write_json("new_tokens.json", added)
+        if cfg.extend:  # base vs expanded on the held-out text, and what was added
+            extension = extension_report(report, added, base_size=base_size, size=tokenizer.get_vocab_size(),
+                                         requested=requested)
+            out.write_json("extension.json", extension)
+            out.write_text("extension.md", format_extension_markdown(extension))
+            ctx.log(f"tokenizer: {base_size:,} -> {extension['size']:,} tokens ({len(added):,} learned); tokens/word "
+                    + ", ".join(f"{lang} {r['base_fertility']:.2f} -> {r['expanded_fertility']:.2f}"
+                                for lang, r in extension["languages"].items()))
         return {
             "vocab_size": tokenizer.get_vocab_size(),
             "train_characters": {k: sum(map(len, v)) for k, v in sorted(train.items())},
             "heldout_documents": {k: len(v) for k, v in sorted(heldout.items())},
             "added_tokens": len(added),
             "fertility": _fertility_table(report),
+            **({"extension": {k: extension[k] for k in ("base_size", "size", "requested", "added", "by_script", "languages")}}
+               if extension else {}),
         }
 
     def summary(self, m: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -112,6 +130,15 @@ class TokenizerStage(Stage):
         rows += [(f"trained on {k}", f"{v:,} chars") for k, v in m["train_characters"].items()]
         if m["added_tokens"]:
             rows.append(("tokens added", m["added_tokens"]))
+        ext = m.get("extension")
+        if ext:
+            rows.append(("expanded", f"{ext['base_size']:,} -> {ext['size']:,} tokens ("
+                         + ", ".join(f"{k} {v:,}" for k, v in ext["by_script"].items()) + ")"))
+            for lang, r in ext["languages"].items():
+                if r["ratio"] is None:  # no words in that language's held-out text
+                    continue
+                rows.append((f"expanded/base {lang}", f"{r['expanded_fertility']:.2f} / {r['base_fertility']:.2f} tokens "
+                             f"per word ({r['ratio']:.2f}x, {r['tokens_saved']:.0%} fewer tokens)"))
         for lang, per_tok in m["fertility"].items():
             ours = per_tok.get("ours")
             shown = ", ".join(

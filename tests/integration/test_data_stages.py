@@ -238,6 +238,19 @@ def test_tokenizer_extension_mode_adds_corpus_tokens(pipeline_run, tmp_path):
         assert per_tok["ours"] <= per_tok["base"] + 1e-9, lang  # extension never makes fertility worse
     text = "Қазақстан Республикасы"
     assert new.decode(new.encode(text, add_special_tokens=False)) == text
+    # the extension report: base vs expanded per language on the held-out documents, and what was added
+    ext = json.loads((copy / "tokenizer" / "extension.json").read_text(encoding="utf-8"))
+    assert ext["requested"] == 40 and ext["added"] == m["added_tokens"] and ext["size"] == m["vocab_size"]
+    assert sum(ext["by_script"].values()) == ext["added"] and m["extension"]["languages"] == ext["languages"]
+    for lang, row in ext["languages"].items():
+        assert row["base_fertility"] == m["fertility"][lang]["base"] and row["expanded_tokens"] <= row["base_tokens"]
+    assert "expanded / base" in (copy / "tokenizer" / "extension.md").read_text(encoding="utf-8")
+    # up to a size instead of a count
+    size = len(old) + 12
+    assert main(["run", "tokenizer", "--config", str(cfg / "tokenizer.yaml"), "--root", str(copy), "--no-progress",
+                 "--set", f"extend.base={base}", "--set", f"extend.target_size={size}"]) == 0
+    m = json.loads((copy / "tokenizer" / "manifest.json").read_text())["metrics"]
+    assert m["vocab_size"] == size and m["extension"]["requested"] == 12
 
 
 def test_clean_and_pack_variants_make_second_phase_data(tmp_path, monkeypatch, capsys):
