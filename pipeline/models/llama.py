@@ -18,7 +18,8 @@ layers (+ final norm). With ``tie_word_embeddings: true`` the total drops by one
 (125m: 109.5M, 350m: 341.1M, 1b: 1.04B). The 125m/350m/1b shapes are the ones
 ``benchmarks/bench_train_gpu.py`` measures.
 
-Surgery, all on plain state dicts (no library internals):
+Surgery, all on plain state dicts (no library internals), for every family of :mod:`pipeline.models.families`
+(Llama, Qwen2, Qwen3 share the ``model.embed_tokens`` / ``model.layers.N.*`` / ``lm_head`` layout):
 
 * :func:`transfer_vocab` maps embedding (and untied head) rows from an old tokenizer's ids to
   ours by token string; tokens only we have get the mean of the old rows (or random rows).
