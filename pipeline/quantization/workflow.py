@@ -1,6 +1,6 @@
 """What the quantize stage does, step by step (the stage module only hands over to :func:`quantize`).
 
-1. Check everything that can be checked before any compute: a Llama checkpoint, a byte-level
+1. Check everything that can be checked before any compute: a Llama / Qwen2 / Qwen3 checkpoint, a byte-level
    BPE tokenizer when a GGUF variant is asked for, token ids of the shards inside the model's
    vocabulary, llama-cpp-python when ``llamacpp: require``.
 2. Perplexity of the original (float32) on the evaluation blocks.
@@ -178,6 +178,7 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             "llamacpp": cpp,
             "greedy_reference_tokens": ref_greedy,
             "tied_embeddings": dims.tied,
+            "architecture": dims.arch,  # llama.cpp's: llama, qwen2, qwen3
         }
         if meta is not None:
             metrics["gguf_tokenizer"] = meta.summary()
@@ -235,7 +236,7 @@ def render_report(m: dict[str, Any], cfg: Any) -> str:
                   "```", ""]
     if gg:
         first = next(iter(gg.values()))["path"]
-        lines += ["GGUF (llama.cpp, llama architecture):", "", "```",
+        lines += [f"GGUF (llama.cpp, {m.get('architecture') or 'llama'} architecture):", "", "```",
                   f"llama-cli -m quantized/{first} -p \"...\"",
                   f"python -c 'from llama_cpp import Llama; Llama(model_path=\"quantized/{first}\")'",
                   "```", ""]

@@ -6,7 +6,7 @@ perplexity):
 * ``int8`` -- weight-only int8 (optimum-quanto), ``quantized/int8/``; loads back with
   ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained("quantized/int8")``.
 * ``gguf-f16`` / ``gguf-q8_0`` / ``gguf-q4_0`` -- llama.cpp files ``quantized/gguf/<model>-<type>.gguf``
-  written with the ``gguf`` library (llama tensor names, byte-level BPE tokenizer metadata, the
+  written with the ``gguf`` library (the llama, qwen2 or qwen3 architecture by the model's family, byte-level BPE tokenizer metadata, the
   chat template); quality measured by dequantising the file back into the HF model, and with
   llama.cpp itself when llama-cpp-python is installed (``make test-llamacpp`` installs it),
   which also checks that greedy decoding matches the HF model token for token.
@@ -48,7 +48,7 @@ class GGUFSettings(StrictModel):
 
 class QuantizeConfig(StrictModel):
     # -- inputs
-    model: str = Field("models/dpo", description="artifact holding the HF LlamaForCausalLM checkpoint (and tokenizer)")
+    model: str = Field("models/dpo", description="artifact holding the HF checkpoint (and tokenizer): Llama, Qwen2 / Qwen2.5 or Qwen3")
     tokenizer: str | None = Field(None, description="tokenizer artifact, used only when the model folder has none")
     shards: str = Field("shards", description="packed token shards whose split measures perplexity")
     # -- what to make
