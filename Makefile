@@ -97,7 +97,7 @@ bench-data: corpus  ## data-stage benchmarks (ratios against baselines measured 
 	LLMPIPE_CACHE=$(abspath $(CACHE)) $(BIN)/python benchmarks/bench_data.py --cache $(CACHE)
 	$(BIN)/python benchmarks/bench_fertility.py --cache $(CACHE)
 
-.PHONY: bench-dedup bench-scale bench-serve
+.PHONY: bench-dedup bench-scale bench-serve bench-vocab
 bench-serve: install  ## llmpipe serve under 1/4/16 concurrent openai clients vs the same model's bare generate(): tokens/s, p50/p95 latency, ratios (loopback, ~5 min)
 	$(BIN)/python benchmarks/bench_serve.py $(BENCH_ARGS)
 
@@ -106,6 +106,9 @@ bench-scale: corpus  ## clean (every step) and pack on generated corpora of 25k-
 
 bench-dedup: corpus  ## near-duplicate precision/recall per threshold and shingle size on planted kk/ru/en copies (under a minute); chooses the dedup defaults
 	$(BIN)/python benchmarks/exp_dedup_calibration.py --cache $(CACHE) $(BENCH_ARGS)
+
+bench-vocab: corpus  ## Qwen 3's tokenizer vs the same expanded with kk/ru tokens (jobs/cluster/tokenizer-qwen05b.yaml) on held-out kk/ru/en, and the piece-mean rows init gives the new tokens (~1 min; BENCH_ARGS="--sizes 160000,168000" adds a row per size)
+	$(BIN)/python benchmarks/bench_vocab.py --cache $(CACHE) $(BENCH_ARGS)
 
 clean-runs:  ## delete local run roots
 	rm -rf runs/

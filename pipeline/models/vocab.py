@@ -126,12 +126,17 @@ def decompose(tokens: list[str], new_ids: Iterable[int], base: Any, *, old_rows:
 
 def fill_piece_means(new: Any, old: Any, pieces: Pieces) -> None:
     """In place: row ``nid`` of ``new`` := the mean of ``old``'s rows of its pieces, in float32, cast to ``new``'s
-    dtype (the same arithmetic as ``old[ids].float().mean(0)``)."""
+    dtype. Tokens with the same number of pieces go in one gather (16k tokens one at a time took 35-50 s on a
+    Qwen-sized matrix, 2 cores; grouped, under a second)."""
     import torch
 
+    by_count: dict[int, list[int]] = {}
+    for nid, ids in pieces.pieces.items():
+        by_count.setdefault(len(ids), []).append(nid)
     with torch.no_grad():
-        for nid, ids in pieces.pieces.items():
-            new[nid] = old[torch.tensor(ids)].float().mean(dim=0).to(new.dtype)
+        for nids in by_count.values():
+            idx = torch.tensor([pieces.pieces[n] for n in nids])  # [tokens, pieces]
+            new[torch.tensor(nids)] = old[idx].float().mean(dim=1).to(new.dtype)
 
 
 def transfer_embeddings(sd: dict[str, Any], match: Any, rows: int, init: str, *, tied: bool, pieces: Pieces | None = None,
