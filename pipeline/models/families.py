@@ -25,6 +25,7 @@ its GGUF needs the norm weights shifted by one and the sliding-window pattern wr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,3 +75,62 @@ def causal_lm_class(fam: Family) -> Any:
     import transformers
 
     return getattr(transformers, fam.causal_lm)
+
+
+# Texts whose splits differ between the pre-tokenizer regexes the tokenizer stage offers (digit runs, contractions,
+# punctuation runs, whitespace, Cyrillic): a tokenizer that loads differently encodes some of them differently.
+_PROBES = ("Қазақстан Республикасы 1991 жылы 16 желтоқсанда тәуелсіздік алды.", "Москва — столица России (12 506 468 чел.)",
+           "We've got 3.14159 and 2024-12-01; it's   fine!!!\n\n\tdone...", "<|im_start|>user\nHi<|im_end|>")
+
+
+def _splits(tokenizer: Any) -> tuple[list[str], Any]:
+    import json
+
+    raw = json.loads(tokenizer.backend_tokenizer.to_str())
+
+    def walk(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            if node.get("type") == "Split" and isinstance(node.get("pattern"), dict):
+                return [str(node["pattern"].get("Regex", node["pattern"].get("String")))]
+            return [p for child in node.get("pretokenizers") or [] for p in walk(child)]
+        return []
+
+    return walk(raw.get("pre_tokenizer")), raw.get("normalizer")
+
+
+def tokenizer_reload_problem(tokenizer: Any, config: dict[str, Any]) -> str | None:
+    """How ``AutoTokenizer`` would load ``tokenizer`` back from a model folder whose config.json is ``config``,
+    when that differs from ``tokenizer`` (None when it comes back the same).
+
+    transformers 5 decides the tokenizer class of some model types itself, whatever tokenizer_config.json says:
+    a ``qwen2`` folder always loads as ``Qwen2Tokenizer``, which rebuilds the tokenizer with Qwen2's pre-tokenizer
+    regex and NFC, and adds ``<|endoftext|>`` when the vocabulary lacks it. Every later stage would then read
+    another tokenizer than the one the shards were packed with, so init checks it before any weights load.
+    """
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump({k: config[k] for k in ("model_type", "architectures") if k in config}, fh)
+        again = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    if type(again) is type(tokenizer):
+        return None
+    found = []
+    if len(again) != len(tokenizer):
+        extra = sorted(set(again.get_vocab()) - set(tokenizer.get_vocab()))
+        found.append(f"{len(tokenizer)} -> {len(again)} tokens (adds {', '.join(extra[:3])})")
+    (ours_split, ours_norm), (their_split, their_norm) = _splits(tokenizer), _splits(again)
+    if ours_split != their_split:
+        found.append("another pre-tokenizer regex")
+    if ours_norm != their_norm:
+        found.append("another normalizer")
+    if not found and any(tokenizer(t)["input_ids"] != again(t)["input_ids"] for t in _PROBES):
+        found.append("other token ids for the same text")
+    if not found:
+        return None
+    return (f"transformers loads the tokenizer of a {config.get('model_type')!r} model folder as "
+            f"{type(again).__name__}, which would change ours: {'; '.join(found)}")

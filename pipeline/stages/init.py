@@ -246,10 +246,16 @@ def _pretrained_model(cfg: InitConfig, ctx: StageContext, tokenizer: Any, vocab:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.models import llama as L
+    from pipeline.models.families import tokenizer_reload_problem
 
     # every check before any weights are read
     folder = L.resolve_pretrained(cfg.pretrained_path or "", cfg.allow_hub)
-    L.check_pretrained(folder)
+    raw_config = L.check_pretrained(folder)
+    reload = tokenizer_reload_problem(tokenizer, raw_config)
+    if reload:  # e.g. a qwen2 folder: AutoTokenizer makes every later stage read a Qwen2Tokenizer
+        raise InputError(f"{reload}. Use a tokenizer that {raw_config['model_type']} keeps: one extended from the "
+                         "checkpoint's (the tokenizer stage's `extend`), or trained with pretokenizer: qwen2 and "
+                         "<|endoftext|> in special_tokens.extra")
     old_config = AutoConfig.from_pretrained(folder, local_files_only=True)  # llama, qwen2 or qwen3 (checked above)
     old_tok = L.load_tokenizer(folder, "pretrained model's")
     match = L.match_vocab(L.tokenizer_tokens(tokenizer), old_tok.get_vocab(), old_config.vocab_size)

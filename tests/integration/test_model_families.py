@@ -191,19 +191,31 @@ def test_unsupported_model_type_is_one_line_naming_the_families(tmp_path, capsys
     assert not (root / "models" / "init").exists()
 
 
-def _chain_root(tmp_path: Path, case: str) -> tuple[Path, Path]:
+def save_pipeline_tokenizer(folder: str | Path, *, qwen2: bool) -> None:
+    """Our own small ChatML tokenizer (as tests/fixtures/posttrain/tiny.py trains it); ``qwen2``: with the qwen2
+    pre-tokenizer and ``<|endoftext|>``, which is what a qwen2 model folder keeps (transformers loads its tokenizer
+    as Qwen2Tokenizer, see pipeline.models.families.tokenizer_reload_problem)."""
+    from pipeline.data.tokenization import TokenizerConfig, save_hf, train_bpe
+    from tests.fixtures.posttrain.tiny import MAX_POS, fixture_texts
+
+    cfg = TokenizerConfig(vocab_size=600, train_chars=20000, model_max_length=MAX_POS, min_frequency=2,
+                          pretokenizer="qwen2" if qwen2 else "llama3",
+                          special_tokens={"chat": ["<|im_start|>", "<|im_end|>"], "extra": ["<|endoftext|>"] if qwen2 else []})
+    save_hf(train_bpe(fixture_texts(), cfg), cfg, str(folder))
+
+
+def _chain_root(tmp_path: Path, case: str, *, qwen2_tokenizer: bool | None = None) -> tuple[Path, Path]:
     """A run root with our own small ChatML tokenizer (``tokenizer/``) and shards of the fixtures' text."""
     from transformers import AutoTokenizer
 
     from pipeline.storage import Storage
-    from tests.fixtures.posttrain.tiny import save_tokenizer
     from tests.fixtures.quantize_model import SEQ, commit_shards, token_stream
 
     src = build_checkpoint(tmp_path / "src", case)
     root = tmp_path / "root"
     storage = Storage(str(root))
     out = storage.begin("tokenizer")
-    save_tokenizer(out.path())
+    save_pipeline_tokenizer(out.path(), qwen2=CASES[case][0] == "qwen2" if qwen2_tokenizer is None else qwen2_tokenizer)
     out.commit({"stage": "tokenizer", "config_hash": "test", "inputs": {}, "metrics": {}})
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
     stream = token_stream(tok)
@@ -212,12 +224,39 @@ def _chain_root(tmp_path: Path, case: str) -> tuple[Path, Path]:
     return root, src
 
 
+def test_qwen2_refuses_a_tokenizer_transformers_would_load_as_another(tmp_path, capsys):
+    """A qwen2 model folder's tokenizer loads as transformers' Qwen2Tokenizer whatever tokenizer_config.json says:
+    our llama3-regex tokenizer would come back with Qwen2's regex and one token more. init says so, in one line,
+    before any weights load; the same tokenizer is fine for qwen3 and llama."""
+    root, src = _chain_root(tmp_path, "qwen2-tied", qwen2_tokenizer=False)
+    cfg = tmp_path / "init.yaml"
+    cfg.write_text(f"source: pretrained\npretrained_path: {src}\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["run", "init", "-c", str(cfg), "--root", str(root), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "as Qwen2Tokenizer, which would change ours" in err, err
+    assert "600 -> 601 tokens (adds <|endoftext|>)" in err and "another pre-tokenizer regex" in err
+    assert "pretokenizer: qwen2" in err and not (root / "models" / "init").exists()
+
+    from transformers import AutoTokenizer
+
+    from pipeline.models.families import tokenizer_reload_problem
+
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    assert tokenizer_reload_problem(tok, {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}) is None
+    assert tokenizer_reload_problem(tok, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) is None
+
+
 def test_quantize_stage_on_a_qwen2_model_with_our_tokenizer(tmp_path):
     """init moves a Qwen2 checkpoint onto our tokenizer (rows of shared tokens copied); quantize writes its int8 and
     GGUF variants; the GGUF file is a qwen2 one that dequantizes back close to the original."""
     root, src = _chain_root(tmp_path, "qwen2-tied")
     m = _run("init", root, {"source": "pretrained", "pretrained_path": str(src)}, tmp_path)
     assert m["vocab_matched"] > 256 and m["vocab_new"] > 0 and m["vocab_size"] < 1000, m  # bytes and more matched
+    from transformers import AutoTokenizer
+
+    back = AutoTokenizer.from_pretrained(root / "models" / "init")  # as every later stage loads it
+    assert type(back).__name__ == "Qwen2Tokenizer" and len(back) == m["tokenizer_size"]
     _commit_files(root, "models/dpo", root / "models" / "init")
     q = _run("quantize", root, {"variants": ["int8", "gguf-q8_0"], "max_blocks": 4, "llamacpp": "off"}, tmp_path)
     assert set(q["variants"]) == {"int8", "gguf-q8_0"}

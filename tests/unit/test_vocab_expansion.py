@@ -355,7 +355,9 @@ def test_init_starts_new_tokens_from_their_pieces(request, tmp_path, capsys, fam
 
     # a tokenizer that is not an extension of the checkpoint's (trained on its own): auto keeps the global mean
     other = tmp_path / "other"
-    cfg = base_cfg(vocab_size=380, mix={"en": 1.0, "kk": 1.0})
+    # (beside a qwen2 config it must be one Qwen2Tokenizer keeps, or init refuses it: families.tokenizer_reload_problem)
+    qwen_kw = {} if family != "qwen2" else {"pretokenizer": "qwen2", "special_tokens": {"eos": "<|endoftext|>"}}
+    cfg = base_cfg(vocab_size=380, mix={"en": 1.0, "kk": 1.0}, **qwen_kw)
     save_hf(train_bpe({"en": EN * 30, "kk": KK * 10}, cfg), cfg, str(tmp_path / "other-tok"))
     _commit(other, tmp_path / "other-tok")
     assert main(["run", "init", "--root", str(other), "--no-progress", "--set", "source=pretrained",
