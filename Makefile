@@ -39,8 +39,8 @@ install: $(VENV)/.installed  ## create .venv and install the locked dependencies
 LOCK_ARGS := --universal --no-emit-package torch --quiet
 lock: | $(BIN)/activate  ## refresh requirements.lock and requirements-dev.lock from pyproject.toml (uv pip compile); UPGRADE=1 takes newer versions
 	@test -x $(UV) || $(BIN)/pip install -q $$(grep -m1 '^uv==' $(LOCK) 2>/dev/null || echo uv)
-	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --custom-compile-command "make lock" -o $(LOCK)
-	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra dev --extra bench -c $(LOCK) \
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra quantize --custom-compile-command "make lock" -o $(LOCK)
+	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra quantize --extra dev --extra bench -c $(LOCK) \
 	  --custom-compile-command "make lock" -o $(DEV_LOCK)
 
 # the lower bounds in pyproject.toml, tested: every direct dependency at its lowest allowed version (uv's

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# llmpipe-eval: evaluate and quantize (lm-evaluation-harness, gguf, optimum-quanto: in the base, from requirements.lock).
+# llmpipe-eval: evaluate and quantize (lm-evaluation-harness, gguf, optimum-quanto, llm-compressor: in the base, from requirements.lock).
 ARG BASE=ghcr.io/llm-pipeline/llmpipe-base:0.1.0
 FROM ${BASE}
 ARG VERSION=0.1.0

@@ -31,9 +31,13 @@ def eval_blocks(url: str, split: str, max_blocks: int | None, *, storage_options
     n = len(ds)
     if n == 0:
         raise InputError(f"{url} has an empty {split!r} split: nothing to measure perplexity on (repack with val_fraction > 0)")
+    return np.stack([ds.block(int(i)).astype(np.int64) for i in eval_indices(n, max_blocks)])
+
+
+def eval_indices(n: int, max_blocks: int | None) -> np.ndarray:
+    """The block indices :func:`eval_blocks` reads from a split of ``n`` blocks (evenly spread)."""
     take = n if not max_blocks or max_blocks >= n else max_blocks
-    idx = np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
-    return np.stack([ds.block(int(i)).astype(np.int64) for i in idx])
+    return np.unique(np.linspace(0, n - 1, take).round().astype(np.int64))
 
 
 def hf_nll(model: Any, blocks: np.ndarray, *, batch_size: int = 4,

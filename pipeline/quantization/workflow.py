@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.quantization import gguf_export, int8, quality
+from pipeline.quantization import gguf_export, int8, quality, w4
 
 GGUF_TARGETS = {"gguf-f16": "F16", "gguf-q8_0": "Q8_0", "gguf-q4_0": "Q4_0"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -71,6 +71,13 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             ctx.log(f"quantize: skipping {', '.join(wanted_gguf)}: {problem}")
             wanted_gguf = []
         tok_folder = _tokenizer_folder(cfg, ctx, folder, tmp)
+        wanted_w4 = [v for v in cfg.variants if v in w4.METHODS]
+        w4_libs = w4.require_library(wanted_w4) if wanted_w4 else None
+        if wanted_w4 and tok_folder is None:
+            raise InputError(f"{cfg.model}/ has no tokenizer.json and no `tokenizer` artifact is configured; "
+                             f"{', '.join(wanted_w4)} save it next to the weights (vLLM serves the folder)")
+        for v in wanted_w4:
+            w4.check_group_size(config, getattr(cfg, v).group_size, v, f"{cfg.model}/")
         meta = None
         if wanted_gguf:
             if tok_folder is None:
@@ -87,6 +94,15 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
         if int(blocks.max()) >= dims.vocab_size:
             raise InputError(f"{cfg.shards}/ holds token id {int(blocks.max())}, outside the model's vocabulary of "
                              f"{dims.vocab_size}: were the shards packed with this model's tokenizer?")
+        calib, calib_facts = None, None
+        if wanted_w4:
+            c = cfg.calibration
+            calib, calib_facts = w4.calibration_samples(
+                shards.url(), c.split, c.samples, c.seq_len, storage_options=opts,
+                avoid=(lambda n: quality.eval_indices(n, cfg.max_blocks)) if c.split == cfg.split else None)
+            if int(calib.max()) >= dims.vocab_size:
+                raise InputError(f"{cfg.shards}/{c.split} holds token id {int(calib.max())}, outside the model's "
+                                 f"vocabulary of {dims.vocab_size}")
         tokenizer = AutoTokenizer.from_pretrained(tok_folder) if tok_folder else None
         prompt_ids = list(tokenizer(cfg.prompt)["input_ids"]) if tokenizer is not None else None
         ctx.log(f"quantize: {cfg.model}/ ({dims.n_layers} layers, hidden {dims.hidden}, vocab {dims.vocab_size}"
@@ -124,6 +140,23 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
                 out.put_local(local, "int8")
                 entry: dict[str, Any] = {"path": "int8", "format": "optimum-quanto qint8 weights (W8A16)",
                                          "quantized_modules": n_mod}
+            elif name in w4.METHODS:
+                local = os.path.join(tmp, "out", name)
+                settings = getattr(cfg, name)
+                t1 = time.perf_counter()
+                size = w4.quantize_w4(copy.deepcopy(model), name, settings, calib, tokenizer, local, log=ctx.log)
+                quantize_s = time.perf_counter() - t1
+                qc = w4.quantization_config(local)
+                back = w4.load_w4(local)  # transformers' compressed-tensors loader, as a user would
+                ppl = quality.perplexity(back, blocks, batch_size=cfg.batch_size,
+                                         bar=lambda it, n=name: ctx.bar(it, desc=f"perplexity {n}", unit="batch"))
+                del back
+                out.put_local(local, name)
+                entry = {"path": name, "format": f"compressed-tensors {qc.get('format')} W4A16 ({name.upper()}, "
+                                                 f"group {settings.group_size}, llm-compressor {w4_libs['llmcompressor']})",
+                         "method": name, "group_size": settings.group_size, "symmetric": settings.symmetric,
+                         "ignore": list(settings.ignore), "quant_method": qc.get("quant_method"),
+                         "calibration": calib_facts, "quantize_seconds": round(quantize_s, 2)}
             else:
                 target = GGUF_TARGETS[name]
                 rel = f"gguf/{base}-{target.lower()}.gguf"
@@ -180,6 +213,9 @@ def quantize(cfg: Any, ctx: Any, out: Any) -> dict[str, Any]:
             "tied_embeddings": dims.tied,
             "architecture": dims.arch,  # llama.cpp's: llama, qwen2, qwen3
         }
+        if calib_facts is not None:
+            metrics["calibration"] = calib_facts
+            metrics["llmcompressor"] = w4_libs
         if meta is not None:
             metrics["gguf_tokenizer"] = meta.summary()
         out.write_text("report.md", render_report(metrics, cfg))
@@ -206,18 +242,27 @@ def render_report(m: dict[str, Any], cfg: Any) -> str:
         + ("; the llama.cpp column runs the file itself." if m.get("llamacpp") else
            "; llama.cpp was not used (install llama-cpp-python, e.g. `make test-llamacpp`, to add its column)."),
         "",
-        "| variant | path | size | vs original | perplexity | delta | llama.cpp perplexity | greedy = HF |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-        f"| original | `{m['model']}/` | {_mb(orig['size_bytes'])} | 1.00x | {orig['perplexity']:.4f} | | | |",
+        "| variant | path | size | vs original | perplexity | delta | time | llama.cpp perplexity | greedy = HF |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| original | `{m['model']}/` | {_mb(orig['size_bytes'])} | 1.00x | {orig['perplexity']:.4f} | | | | |",
     ]
     for name, v in m["variants"].items():
         cpp = f"{v['llamacpp_perplexity']:.4f}" if v.get("llamacpp_perplexity") is not None else ""
         greedy = {True: "yes", False: "no", None: ""}[v.get("llamacpp_greedy_match")]
         ratio = f"{v['size_ratio']:.2f}x" if v.get("size_ratio") else ""
+        secs = f"{v['seconds']:.1f} s" if v.get("seconds") is not None else ""
         lines.append(f"| {name} | `{v['path']}` | {_mb(v['size_bytes'])} | {ratio} | {v['perplexity']:.4f} | "
-                     f"{v['perplexity_delta_pct']:+.2f}% | {cpp} | {greedy} |")
-    lines += ["", "Sizes are the weight files for the original and int8 (safetensors, quanto's map), the whole "
-              "file for GGUF (it carries the tokenizer too).", ""]
+                     f"{v['perplexity_delta_pct']:+.2f}% | {secs} | {cpp} | {greedy} |")
+    lines += ["", "Sizes are the weight files for the original, int8 (safetensors, quanto's map) and GPTQ / AWQ "
+              "(safetensors), the whole file for GGUF (it carries the tokenizer too). Time: making the variant, "
+              "writing it, loading it back and measuring it (GPTQ / AWQ: calibration included).", ""]
+    cal = m.get("calibration")
+    if cal:
+        shared = (f"; {cal['blocks_shared_with_eval']} of them also among the perplexity blocks (the split has too few "
+                  "others)" if cal.get("blocks_shared_with_eval") else ", none of them among the perplexity blocks")
+        lines += [f"GPTQ / AWQ calibration: {cal['samples']} sequences x {cal['seq_len']} tokens from {cal['blocks']} "
+                  f"blocks of split `{cal['split']}`{shared}; llm-compressor {m['llmcompressor']['llmcompressor']}, "
+                  f"compressed-tensors {m['llmcompressor']['compressed_tensors']}.", ""]
     gg = {k: v for k, v in m["variants"].items() if k.startswith("gguf-")}
     if gg:
         lines += ["## Tensor types", ""]
@@ -234,6 +279,14 @@ def render_report(m: dict[str, Any], cfg: Any) -> str:
                   f"model = QuantizedModelForCausalLM.from_pretrained(\"quantized/{m['variants']['int8']['path']}\")",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"quantized/{m['variants']['int8']['path']}\")",
                   "```", ""]
+    w4v = {k: v for k, v in m["variants"].items() if k in w4.METHODS}
+    for name, v in w4v.items():
+        lines += [f"{name} (4-bit weights, group size {v['group_size']}, compressed-tensors `pack-quantized`): a "
+                  "Hugging Face folder; transformers loads it (with compressed-tensors installed), vLLM serves it:",
+                  "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"model = AutoModelForCausalLM.from_pretrained(\"quantized/{v['path']}\")",
+                  f"tokenizer = AutoTokenizer.from_pretrained(\"quantized/{v['path']}\")",
+                  "```", "", "```", f"vllm serve quantized/{v['path']}", "```", ""]
     if gg:
         first = next(iter(gg.values()))["path"]
         lines += [f"GGUF (llama.cpp, {m.get('architecture') or 'llama'} architecture):", "", "```",

@@ -10,6 +10,11 @@ perplexity):
   chat template); quality measured by dequantising the file back into the HF model, and with
   llama.cpp itself when llama-cpp-python is installed (``make test-llamacpp`` installs it),
   which also checks that greedy decoding matches the HF model token for token.
+* ``gptq`` / ``awq`` -- 4-bit weights (W4A16, ``group_size`` weights per scale) calibrated on
+  ``calibration.samples`` sequences of our own shards (llm-compressor, the ``quantize`` extra),
+  ``quantized/gptq/`` and ``quantized/awq/``: Hugging Face folders in compressed-tensors format that
+  ``AutoModelForCausalLM.from_pretrained`` loads and ``vllm serve`` serves (see
+  :mod:`pipeline.quantization.w4`). Not in the default ``variants``: list them.
 
 ``report.md`` in the output has the table and how to load each variant; the manifest's metrics
 hold ``{"model", "original": {size_bytes, perplexity}, "variants": {name: {size_bytes, perplexity,
@@ -27,7 +32,8 @@ from pipeline.config import ExecField, StrictModel
 from pipeline.stage import Stage, StageContext
 from pipeline.storage import OutputDir
 
-VARIANTS = ("int8", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
+DEFAULT_VARIANTS = ("int8", "gguf-f16", "gguf-q8_0", "gguf-q4_0")
+VARIANTS = (*DEFAULT_VARIANTS, "gptq", "awq")  # gptq / awq: the `quantize` extra (llm-compressor), calibration data
 
 
 class Int8Settings(StrictModel):
@@ -46,16 +52,64 @@ class GGUFSettings(StrictModel):
                                                         "None: gpt-2 / llama-bpe by the tokenizer's regex, else llama-bpe")
 
 
+class _W4Settings(StrictModel):
+    """4-bit integer weights with float scales, float activations (W4A16), saved in compressed-tensors format."""
+
+    group_size: int = Field(128, description="input weights per scale; must divide hidden_size, intermediate_size and "
+                                             "heads x head_dim (checked before any compute); -1: one scale per output "
+                                             "channel. vLLM's 4-bit kernels take -1, 32, 64 or 128")
+    symmetric: bool = Field(True, description="scales only (True) or scales and zero points (False, 'W4A16_ASYM')")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"],
+                              description="layers kept in float: names or 're:<regex>' (llm-compressor's syntax)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError(f"group_size {value}: write a positive number of weights per scale (e.g. 128) "
+                             "or -1 for one scale per output channel")
+        return value
+
+
+class GPTQSettings(_W4Settings):
+    """GPTQ (llm-compressor's GPTQModifier): error-compensating rounding from the calibration Hessian."""
+
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="added to the Hessian diagonal, as a fraction of its "
+                                                                "mean (raise it if GPTQ reports a non-invertible Hessian)")
+    actorder: Literal["static", "group", "weight"] | None = Field(
+        "static", description="activation ordering: quantize columns by decreasing Hessian diagonal (None: in order)")
+
+
+class AWQSettings(_W4Settings):
+    """AWQ (llm-compressor's AWQModifier + QuantizationModifier): activation-aware channel scales, then rounding."""
+
+    n_grid: int = Field(20, ge=1, le=100, description="scale ratios tried per layer group (time grows with it)")
+    duo_scaling: bool = Field(True, description="scales from activations and weights (True) or activations only")
+
+
+class CalibrationSettings(StrictModel):
+    """The token sequences GPTQ and AWQ calibrate on: cut from our own packed shards."""
+
+    split: str = Field("val", description="shard split; blocks that perplexity is measured on are skipped while the "
+                                          "split has enough others")
+    samples: int = Field(128, ge=1, description="calibration sequences")
+    seq_len: int | None = Field(None, ge=16, description="tokens per sequence (None: the shards' block length); "
+                                                         "a block gives block_len // seq_len sequences")
+
+
 class QuantizeConfig(StrictModel):
     # -- inputs
     model: str = Field("models/dpo", description="artifact holding the HF checkpoint (and tokenizer): Llama, Qwen2 / Qwen2.5 or Qwen3")
     tokenizer: str | None = Field(None, description="tokenizer artifact, used only when the model folder has none")
     shards: str = Field("shards", description="packed token shards whose split measures perplexity")
     # -- what to make
-    variants: list[str] = Field(default_factory=lambda: list(VARIANTS),
+    variants: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIANTS),
                                 description=f"any of {', '.join(VARIANTS)}")
     int8: Int8Settings = Field(default_factory=Int8Settings)
     gguf: GGUFSettings = Field(default_factory=GGUFSettings)
+    gptq: GPTQSettings = Field(default_factory=GPTQSettings)
+    awq: AWQSettings = Field(default_factory=AWQSettings)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     # -- how quality is measured
     split: str = Field("val", description="shard split the perplexity is measured on")
     max_blocks: int | None = Field(64, ge=1, description="blocks of that split used (evenly spread); None: all")

@@ -40,7 +40,7 @@ SMALL: dict[str, dict] = {
                                   "context_chars": 60, "continuation_chars": 30},
                  "tool_use": {"files": [str(REPO / "tests" / "fixtures" / "posttrain" / "tools_eval.jsonl")],
                               "max_items": 6, "max_new_tokens": 12}},
-    "quantize": {"max_blocks": 2, "llamacpp": "off", "greedy_tokens": 4},
+    "quantize": {"max_blocks": 2, "llamacpp": "off", "greedy_tokens": 4, "calibration": {"samples": 4}, "awq": {"n_grid": 4}},
 }
 
 

@@ -30,7 +30,9 @@ def template_root(tmp_path_factory) -> Path:
 
 
 def _run(root: Path, *extra: str) -> int:
-    return main(["run", "quantize", "-c", DEMO_CFG, "--root", str(root), "--no-progress", "--set", "max_blocks=12", *extra])
+    # the demo config's int8 and GGUF variants (GPTQ / AWQ: tests/integration/test_quantize_w4.py)
+    return main(["run", "quantize", "-c", DEMO_CFG, "--root", str(root), "--no-progress", "--set", "max_blocks=12",
+                 "--set", "variants=[int8,gguf-f16,gguf-q8_0,gguf-q4_0]", *extra])
 
 
 def _manifest(root: Path) -> dict:

@@ -45,7 +45,8 @@ def _check_satisfies(requirements: list[str], lock: str) -> int:
 
 
 def test_runtime_lock_satisfies_pyproject():
-    assert _check_satisfies(PROJECT["dependencies"] + PROJECT["optional-dependencies"]["image"], "requirements.lock") > 25
+    extras = PROJECT["optional-dependencies"]
+    assert _check_satisfies(PROJECT["dependencies"] + extras["image"] + extras["quantize"], "requirements.lock") > 25
 
 
 def test_dev_lock_satisfies_pyproject_extras():
@@ -57,7 +58,8 @@ def test_dev_lock_satisfies_pyproject_extras():
 def test_torch_and_cuda_wheels_stay_out(lock):
     text = (ROOT / lock).read_text(encoding="utf-8")
     names = {n for n, _, _ in pins(lock)}
-    assert not {n for n in names if n in ("torch", "triton") or n.startswith("nvidia-")}
+    # nvidia-ml-py (llm-compressor's): the pure-Python NVML bindings, no CUDA inside
+    assert not {n for n in names if n in ("torch", "triton") or (n.startswith("nvidia-") and n != "nvidia-ml-py")}
     assert "#    make lock" in text.splitlines()[1]  # how to refresh it
     assert text.rstrip().endswith("# The following packages were excluded from the output:\n# torch")
 
@@ -93,3 +95,15 @@ def test_check_floors_accepts_true_floors_and_names_untrue_ones(tmp_path):
     assert "numpy: pyproject.toml says >=1.26, but the lowest installable with the rest is 2.0.1" in bad.stderr
     missing = _run_floors(tmp_path, deps + ["kubernetes"], ["numpy==1.26.0", "pyyaml==6.0.3", "kubernetes==37.0.1"])
     assert missing.returncode == 1 and "kubernetes: no lower bound" in missing.stderr
+
+
+def test_overridden_pins_are_the_ones_the_image_check_tolerates():
+    """pyproject's [tool.uv] override-dependencies (a package's own pin replaced by our range, e.g. llmcompressor's
+    transformers <= 5.17.0) are exactly what docker/smoke.py's `pip check` lets pass in the images, nothing more."""
+    sys.path.insert(0, str(ROOT / "docker"))
+    import smoke
+
+    overrides = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["uv"]["override-dependencies"]
+    assert sorted(canonicalize_name(Requirement(r).name) for r in overrides) == sorted(smoke.OVERRIDDEN)
+    for r in map(Requirement, overrides):  # the override is our own range, as pinned in the lock
+        assert [r.specifier.contains(v) for n, v, _ in pins("requirements.lock") if n == canonicalize_name(r.name)] == [True]
