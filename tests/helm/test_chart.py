@@ -486,7 +486,7 @@ def test_make_deploy_pretrain_is_the_multi_node_gpu_job_its_config_is_sized_for(
 
 @pytest.mark.parametrize(("stage", "gpus", "pods"), [
     ("collect", 0, 1), ("clean", 0, 32 + 1), ("tokenizer", 0, 1), ("pack", 0, 16 + 1), ("init", 0, 1),
-    ("sft", 8, 1), ("dpo", 8, 1), ("reward", 8, 1), ("evaluate", 1, 1), ("quantize", 0, 1), ("register", 0, 1)])
+    ("sft", 8, 1), ("dpo", 8, 1), ("reward", 8, 1), ("evaluate", 1, 1), ("quantize", 1, 1), ("register", 0, 1)])
 def test_make_deploy_gives_every_stage_its_own_shape(stage, gpus, pods):
     objs = make_render(stage)
     found = 0
