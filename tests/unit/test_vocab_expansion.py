@@ -364,3 +364,73 @@ def test_init_starts_new_tokens_from_their_pieces(request, tmp_path, capsys, fam
                  "--set", f"pretrained_path={ckpt}"]) == 0
     m = json.loads((other / "models" / "init" / "manifest.json").read_text())["metrics"]
     assert m["new_token_init"] == "mean" and m["vocab_extends_pretrained"] is False and "new_token_pieces" not in m
+
+
+REFS = Path(__file__).resolve().parents[2] / ".cache" / "refs"
+
+
+def test_the_recipe_expansion_of_qwen_through_init(tmp_path, monkeypatch, capsys):
+    """The recipe's tokenizer config (tokenizer-qwen05b.yaml, fewer merges) on Qwen 3's real tokenizer, and its init
+    config (init-qwen05b.yaml) on a tiny random Qwen2 checkpoint with Qwen 2.5's tokenizer layout (Qwen 3's without
+    its last 4 added tokens), as Qwen2.5-0.5B is: ours extends it, the merges start from their pieces, the 6 added
+    tokens from the mean, Qwen's logits are unchanged, and the saved folder encodes as our tokenizer artifact."""
+    if not (REFS / "qwen3" / "tokenizer.json").is_file():
+        pytest.skip("needs the reference tokenizers in .cache/refs (make corpus)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from pipeline.cli import main
+    from pipeline.stages import load_config
+
+    monkeypatch.setenv("REFS_DIR", str(REFS))
+    qwen3 = load_reference(str(REFS / "qwen3"))
+    cfg = load_config("tokenizer", Path(__file__).resolve().parents[2] / "jobs/cluster/tokenizer-qwen05b.yaml",
+                      [f"extend.target_size={qwen3.get_vocab_size() + 2 + 120}", "train_chars=20000"])
+    ext, added = extend_tokenizer(qwen3, {"kk": KK * 20, "ru": RU * 20}, cfg)
+    assert len(added) == 120 and ext.token_to_id("<|endoftext|>") == 151_643 and ext.token_to_id("</think>") == 151_668
+    root = tmp_path / "run"
+    save_hf(ext, cfg, str(tmp_path / "tok"))
+    _commit(root, tmp_path / "tok")
+
+    # a Qwen2.5-shaped checkpoint: Qwen 3's tokenizer without <tool_response>, </tool_response>, <think>, </think>
+    ckpt = tmp_path / "qwen25"
+    ckpt.mkdir()
+    raw = json.loads((REFS / "qwen3" / "tokenizer.json").read_text(encoding="utf-8"))
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["id"] < 151_665]
+    (ckpt / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    tcfg = json.loads((REFS / "qwen3" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tcfg["added_tokens_decoder"] = {k: v for k, v in tcfg["added_tokens_decoder"].items() if int(k) < 151_665}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(tcfg, ensure_ascii=False), encoding="utf-8")
+    torch.manual_seed(0)
+    old = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                       max_position_embeddings=256)).eval()
+    old.save_pretrained(ckpt)
+    qwen25 = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    assert len(qwen25) == 151_665
+
+    monkeypatch.setenv("QWEN_PATH", str(ckpt))
+    init_yaml = Path(__file__).resolve().parents[2] / "jobs/cluster/init-qwen05b.yaml"
+    assert main(["run", "init", "-c", str(init_yaml), "--root", str(root), "--no-progress"]) == 0
+    assert "(pieces)" in capsys.readouterr().out
+    m = json.loads((root / "models" / "init" / "manifest.json").read_text())["metrics"]
+    assert m["vocab_extends_pretrained"] is True and m["new_token_init"] == "pieces"
+    assert m["vocab_matched"] == 151_665 and m["vocab_new"] == 4 + 120 + 2
+    assert m["new_token_pieces"]["from_pieces"] == 120 and m["new_token_pieces"]["global_mean_added"] == 6
+    new = AutoModelForCausalLM.from_pretrained(root / "models" / "init")
+    saved = AutoTokenizer.from_pretrained(root / "models" / "init")
+    ours = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for text in [*KK, *RU, *EN, "<|im_start|>user\nСәлем<|im_end|>"]:
+        assert saved(text)["input_ids"] == ours(text)["input_ids"], text
+    e_old, e_new = old.get_input_embeddings().weight, new.get_input_embeddings().weight
+    assert new.get_output_embeddings().weight.data_ptr() == e_new.data_ptr()  # tied
+    checked = 0
+    for text in added:  # a whole-character token that is one pre-token: its pieces are Qwen's ids for its text
+        ours_ids = ours(text, add_special_tokens=False)["input_ids"]
+        if len(ours_ids) == 1 and "\ufffd" not in text:
+            pieces = qwen25(text, add_special_tokens=False)["input_ids"]
+            torch.testing.assert_close(e_new[ours_ids[0]], e_old[pieces].mean(dim=0), rtol=0, atol=1e-7)
+            checked += 1
+    assert checked >= 60
+    ids = torch.tensor([qwen25(EN[0] + " " + RU[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(new(ids).logits[..., :151_665], old(ids).logits[..., :151_665])
