@@ -507,14 +507,14 @@ def write_gguf(
 # ------------------------------------------------------------------------------- reading back
 
 
-def read_gguf_state_dict(path: str, n_layers: int | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def read_gguf_state_dict(path: str, n_layers: int | None = None, reader: Any = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Dequantize every tensor of a llama / qwen2 / qwen3 GGUF back to an HF state dict (float32 torch) of the
     matching transformers class (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``).
 
     Returns ``(state_dict, {gguf name: GGML type})``. The Q/K row permutation is undone. A tied
     model's file has no ``output.weight``; the HF model ties the head to the embedding itself.
     """
-    reader = gguf.GGUFReader(path)
+    reader = reader if reader is not None else gguf.GGUFReader(path)  # parsing a 150k-token list takes seconds
     arch = str(_field_value(reader, "general.architecture"))
     if arch not in ARCHES:
         raise InputError(f"{path} is a GGUF of architecture {arch!r}; this reader knows {', '.join(ARCHES)}")
