@@ -161,7 +161,7 @@ def test_clear_errors_before_compute(template_root, tmp_path, capsys):
     err = _expect_error(capsys, 1, root)
     assert "needs 'models/dpo/'" in err and "llmpipe run dpo" in err
 
-    # a model that is not a Llama
+    # a model of no supported family
     root = tmp_path / "gpt2"
     shutil.copytree(template_root, root)
     shutil.rmtree(root / "models" / "dpo")
@@ -169,7 +169,7 @@ def test_clear_errors_before_compute(template_root, tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=600, bos_token_id=0, eos_token_id=0)).save_pretrained(out.path())
     out.commit({"stage": "dpo", "config_hash": "x", "inputs": {}, "metrics": {}})
     err = _expect_error(capsys, 1, root)
-    assert "'gpt2' model" in err and "supports Llama models" in err
+    assert "'gpt2' model" in err and "supported model families (model_type): llama (Llama), qwen2" in err
 
     # shards tokenised with another vocabulary
     from tests.fixtures.quantize_model import commit_shards
