@@ -50,6 +50,11 @@ def library_versions() -> dict[str, str] | None:
     try:
         import compressed_tensors
         import llmcompressor
+        # the modifiers and oneshot too: their imports take seconds, which belong here, not in a variant's time
+        import llmcompressor.entrypoints  # noqa: F401
+        import llmcompressor.modifiers.gptq  # noqa: F401
+        import llmcompressor.modifiers.quantization  # noqa: F401
+        import llmcompressor.modifiers.transform.awq  # noqa: F401
     except Exception:  # noqa: BLE001 - absent or broken: the caller says how to install it
         return None
     return {"llmcompressor": getattr(llmcompressor, "__version__", "unknown"),
