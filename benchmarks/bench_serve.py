@@ -2,9 +2,10 @@
 client, loopback) against the same model's bare ``generate()`` in one process, measured in the same run.
 
 The model is a Hugging Face folder: ``--model-dir`` (e.g. the demo's champion after `llmpipe serve --fetch-only`),
-else the tiny trained Llama of the test fixtures, built in a temporary folder. Every request asks for exactly
-``--max-tokens`` new tokens (``min_tokens`` is not in the API, so greedy decoding of prompts that do not end early;
-the completion token counts the server reports are what is summed). The baseline generates the same prompts one
+else the tiny trained Llama of the test fixtures, built in a temporary folder. Every request generates exactly
+``--max-tokens`` new tokens: both sides load a copy of the folder with ``eos_token_id`` unset (``min_tokens`` is not
+in the API, and a small model stops after a token or two); the completion token counts the server reports are what
+is summed. The baseline generates the same prompts one
 after another with ``model.generate(do_sample=False, max_new_tokens=...)``, the chat template applied the same way.
 
 Printed: completion tokens/s (all clients together), p50 / p95 request latency, and each as a ratio to the baseline
@@ -21,10 +22,10 @@ import concurrent.futures as cf
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -46,10 +47,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def baseline(folder: str, n: int, max_tokens: int) -> dict[str, float]:
+def baseline(folder: str, n: int, max_tokens: int, threads: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     lat, toks = [], 0
@@ -69,8 +71,12 @@ def baseline(folder: str, n: int, max_tokens: int) -> dict[str, float]:
 def level(url: str, name: str, clients: int, n: int, max_tokens: int) -> dict[str, float]:
     from openai import OpenAI
 
+    local = threading.local()
+
     def one(i: int) -> tuple[float, int]:
-        c = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        if not hasattr(local, "client"):  # one client per concurrent caller, reused as applications do
+            local.client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        c = local.client
         t0 = time.perf_counter()
         r = c.chat.completions.create(model=name, max_tokens=max_tokens, temperature=0,
                                       messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
@@ -85,12 +91,32 @@ def level(url: str, name: str, clients: int, n: int, max_tokens: int) -> dict[st
     return {"tokens_per_s": toks / wall, "p50_s": percentile(lat, 0.5), "p95_s": percentile(lat, 0.95), "tokens": toks}
 
 
+def full_length_copy(folder: str, dest: Path) -> str:
+    """``folder`` with ``eos_token_id`` unset in config.json and generation_config.json (the weights and the
+    tokenizer linked, not copied), so that every request and every baseline generation runs to exactly
+    ``--max-tokens``: a small model answers in a couple of tokens (the demo's says "1"), and what would be
+    measured then is the request overhead, with tokens/s depending on how early each side stops."""
+    dest.mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        if f.name in ("config.json", "generation_config.json"):
+            data = json.loads(f.read_text())
+            data["eos_token_id"] = None
+            (dest / f.name).write_text(json.dumps(data, indent=2))
+        else:
+            (dest / f.name).symlink_to(f.resolve())
+    return str(dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", help="a Hugging Face model folder (default: the test fixtures' tiny trained Llama)")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (and baseline generations)")
     ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads on both sides (OMP_NUM_THREADS for the server); the default 1 because "
+                    "a small model's matmuls gain nothing from more, and on a shared machine a second thread that is "
+                    "descheduled stalls every step (measured here: 32 tokens in 0.03 s on 1 thread, 0.4-0.7 s on 2)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -101,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         folder = str(work / "hf")
         print("building the tiny trained Llama of the test fixtures ...", file=sys.stderr, flush=True)
         build(folder, steps=60)
+    source, folder = folder, full_length_copy(folder, work / "hf-full-length")
     name = "bench"
     (work / "served").mkdir()
     (work / "served" / "served.json").write_text(json.dumps(
         {"name": name, "version": 0, "alias": None, "uri": "local", "folder": str(Path(folder).resolve())}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model-dir", str(work / "served"),
-                             "--port", str(port)], stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT)
+                             "--port", str(port)], stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT,
+                            env=env)
     try:
         deadline = time.time() + 300
         while True:
@@ -121,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None or time.time() > deadline:
                 raise SystemExit(f"llmpipe serve did not start:\n{(work / 'serve.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        base = baseline(folder, args.requests, args.max_tokens)
+        base = baseline(folder, args.requests, args.max_tokens, args.threads)
         results = {"baseline": base}
         for clients in [int(x) for x in args.levels.split(",")]:
             level(url, name, clients, min(clients, 4), args.max_tokens)  # warm-up
@@ -129,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"\nmodel {folder}, {args.requests} requests per level, {args.max_tokens} new tokens each, "
-          f"{os.cpu_count()} CPU cores, loopback")
+    print(f"\nmodel {source} (eos unset), {args.requests} requests per level, {args.max_tokens} new tokens each, "
+          f"{os.cpu_count()} CPU cores, {args.threads} torch thread(s) per side, loopback")
     print(f"{'':<22}{'tokens/s':>10}{'x base':>8}{'p50 s':>9}{'x base':>8}{'p95 s':>9}{'x base':>8}")
     for key, r in results.items():
         label = "bare generate()" if key == "baseline" else f"serve, {key.split('_')[1]} clients"
