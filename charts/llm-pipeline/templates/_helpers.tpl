@@ -47,10 +47,24 @@ The site's per-stage settings then read as ordinary values everywhere below.
 
 {{- define "llmpipe.imageTag" -}}{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
 
+{{/* The image's digest, "" when none: image.digest (this release's), else image.digests.<family>. */}}
+{{- define "llmpipe.imageDigest" -}}
+{{- $info := include "llmpipe.stageInfo" . | fromYaml -}}
+{{- .Values.image.digest | default (get (.Values.image.digests | default dict) $info.family) | default "" -}}
+{{- end -}}
+
+{{/* <repository>@<digest> when a digest is given (the tag is then only the version label), else <repository>:<tag>. */}}
 {{- define "llmpipe.image" -}}
 {{- $info := include "llmpipe.stageInfo" . | fromYaml -}}
 {{- $repo := .Values.image.repository | default (printf "%s/llmpipe-%s" (.Values.image.registry | trimSuffix "/") $info.family) -}}
-{{- printf "%s:%s" $repo (include "llmpipe.imageTag" .) -}}
+{{- $digest := include "llmpipe.imageDigest" . -}}
+{{- if $digest -}}{{ printf "%s@%s" $repo $digest }}{{- else -}}{{ printf "%s:%s" $repo (include "llmpipe.imageTag" .) }}{{- end -}}
+{{- end -}}
+
+{{/* image.pullPolicy, else IfNotPresent for an image pinned by digest (the same bytes wherever cached) and Always for a
+tag (a tag can be pushed again: a node's cached copy may be an older image) */}}
+{{- define "llmpipe.pullPolicy" -}}
+{{- .Values.image.pullPolicy | default (ternary "IfNotPresent" "Always" (ne (include "llmpipe.imageDigest" .) "")) -}}
 {{- end -}}
 
 {{/* Labels of every object and pod. Call with (dict "root" $ "role" "single|part|merge|train"). */}}
@@ -234,7 +248,7 @@ spec:
   containers:
     - name: {{ .container }}
       image: {{ include "llmpipe.image" $root | quote }}
-      imagePullPolicy: {{ $v.image.pullPolicy }}
+      imagePullPolicy: {{ include "llmpipe.pullPolicy" $root }}
       command: ["llmpipe"]
       args:
         - run

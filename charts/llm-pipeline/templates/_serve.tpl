@@ -215,7 +215,7 @@ spec:
   initContainers:
     - name: fetch-model
       image: {{ include "llmpipe.image" . | quote }}
-      imagePullPolicy: {{ $v.image.pullPolicy }}
+      imagePullPolicy: {{ include "llmpipe.pullPolicy" . }}
       command: ["sh", "-c"]
       args:
         - |
@@ -262,8 +262,12 @@ spec:
   containers:
     - name: server
       {{- if $vllm }}
+      {{- with $s.vllm.image.digest }}
+      image: {{ printf "%s@%s" $s.vllm.image.repository . | quote }}
+      {{- else }}
       image: {{ printf "%s:%s" $s.vllm.image.repository $s.vllm.image.tag | quote }}
-      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- end }}
+      imagePullPolicy: {{ $v.image.pullPolicy | default (ternary "IfNotPresent" "Always" (ne ($s.vllm.image.digest | default "") "")) }}
       command:
         - python3
         - -c
@@ -284,7 +288,7 @@ spec:
       {{- end }}
       {{- else }}
       image: {{ include "llmpipe.image" . | quote }}
-      imagePullPolicy: {{ $v.image.pullPolicy }}
+      imagePullPolicy: {{ include "llmpipe.pullPolicy" . }}
       command: ["llmpipe"]
       args:
         - serve
