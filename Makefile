@@ -229,6 +229,29 @@ render-serve: tools  ## render-serve [VARIANT=cpu]: print what deploy-serve woul
 undeploy-serve: tools  ## undeploy-serve [VARIANT=cpu]: helm uninstall llmpipe-serve[-cpu]
 	$(HELM) uninstall $(SERVE_RELEASE) -n $(K8S_NAMESPACE) --ignore-not-found
 
+# The fabric check (pipeline/fabric.py): `llmpipe fabric-check` on every pod of a PyTorchJob with the pod shape of
+# NCCL_CHECK_SHAPE (jobs/cluster/values/<shape>.yaml: nodes, GPUs, resources) and the same VALUES as the pretraining
+# (an interconnect profile from jobs/cluster/values/profiles/, the site file), so it crosses the links the pretraining
+# will; its settings (nominal link rate, threshold, sizes) in jobs/cluster/nccl-check.yaml.
+# No retries (backoffLimit 0) and a deadline: a check that hangs in NCCL's setup must not hold the GPUs.
+NCCL_CHECK_SHAPE ?= pretrain
+NCCL_CHECK_DEADLINE ?= 1800
+define HELM_NCCL_CHECK_ARGS
+llmpipe-nccl-check $(CHART) -n $(K8S_NAMESPACE) --set stage=nccl-check --set-file config=jobs/cluster/nccl-check.yaml -f jobs/cluster/values/$(NCCL_CHECK_SHAPE).yaml $(addprefix -f ,$(VALUES)) --set backoffLimit=0 --set activeDeadlineSeconds=$(NCCL_CHECK_DEADLINE) $(HELM_ARGS)
+endef
+.PHONY: deploy-nccl-check render-nccl-check undeploy-nccl-check
+
+deploy-nccl-check: tools  ## deploy-nccl-check [NCCL_CHECK_SHAPE=pretrain]: all-reduce bandwidth across pretrain's pods vs the link's rate; read it with `make logs STAGE=nccl-check`
+	@test -f jobs/cluster/values/$(NCCL_CHECK_SHAPE).yaml || { echo "make deploy-nccl-check: no jobs/cluster/values/$(NCCL_CHECK_SHAPE).yaml" >&2; exit 1; }
+	$(HELM) uninstall llmpipe-nccl-check -n $(K8S_NAMESPACE) --ignore-not-found --wait
+	$(HELM) upgrade --install $(HELM_NCCL_CHECK_ARGS)
+
+render-nccl-check: tools  ## render-nccl-check [NCCL_CHECK_SHAPE=pretrain]: print what deploy-nccl-check would apply
+	@$(HELM) template $(HELM_NCCL_CHECK_ARGS)
+
+undeploy-nccl-check: tools  ## undeploy-nccl-check: helm uninstall llmpipe-nccl-check
+	$(HELM) uninstall llmpipe-nccl-check -n $(K8S_NAMESPACE) --ignore-not-found
+
 status: install  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods, the serving pods' model versions
 	$(BIN)/llmpipe k8s status -n $(K8S_NAMESPACE)
 

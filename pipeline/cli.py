@@ -28,6 +28,7 @@ examples:
   llmpipe promote --config jobs/demo/register.yaml --root runs/demo --dry-run   # candidate vs champion
   llmpipe lineage models:/llm-pipeline-demo@champion --root runs/demo          # back to the raw data
   llmpipe k8s submit pretrain --wait                              # the stage as a PyTorchJob (see k8s --help)
+  llmpipe fabric-check --nnodes 2 --nproc-per-node 1             # all-reduce bandwidth (see fabric-check --help)
 
 The run root (--root, else $LLMPIPE_ROOT, else runs/local) is a folder or an s3:// URI;
 extra fsspec options (e.g. an S3 endpoint) come as JSON in $LLMPIPE_STORAGE_OPTIONS.
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.k8s.cli import add_parser as add_k8s_parser  # `llmpipe k8s submit|wait|logs|status`
 
     add_k8s_parser(sub)
+    from pipeline.fabric import add_parser as add_fabric_parser  # `llmpipe fabric-check`: all-reduce bandwidth
+
+    add_fabric_parser(sub)
     return parser
 
 
@@ -456,6 +460,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return publish.main(args, _tracking_client(args))
 
 
+def cmd_fabric_check(args: argparse.Namespace) -> int:
+    from pipeline.fabric import main as fabric_main
+
+    return fabric_main(args)
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     from pipeline.k8s.cli import main as k8s_main
 
@@ -470,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"run": cmd_run, "pipeline": cmd_pipeline, "config": cmd_config, "show": cmd_show, "stages": cmd_stages,
                 "promote": cmd_promote, "lineage": cmd_lineage, "summary": cmd_summary, "verify": cmd_verify,
-                "k8s": cmd_k8s, "publish": cmd_publish, "serve": cmd_serve}
+                "k8s": cmd_k8s, "publish": cmd_publish, "serve": cmd_serve,
+                "fabric-check": cmd_fabric_check}
     try:
         return handlers[args.command](args)
     except PipelineError as exc:

@@ -37,6 +37,10 @@ wait exits 0 on success, 1 when the stage failed, 124 on --timeout.
 """
 
 
+# releases that are no pipeline stage but a PyTorchJob of the chart all the same (make deploy-nccl-check)
+CHECKS = ("nccl-check",)
+
+
 def _stages() -> list[str]:
     return ORDER
 
@@ -98,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "OOMKilled (with the memory limit), ImagePullBackOff (with the image), Unschedulable (with the scheduler's "
         "message), BackoffLimitExceeded, DeadlineExceeded, a failed PyTorchJob, a container's exit and its last error line.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stage(wait)
+    _stage(wait, extra=CHECKS)
     _wait_options(wait)
     _common(wait)
 
@@ -107,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Print the logs of every pod of the stage (prefixed with the pod name when there are several). "
         "--follow streams them as pods start, until the stage finishes (exit status as for wait).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stage(logs)
+    _stage(logs, extra=CHECKS)
     logs.add_argument("--follow", "-f", action="store_true", help="stream until the stage finishes")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each pod")
     logs.add_argument("--role", choices=["single", "part", "merge", "train"], help="only pods of this role")
@@ -120,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "one line per cause for any stage that failed or is stuck; then the serving Deployments (stage serve: only "
         "those), their rollout and the model version each of their pods runs.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _stage(status, optional=True, extra=("serve",))
+    _stage(status, optional=True, extra=("serve", *CHECKS))
     _common(status)
     k8s.set_defaults(k8s_parser=k8s)
     return k8s

@@ -198,10 +198,11 @@ def torchrun_command(
     *,
     python: str = sys.executable,
     node_rank: int | None = None,
+    module: str = "pipeline.training.launcher",
 ) -> list[str]:
-    """The torchrun command line for one node agent: the static rendezvous at master addr:port, or c10d at the
-    operator's endpoint (ranks then come from the rendezvous). Every value is a flag, so torchrun's own reading of
-    ``PET_*`` never mixes with ours."""
+    """The torchrun command line for one node agent, running ``module`` on every rank: the static rendezvous at
+    master addr:port, or c10d at the operator's endpoint (ranks then come from the rendezvous). Every value is a
+    flag, so torchrun's own reading of ``PET_*`` never mixes with ours."""
     if topo.rdzv_backend == "c10d":
         where = ["--nnodes", f"{topo.nnodes}:{topo.nnodes}", "--rdzv-backend", "c10d",
                  "--rdzv-endpoint", topo.rdzv_endpoint, "--rdzv-id", topo.rdzv_id or "llmpipe"]
@@ -216,7 +217,7 @@ def torchrun_command(
         *where,
         "--nproc-per-node", topo.nproc_per_node,
         "--max-restarts", str(topo.max_restarts),
-        "-m", "pipeline.training.launcher",
+        "-m", module,
         *worker_args,
     ]
 

@@ -47,9 +47,10 @@ def test_chart_knows_exactly_the_pipeline_stages():
     assert SHARDED == [s for s in ORDER if get_stage(s).sharded]
 
     schema = json.loads((CHART / "values.schema.json").read_text())
-    # "": the default, renders nothing; serve: the serving Deployment (no pipeline stage, tests/helm/test_chart_serve.py)
-    assert schema["properties"]["stage"]["enum"] == ["", *ORDER, "serve"]
-    assert schema["properties"]["stages"]["propertyNames"]["enum"] == [*ORDER, "serve"]
+    # "": the default, renders nothing; serve: the serving Deployment (no pipeline stage, tests/helm/test_chart_serve.py);
+    # nccl-check: the fabric check's PyTorchJob (no pipeline stage either, tests/helm/test_chart_nccl_check.py)
+    assert schema["properties"]["stage"]["enum"] == ["", *ORDER, "serve", "nccl-check"]
+    assert schema["properties"]["stages"]["propertyNames"]["enum"] == [*ORDER, "serve", "nccl-check"]
     assert sorted(STAGES) == sorted(ORDER) and TRAINING == TRAIN
     table = (CHART / "templates" / "_helpers.tpl").read_text()
     assert re.findall(r"^(\w+): \{family: (\w+), kind: (\w+)\}$", table, re.M) == [
@@ -57,6 +58,7 @@ def test_chart_knows_exactly_the_pipeline_stages():
          else "registry" if s == "register" else "train",
          "sharded" if s in SHARDED else "training" if s in TRAINING else "single") for s in ORDER] + [
         ("serve", "eval", "service")]
+    assert "\nnccl-check: {family: train, kind: training, run: fabric-check}\n" in table
 
 
 def test_every_stage_with_a_config_is_covered():

@@ -2,6 +2,8 @@
 The stage table: family (which image) and kind (what runs it). Keep in step with
 pipeline/stages/__init__.py (ORDER, TRAINING) and the sharded stages (clean, pack). serve is no pipeline stage: the
 serving Deployment (templates/serve.yaml), in the eval image (torch and transformers; MLflow is in every image).
+nccl-check is none either: the fabric check (`llmpipe fabric-check`, pipeline/fabric.py; `run:` is the command its
+pods run instead of `llmpipe run <stage>`), a PyTorchJob with a training stage's pod shape (make deploy-nccl-check).
 */}}
 {{- define "llmpipe.stageTable" -}}
 collect: {family: data, kind: single}
@@ -17,6 +19,7 @@ evaluate: {family: eval, kind: single}
 quantize: {family: eval, kind: single}
 register: {family: registry, kind: single}
 serve: {family: eval, kind: service}
+nccl-check: {family: train, kind: training, run: fabric-check}
 {{- end -}}
 
 {{/*
@@ -144,7 +147,7 @@ default (<runRoot>/checkpoints/<stage>, on the PVC). */}}
 {{- end -}}
 {{- if eq $kind "training" -}}
 {{- $ckpt := include "llmpipe.checkpointDir" . -}}
-{{- if and (eq .Values.storage.type "s3") (not $ckpt) -}}
+{{- if and (eq .Values.storage.type "s3") (not $ckpt) (ne .Values.stage "nccl-check") -}}
 {{- fail (printf "storage.type=s3: %s writes DeepSpeed checkpoints as files on a filesystem every pod mounts, and an s3:// run root is none. Mount one (extraVolumes + extraVolumeMounts, e.g. a ReadWriteMany PVC) and set checkpointRoot to its mountPath (docs/kubernetes.md, S3 run roots)" .Values.stage) -}}
 {{- end -}}
 {{- if $ckpt -}}
@@ -251,8 +254,12 @@ spec:
       imagePullPolicy: {{ include "llmpipe.pullPolicy" $root }}
       command: ["llmpipe"]
       args:
+        {{- with (include "llmpipe.stageInfo" $root | fromYaml).run }}
+        - {{ . | quote }}
+        {{- else }}
         - run
         - {{ $v.stage | quote }}
+        {{- end }}
         - --config
         - /etc/llmpipe/config.yaml
         - --root
