@@ -42,6 +42,8 @@ lock: | $(BIN)/activate  ## refresh requirements.lock and requirements-dev.lock 
 	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra quantize --custom-compile-command "make lock" -o $(LOCK)
 	$(UV) pip compile pyproject.toml $(LOCK_ARGS) $(if $(UPGRADE),--upgrade) --extra image --extra quantize --extra dev --extra bench -c $(LOCK) \
 	  --custom-compile-command "make lock" -o $(DEV_LOCK)
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['k8s']))" \
+	  | $(UV) pip compile - $(LOCK_ARGS) -c $(LOCK) --custom-compile-command "make lock" -o requirements-k8s.lock
 
 # the lower bounds in pyproject.toml, tested: every direct dependency at its lowest allowed version (uv's
 # lowest-direct resolution, torch as installed) in .venv-floors, then the tests that call into those libraries
@@ -122,6 +124,9 @@ SERVER_IMAGES ?= mlflow
 MLFLOW_BASE_IMAGE ?=
 BASE_IMAGE ?=
 TORCH_SPEC ?=
+# the train image's builder stage: BASE_IMAGE's -devel twin (docker/train.Dockerfile); with TORCH_SPEC (torch from pip
+# into a bare BASE_IMAGE) BASE_IMAGE itself
+BUILDER_IMAGE ?=
 IMAGE_BUILD_FLAGS ?=
 K8S_NAMESPACE ?= llm-pipeline
 
@@ -135,7 +140,8 @@ images:  ## build llmpipe-base, the stage images and llmpipe-mlflow (docker or p
 	@for f in $(IMAGE_FAMILIES); do \
 	  echo "$(ENGINE) build ... -t $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG)"; \
 	  $(ENGINE) build $(IMAGE_BUILD_FLAGS) -f docker/$$f.Dockerfile -t $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG) \
-	    --build-arg BASE=$(REGISTRY)/llmpipe-base:$(IMAGE_TAG) --build-arg VERSION=$(IMAGE_TAG) . || exit 1; \
+	    --build-arg BASE=$(REGISTRY)/llmpipe-base:$(IMAGE_TAG) --build-arg VERSION=$(IMAGE_TAG) \
+	    $$([ $$f = train ] && [ -n "$(or $(BUILDER_IMAGE),$(if $(TORCH_SPEC),$(BASE_IMAGE)))" ] && echo "--build-arg BUILDER_IMAGE=$(or $(BUILDER_IMAGE),$(if $(TORCH_SPEC),$(BASE_IMAGE)))") . || exit 1; \
 	done
 	$(if $(filter mlflow,$(SERVER_IMAGES)),$(ENGINE) build $(IMAGE_BUILD_FLAGS) -f docker/mlflow.Dockerfile \
 	  -t $(REGISTRY)/llmpipe-mlflow:$(IMAGE_TAG) --build-arg VERSION=$(IMAGE_TAG) \
@@ -191,7 +197,7 @@ endef
 # `llmpipe k8s wait STAGE` waits for every release of the stage (they share the llmpipe.io/stage label)
 define DEPLOY_AND_WAIT
 $(call DEPLOY_STAGE,$(1),$(2))
-$(BIN)/llmpipe k8s wait $(1) -n $(K8S_NAMESPACE) --timeout $(WAIT_TIMEOUT)
+$(K8S_VENV)/bin/llmpipe k8s wait $(1) -n $(K8S_NAMESPACE) --timeout $(WAIT_TIMEOUT)
 
 endef
 
@@ -201,7 +207,7 @@ $(addprefix deploy-,$(PIPELINE_STAGES)): deploy-%: tools  ## deploy-<stage> [VAR
 $(addprefix render-,$(PIPELINE_STAGES)): render-%: tools  ## render-<stage> [VARIANT=v]: print what deploy-<stage> would apply (helm template, same arguments)
 	@$(HELM) template $(call HELM_STAGE_ARGS,$*,$(if $(VARIANT),$*-$(VARIANT)))
 
-deploy-pipeline: tools install  ## every stage in order (and the clean/pack variants in jobs/cluster), each after the one before has finished
+deploy-pipeline: tools install-k8s  ## every stage in order (and the clean/pack variants in jobs/cluster), each after the one before has finished
 	$(foreach s,$(DEPLOY_STAGES),$(call DEPLOY_AND_WAIT,$(s))$(foreach v,$(call variants_of,$(s)),$(call DEPLOY_AND_WAIT,$(s),$(v))))
 
 $(addprefix undeploy-,$(PIPELINE_STAGES)): undeploy-%: tools  ## undeploy-<stage> [VARIANT=v]: helm uninstall llmpipe-<stage>[-v] (the run root stays)
@@ -252,12 +258,25 @@ render-nccl-check: tools  ## render-nccl-check [NCCL_CHECK_SHAPE=pretrain]: prin
 undeploy-nccl-check: tools  ## undeploy-nccl-check: helm uninstall llmpipe-nccl-check
 	$(HELM) uninstall llmpipe-nccl-check -n $(K8S_NAMESPACE) --ignore-not-found
 
-status: install  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods, the serving pods' model versions
-	$(BIN)/llmpipe k8s status -n $(K8S_NAMESPACE)
+# `llmpipe k8s` alone (status, logs, wait, submit): the package without its dependencies + the `k8s` extra's closure
+# (requirements-k8s.lock, the same versions as requirements.lock), no torch or DeepSpeed: seconds to install
+K8S_VENV ?= .venv-k8s
+K8S_LOCK := requirements-k8s.lock
+$(K8S_VENV)/.installed: $(K8S_LOCK) pyproject.toml
+	$(PY) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install -q --no-deps -r $(K8S_LOCK)
+	$(K8S_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
 
-logs: install  ## follow a stage's logs: make logs STAGE=clean
+.PHONY: install-k8s
+install-k8s: $(K8S_VENV)/.installed  ## .venv-k8s: only what `llmpipe k8s` needs (the k8s extra, requirements-k8s.lock)
+
+status: install-k8s  ## what runs on the cluster: every stage's Jobs / PyTorchJobs and pods, the serving pods' model versions
+	$(K8S_VENV)/bin/llmpipe k8s status -n $(K8S_NAMESPACE)
+
+logs: install-k8s  ## follow a stage's logs: make logs STAGE=clean
 	@test -n "$(STAGE)" || { echo "make logs: which stage? make logs STAGE=clean" >&2; exit 1; }
-	$(BIN)/llmpipe k8s logs $(STAGE) -n $(K8S_NAMESPACE) --follow
+	$(K8S_VENV)/bin/llmpipe k8s logs $(STAGE) -n $(K8S_NAMESPACE) --follow
 
 define NEWLINE
 

@@ -11,7 +11,7 @@
 #              "torch==2.13.0+cpu" installed first (with PIP_FIND_LINKS / PIP_INDEX_URL pointing at it).
 # PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_CERT   a mirror, a wheel folder (podman
 #              build --volume), a proxy's CA bundle: used while building, not kept in the image's env.
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 # ---- stage 1: the virtualenv, built where a compiler may be added (a few locked packages are sdists) ----
 FROM ${BASE_IMAGE} AS venv

@@ -103,6 +103,13 @@ def test_images_install_the_one_lock():
     assert "-r $(LOCK)" in (ROOT / "Makefile").read_text()
     for family in FAMILIES:
         runs = [arg for op, arg in _instructions(DOCKER / f"{family}.Dockerfile") if op == "RUN"]
+        if family == "train":  # its builder stage: DeepSpeed again at the lock's version (ops prebuilt) and the
+            # GPU packages at docker/matrix.toml's pins, nothing else (tests/docker/test_matrix.py)
+            installs = [r for r in runs if "pip install" in r]
+            assert len(installs) == 1 and "grep -m1 '^deepspeed==' /opt/llmpipe/requirements.lock" in installs[0]
+            assert installs[0].count("uv pip install --no-deps") == 2
+            assert '"liger-kernel==$(pin liger_kernel)"' in installs[0] and "fa=$(pin flash_attn)" in installs[0]
+            continue
         assert not any("pip install" in r for r in runs), f"{family}.Dockerfile installs packages outside the lock"
 
 
