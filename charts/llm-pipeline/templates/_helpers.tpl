@@ -174,6 +174,11 @@ default (<runRoot>/checkpoints/<stage>, on the PVC). */}}
 {{- fail (printf "extraVolumeMounts: %q mounts no volume of extraVolumes (names: %s)" $m.name (include "llmpipe.extraVolumeNames" $)) -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.schedulingPolicy -}}
+{{- if gt (int (.minAvailable | default 0)) (int $.Values.nnodes) -}}
+{{- fail (printf "schedulingPolicy.minAvailable %d is more than the job's %d pods (nnodes): its PodGroup could never be scheduled" (int .minAvailable) (int $.Values.nnodes)) -}}
+{{- end -}}
+{{- end -}}
 {{- with .Values.elasticPolicy -}}
 {{- $n := int $.Values.nnodes -}}
 {{- $min := .minReplicas | default $n | int -}}
@@ -192,19 +197,76 @@ default (<runRoot>/checkpoints/<stage>, on the PVC). */}}
 {{- end -}}
 
 {{/*
+The scheduling and runtime fields of a pod spec, shared by every workload template (Job, Indexed Job,
+PyTorchJob, and any other pod the chart renders). Call with (dict "root" $ "role" "<llmpipe.io/role>").
+A topologySpreadConstraint without labelSelector gets one that matches this workload's pods
+(app.kubernetes.io/instance + llmpipe.io/role), so the spread is among the stage's own pods.
+*/}}
+{{- define "llmpipe.podScheduling" -}}
+{{- $v := .root.Values -}}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with $v.runtimeClassName }}
+runtimeClassName: {{ . | quote }}
+{{- end }}
+{{- with $v.schedulerName }}
+schedulerName: {{ . | quote }}
+{{- end }}
+{{- with $v.image.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- range . }}
+  {{- $c := deepCopy . }}
+  {{- if not (hasKey $c "labelSelector") }}
+  {{- $sel := dict "app.kubernetes.io/instance" $.root.Release.Name }}
+  {{- with $.role }}{{ $_ := set $sel "llmpipe.io/role" . }}{{ end }}
+  {{- $_ := set $c "labelSelector" (dict "matchLabels" $sel) }}
+  {{- end }}
+  - {{ toYaml $c | nindent 4 | trim }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
 The pod template of every workload. Call with
   (dict "root" $ "role" "single|part|merge|train" "args" (list extra args) "container" "llmpipe"
-        "restartPolicy" "Never|..." "ports" (list of ContainerPort) )
+        "restartPolicy" "Never|..." "ports" (list of ContainerPort) "interconnect" true|false )
+interconnect: apply `interconnect` (RDMA resources, IPC_LOCK, network annotation, NCCL env) when it is enabled;
+the training pods pass true, data stages use no NCCL.
 */}}
 {{- define "llmpipe.podTemplate" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $home := "/home/llmpipe" -}}
+{{- $ic := and .interconnect $v.interconnect.enabled -}}
 metadata:
   labels:
     {{- include "llmpipe.labels" (dict "root" $root "role" .role) | nindent 4 }}
   annotations:
     llmpipe.io/config-sha256: {{ $v.config | sha256sum | quote }}
+    {{- if $ic }}
+    {{- with $v.interconnect.networks }}
+    k8s.v1.cni.cncf.io/networks: {{ join "," . | quote }}
+    {{- end }}
+    {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -219,26 +281,8 @@ spec:
   # the pause container is PID 1 (reaps zombies); llmpipe gets SIGTERM's default action
   shareProcessNamespace: true
   enableServiceLinks: false
-  {{- with $v.priorityClassName }}
-  priorityClassName: {{ . | quote }}
-  {{- end }}
-  {{- with $v.image.pullSecrets }}
-  imagePullSecrets:
-    {{- range . }}
-    - name: {{ . | quote }}
-    {{- end }}
-  {{- end }}
-  {{- with $v.nodeSelector }}
-  nodeSelector:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.tolerations }}
-  tolerations:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.affinity }}
-  affinity:
-    {{- toYaml . | nindent 4 }}
+  {{- with include "llmpipe.podScheduling" (dict "root" $root "role" .role) | trim }}
+  {{- . | nindent 2 }}
   {{- end }}
   securityContext:
     runAsNonRoot: true
@@ -322,18 +366,36 @@ spec:
         - name: LLMPIPE_JOB_ID
           value: {{ printf "%s-%s" $root.Release.Name (now | date "20060102-150405") | quote }}
         {{- end }}
+        {{- if $ic }}
+        {{- $own := list }}{{ range $v.extraEnv }}{{ $own = append $own .name }}{{ end }}
+        {{- range $name, $value := $v.interconnect.ncclEnv }}
+        {{- if not (has $name $own) }}
+        - name: {{ $name }}
+          value: {{ $value | toString | quote }}
+        {{- end }}
+        {{- end }}
+        {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- with $v.mlflow.secretName }}
+      {{- if or $v.mlflow.secretName $v.extraEnvFrom }}
       envFrom:
+        {{- with $v.mlflow.secretName }}
         - secretRef:
             name: {{ . | quote }}
+        {{- end }}
+        {{- with $v.extraEnvFrom }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
       {{- $res := deepCopy ($v.resources | default dict) -}}
       {{- if gt (int $v.gpus) 0 }}
       {{- $_ := set $res "requests" (merge (dict $v.gpuResourceName (int $v.gpus)) ($res.requests | default dict)) }}
       {{- $_ := set $res "limits" (merge (dict $v.gpuResourceName (int $v.gpus)) ($res.limits | default dict)) }}
+      {{- end }}
+      {{- if and $ic $v.interconnect.resources }}
+      {{- $_ := set $res "requests" (merge ($res.requests | default dict) (deepCopy $v.interconnect.resources)) }}
+      {{- $_ := set $res "limits" (merge ($res.limits | default dict) (deepCopy $v.interconnect.resources)) }}
       {{- end }}
       {{- with $res }}
       resources:
@@ -346,6 +408,10 @@ spec:
         runAsNonRoot: true
         capabilities:
           drop: ["ALL"]
+          {{- if and $ic $v.interconnect.ipcLock }}
+          # RDMA memory registration pins pages (ibv_reg_mr): needs Pod Security "privileged" (k8s/interconnect/)
+          add: ["IPC_LOCK"]
+          {{- end }}
         seccompProfile:
           type: RuntimeDefault
       volumeMounts:
