@@ -243,11 +243,13 @@ undeploy-serve: tools  ## undeploy-serve [VARIANT=cpu]: helm uninstall llmpipe-s
 # NCCL_CHECK_SHAPE (jobs/cluster/values/<shape>.yaml: nodes, GPUs, resources) and the same VALUES as the pretraining
 # (an interconnect profile from jobs/cluster/values/profiles/, the site file), so it crosses the links the pretraining
 # will; its settings (nominal link rate, threshold, sizes) in jobs/cluster/nccl-check.yaml.
-# No retries (backoffLimit 0) and a deadline: a check that hangs in NCCL's setup must not hold the GPUs.
+# A deadline: a check that hangs in NCCL's setup must not hold the GPUs. backoffLimit stays (a failed check exits 1,
+# which fails the job at once under restartPolicy ExitCode, and cleanPodPolicy Running keeps the Master's log; with
+# backoffLimit 0 the operator deletes every pod first, the table with them: tests/k8s/test_k8s_nccl_check.py).
 NCCL_CHECK_SHAPE ?= pretrain
 NCCL_CHECK_DEADLINE ?= 1800
 define HELM_NCCL_CHECK_ARGS
-llmpipe-nccl-check $(CHART) -n $(K8S_NAMESPACE) --set stage=nccl-check --set-file config=jobs/cluster/nccl-check.yaml -f jobs/cluster/values/$(NCCL_CHECK_SHAPE).yaml $(addprefix -f ,$(VALUES)) --set backoffLimit=0 --set activeDeadlineSeconds=$(NCCL_CHECK_DEADLINE) $(HELM_ARGS)
+llmpipe-nccl-check $(CHART) -n $(K8S_NAMESPACE) --set stage=nccl-check --set-file config=jobs/cluster/nccl-check.yaml -f jobs/cluster/values/$(NCCL_CHECK_SHAPE).yaml $(addprefix -f ,$(VALUES)) --set activeDeadlineSeconds=$(NCCL_CHECK_DEADLINE) $(HELM_ARGS)
 endef
 .PHONY: deploy-nccl-check render-nccl-check undeploy-nccl-check
 
