@@ -301,6 +301,19 @@ class OutputDir:
             else:
                 self.fs.put_file(str(file), self.path(dest))
 
+    def take_from(self, part: Artifact, rel: str, dest: str | None = None) -> None:
+        """A file of a committed artifact (a rank's part) into the output at ``dest`` (default ``rel``): a hard
+        link on a local filesystem (the merge of a sharded stage moves no bytes), a copy elsewhere."""
+        src, dst = part.path(rel), self.path(dest or rel)
+        if self.storage.is_local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        self.fs.copy(src, dst)
+
     def record(self, rel: str, size: int, sha256: str) -> None:
         """Register a checksum computed while writing, so commit need not read the file back."""
         self._known[rel] = (size, sha256)

@@ -31,7 +31,6 @@ dropped`` before it commits.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter, defaultdict
 from typing import IO, Any, Iterator
 
@@ -396,7 +395,7 @@ class CleanStage(ShardedStage):
             sha = {f["path"]: (f["size"], f["sha256"]) for f in p.manifest.get("files", [])}
             for part in p.metrics["parts"]:
                 rel = f"part-{len(out_parts):05d}.parquet"
-                _link_or_copy(p, part["file"], out, rel)
+                out.take_from(p, part["file"], rel)
                 size, digest = sha[part["file"]]
                 out.record(rel, size, digest)
                 out_parts.append({"file": rel, "rows": part["rows"]})
@@ -480,19 +479,6 @@ def _name_duplicate_targets(samples: _Samples, raw: DocumentSet) -> None:
             if pos is not None:
                 batch = next(raw.iter_batches(pos, pos + 1, columns=["id"], batch_size=1))
                 record["duplicate_of"] = batch["id"][0]
-
-
-def _link_or_copy(part: Artifact, rel: str, out: OutputDir, dest: str) -> None:
-    """A file of a committed part into the output: a hard link on a local filesystem, a copy elsewhere."""
-    src, dst = part.path(rel), out.path(dest)
-    if out.storage.is_local:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    out.fs.copy(src, dst)
 
 
 STAGE = CleanStage()

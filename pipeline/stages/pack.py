@@ -60,18 +60,6 @@ def load_tokenizer(art: Artifact) -> tuple[Tokenizer, dict[str, Any]]:
     return tokenizer, {"bos_id": token_id("bos_token"), "eos_id": token_id("eos_token"), "vocab_size": tokenizer.get_vocab_size()}
 
 
-def _link_or_copy(part: Artifact, rel: str, out: OutputDir) -> None:
-    src, dst = part.path(rel), out.path(rel)
-    if out.storage.is_local:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    out.fs.copy(src, dst)
-
-
 class PackStage(ShardedStage):
     name = "pack"
     config = PackConfig
@@ -112,7 +100,7 @@ class PackStage(ShardedStage):
         for part, part_index in zip(parts, indexes):
             for split in part_index["splits"].values():
                 for shard in split["shards"]:
-                    _link_or_copy(part, shard["file"], out)
+                    out.take_from(part, shard["file"])
                     out.record(shard["file"], shard["bytes"], shard["sha256"])
         write_index(out.fs, out.path(), index)
         splits = index["splits"]
