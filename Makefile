@@ -153,9 +153,10 @@ images:  ## build llmpipe-base, the stage images and llmpipe-mlflow (docker or p
 push: images  ## push the images to REGISTRY (make push REGISTRY=registry.example.com/team)
 	@for f in base $(IMAGE_FAMILIES) $(SERVER_IMAGES); do $(ENGINE) push $(REGISTRY)/llmpipe-$$f:$(IMAGE_TAG) || exit 1; done
 
-bootstrap-cluster:  ## namespace, RBAC, shared PVC and a dev MLflow (k8s/); then see k8s/README.md for the training operator
+bootstrap-cluster:  ## namespace, RBAC, shared PVC and a dev MLflow behind basic auth with its users (k8s/); then see k8s/README.md for the training operator
 	kubectl apply -k k8s/
 	kubectl -n $(K8S_NAMESPACE) rollout status deployment/mlflow --timeout=300s
+	kubectl -n $(K8S_NAMESPACE) wait --for=condition=complete job/mlflow-setup --timeout=600s
 
 # ---- the Helm chart: deploy stages to Kubernetes (docs/kubernetes.md) ----
 HELM ?= $(CACHE)/bin/helm

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # llmpipe-mlflow: the MLflow tracking server for a dev cluster (k8s/mlflow/): MLflow with the
-# PostgreSQL driver and boto3 for S3/MinIO artefacts, which the upstream image leaves out.
+# PostgreSQL driver, boto3 for S3/MinIO artefacts and Flask-WTF for the basic-auth app
+# (`mlflow server --app-name basic-auth`: mlflow's `auth` extra, Flask-WTF<2), which the upstream image leaves out.
 # The server's MLflow is the clients' (requirements.lock: tests/docker checks the pin).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -26,8 +27,8 @@ RUN if ! command -v python3 >/dev/null; then \
     && (getent group "$UID" >/dev/null || groupadd --gid "$UID" mlflow) \
     && useradd --non-unique --uid "$UID" --gid "$UID" --home-dir "$HOME" --create-home --shell /usr/sbin/nologin mlflow \
     && python3 -m venv "$VIRTUAL_ENV" \
-    && python -m pip install --no-cache-dir mlflow==3.17.2 psycopg2-binary==2.9.13 boto3==1.44.5 \
-    && python -c "import psycopg2, boto3, mlflow.server" \
+    && python -m pip install --no-cache-dir mlflow==3.17.2 flask-wtf==1.3.0 psycopg2-binary==2.9.13 boto3==1.44.5 \
+    && python -c "import psycopg2, boto3, flask_wtf, mlflow.server" \
     && chown -R "$UID:$UID" "$HOME"
 LABEL org.opencontainers.image.title="llmpipe-mlflow" \
       org.opencontainers.image.description="MLflow tracking server with PostgreSQL and S3 support, for llm-pipeline dev clusters" \
