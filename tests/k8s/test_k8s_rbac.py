@@ -29,7 +29,8 @@ def test_every_action_works_with_the_submitter_role_alone(fake, chart, llmpipe):
         for res in RESOURCES:
             if (verb, res) not in allowed:
                 fake.deny(verb, res)
-    assert ("update", "configmaps") in fake.denied  # the role is least-privilege indeed
+    # the role is least-privilege indeed (what helm needs besides, tests/k8s/test_helm_rbac.py, is no more than this)
+    assert {("create", "pods"), ("delete", "pods"), ("create", "serviceaccounts"), ("delete", "persistentvolumeclaims")} <= fake.denied
     fake.scenarios["llmpipe-clean-merge"] = Scenario(after="llmpipe-clean-part")
     for _ in range(2):  # the second submit deletes and recreates everything
         rc, out, err = llmpipe("k8s", "submit", "clean", "--wait", "--interval", "0.1")
