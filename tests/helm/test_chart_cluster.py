@@ -516,3 +516,20 @@ def test_make_takes_a_profile_and_a_site_file_in_order(tmp_path):
     for _r, tpl in pod_templates(one(objs, "PyTorchJob")):
         assert env_of(tpl)["NCCL_IB_HCA"] == "mlx5_0" and env_of(tpl)["NCCL_SOCKET_IFNAME"] == "eth0"
 
+
+
+def test_nccl_check_gets_the_profile_too():
+    """The fabric check (stage nccl-check, a PyTorchJob through pytorchjob.yaml) measures the fabric the training
+    stages will use: the same profile gives its pods the same RDMA resources, capability, networks and NCCL env."""
+    if not (CLUSTER / "nccl-check.yaml").is_file():
+        pytest.skip("no jobs/cluster/nccl-check.yaml")
+    objs = render("nccl-check", CLUSTER / "nccl-check.yaml", values=[shape("pretrain"), PROFILES / "infiniband.yaml"])
+    pj = one(objs, "PyTorchJob")
+    validate(pj)
+    train = one(render_profile("infiniband"), "PyTorchJob")
+    for (_r, tpl), (_r2, ref) in zip(pod_templates(pj), pod_templates(train)):
+        c, rc = main_container(tpl), main_container(ref)
+        assert c["resources"] == rc["resources"] and c["securityContext"] == rc["securityContext"]
+        assert tpl["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "ib-net"
+        assert {k: v for k, v in env_of(tpl).items() if k.startswith("NCCL_")} == \
+            {k: v for k, v in env_of(ref).items() if k.startswith("NCCL_")}
