@@ -39,6 +39,14 @@ RUN pkgs=""; \
         apt-get update && apt-get install -y --no-install-recommends $pkgs && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python -c 'import sysconfig, os; h = sysconfig.get_paths()["include"]; assert os.path.isfile(h + "/Python.h"), h'
+# DeepSpeed compiles its CPU ops for the build host (-march=native, and -D__AVX512__ where the host has AVX-512: SIGILL
+# on a node without it); docker/portable-cxx.sh, ahead of the real compiler on this stage's PATH only, turns them into
+# -march=x86-64-v3 -D__AVX256__ (DS_CPU_ARCH overrides the -march; DeepSpeed itself has no setting for either)
+COPY docker/portable-cxx.sh /opt/portable-cxx/portable-cxx
+RUN chmod 755 /opt/portable-cxx/portable-cxx && mkdir /opt/portable-cxx/bin \
+    && for n in c++ g++ gcc cc "$(uname -m)-linux-gnu-g++" "$(uname -m)-linux-gnu-gcc"; do \
+        ln -s ../portable-cxx "/opt/portable-cxx/bin/$n"; \
+    done
 # DeepSpeed again, from the lock's version, with the ops of deepspeed_ops compiled in (DS_BUILD_<OP>=1) for the
 # accelerator of this torch (DS_ACCELERATOR: a build host has no GPU, so DeepSpeed would otherwise pick `cpu`, and a
 # GPU node would then find no op for `cuda` and compile it just in time: without a compiler, it cannot)
@@ -46,19 +54,32 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # $ops: DS_BUILD_<OP>=1 words, split on purpose
 # hadolint ignore=SC2086
 RUN set -eu; \
-    if [ -n "$PIP_INDEX_URL" ]; then export UV_INDEX_URL="$PIP_INDEX_URL"; fi; \
-    if [ -n "$PIP_EXTRA_INDEX_URL" ]; then export UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"; fi; \
-    if [ -n "$PIP_FIND_LINKS" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi; \
-    if [ -n "$PIP_CERT" ]; then export SSL_CERT_FILE="$PIP_CERT"; fi; \
+    if [ -n "${PIP_INDEX_URL:-}" ]; then export UV_INDEX_URL="$PIP_INDEX_URL"; fi; \
+    if [ -n "${PIP_EXTRA_INDEX_URL:-}" ]; then export UV_EXTRA_INDEX_URL="$PIP_EXTRA_INDEX_URL"; fi; \
+    if [ -n "${PIP_FIND_LINKS:-}" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi; \
+    if [ -n "${PIP_CERT:-}" ]; then export SSL_CERT_FILE="$PIP_CERT"; fi; \
     pin() { python -c "import sys, tomllib; print(tomllib.load(open('/opt/llmpipe/matrix.toml', 'rb'))[sys.argv[1]])" "$1"; }; \
     profile=$(python -c 'import torch; print("cuda" if torch.version.cuda else "cpu")'); \
     site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
     overlay="/overlay$site"; mkdir -p "$overlay"; \
     ops=$(python -c "import tomllib; print(' '.join('DS_BUILD_%s=1' % o.upper() for o in tomllib.load(open('/opt/llmpipe/matrix.toml', 'rb'))['deepspeed_ops']))"); \
     echo "train ops: profile $profile, $ops, into $overlay"; \
+    export PATH="/opt/portable-cxx/bin:$PATH" PORTABLE_CXX_LOG=/tmp/portable-cxx.log; \
     env DS_BUILD_OPS=0 $ops DS_ACCELERATOR="$profile" TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" MAX_JOBS="$(nproc)" \
         uv pip install --no-deps --no-build-isolation --python "$VIRTUAL_ENV/bin/python" --target "$overlay" \
         "$(grep -m1 '^deepspeed==' /opt/llmpipe/requirements.lock)"; \
+    if [ "$(uname -m)" = x86_64 ]; then \
+        grep -q -- '-march=' "$PORTABLE_CXX_LOG" || { echo "train ops: no compile went through portable-cxx" >&2; exit 1; }; \
+        flags=$(grep -o -- '-march=[^ ]*\|-D__AVX[0-9]*__' "$PORTABLE_CXX_LOG" | sort -u | tr '\n' ' '); \
+        command -v objdump >/dev/null || { echo "train ops: no objdump to check the ops' instructions" >&2; exit 1; }; \
+        sos=$(find "$overlay/deepspeed" -name '*.so'); \
+        [ -n "$sos" ] || { echo "train ops: no compiled op in $overlay/deepspeed" >&2; exit 1; }; \
+        for so in $sos; do \
+            zmm=$(objdump -d --no-show-raw-insn "$so" | grep -c '%zmm' || true); \
+            echo "train ops: portable: ${so#"$overlay"/} built with $flags($(wc -l <"$PORTABLE_CXX_LOG") compiles rewritten), AVX-512 instructions: $zmm"; \
+            [ "$zmm" = 0 ] || { echo "train ops: $so has AVX-512 code: not every x86_64 node runs it" >&2; exit 1; }; \
+        done; \
+    fi; \
     if [ "$profile" = cuda ]; then \
         fa=$(pin flash_attn); \
         tag=$(python -c 'import sys, torch; v = torch.__version__.split("+")[0].split("."); print("cu%storch%s.%scxx11abi%s-cp%d%d-cp%d%d" % (torch.version.cuda.split(".")[0], v[0], v[1], str(torch._C._GLIBCXX_USE_CXX11_ABI).upper(), *sys.version_info[:2], *sys.version_info[:2]))'); \

@@ -120,3 +120,48 @@ def test_smoke_train_fails_the_build_with_a_message():
     proc = subprocess.run([sys.executable, str(DOCKER / "smoke.py"), "train"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "smoke: train:" in proc.stderr and "not prebuilt" in proc.stderr
+
+
+def test_deepspeed_still_compiles_its_cpu_ops_for_the_build_host():
+    """Why docker/portable-cxx.sh exists: DeepSpeed's CPU op builder (cpu_adam's, on the CUDA accelerator too) puts
+    -march=native and the host's SIMD width into the extension's flags, and reads no setting to change them. When a
+    DeepSpeed release stops doing so, the wrapper can go."""
+    import inspect
+
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
+
+    assert "self.cpu_arch()" in inspect.getsource(CPUOpBuilder.cxx_args)
+    assert "self.simd_width()" in inspect.getsource(CPUOpBuilder.cxx_args)
+    assert "return '-march=native'" in inspect.getsource(OpBuilder.cpu_arch)
+    assert "'-D__AVX512__'" in inspect.getsource(OpBuilder.simd_width)
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="the wrapper rewrites x86_64 flags only")
+def test_portable_cxx_turns_the_host_flags_into_a_baseline(tmp_path):
+    """The wrapper under a compiler's name, ahead of a fake compiler that prints its arguments: -march=native and
+    -D__AVX512__ become -march=x86-64-v3 (or DS_CPU_ARCH) and -D__AVX256__, the rest passes through, the call is
+    logged; and the train image puts it on PATH in the builder stage only."""
+    real, mine = tmp_path / "real", tmp_path / "wrap"
+    real.mkdir()
+    mine.mkdir()
+    (real / "c++").write_text('#!/bin/sh\nprintf "%s|" "$@"\n')
+    (real / "c++").chmod(0o755)
+    (mine / "c++").symlink_to(DOCKER / "portable-cxx.sh")
+    env = {"PATH": f"{mine}:{real}:/usr/bin:/bin", "PORTABLE_CXX_LOG": str(tmp_path / "log")}
+    args = ["-O3", "-march=native", "-fopenmp", "-D__AVX512__", "-I/x y", "-c", "a.cpp"]
+    out = subprocess.run(["c++", *args], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("|")[:-1] == ["-O3", "-march=x86-64-v3", "-fopenmp", "-D__AVX256__", "-I/x y", "-c", "a.cpp"]
+    assert (tmp_path / "log").read_text().startswith("c++: -O3 -march=x86-64-v3 -fopenmp -D__AVX256__")
+    out = subprocess.run(["c++", "-march=native"], env={**env, "DS_CPU_ARCH": "znver3"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out == "-march=znver3|"
+    out = subprocess.run(["c++", "-O2", "x.o"], env=env, capture_output=True, text=True, check=True).stdout
+    assert out == "-O2|x.o|"
+    assert len((tmp_path / "log").read_text().splitlines()) == 2  # only calls with a rewrite are logged
+
+    text = (DOCKER / "train.Dockerfile").read_text()
+    ops, final = text.split("\nFROM ${BASE}\n")
+    assert "COPY docker/portable-cxx.sh /opt/portable-cxx/portable-cxx" in ops
+    assert 'export PATH="/opt/portable-cxx/bin:$PATH"' in ops and "AVX-512 instructions" in ops
+    assert "portable-cxx" not in final
