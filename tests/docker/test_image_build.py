@@ -96,7 +96,9 @@ def test_data_image_builds_from_a_bootstrapped_debian_and_runs_as_non_root(tmp_p
     built = time.time() - t0
     image = f"{REGISTRY}/llmpipe-data:{TAG}"
     text = log.read_text()
-    assert "smoke: base:" in text and "smoke: data:" in text  # the build-time import checks ran
+    # the build-time import checks ran (or their layers were cached, which podman does only for a step that passed)
+    _ran_or_cached(text, "&& python /opt/llmpipe/smoke.py base", ["smoke: base:"])
+    _ran_or_cached(text, "RUN python /opt/llmpipe/smoke.py data", ["smoke: data:"])
 
     info = json.loads(subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
     cfg = info["Config"]
@@ -135,6 +137,99 @@ def test_data_image_builds_from_a_bootstrapped_debian_and_runs_as_non_root(tmp_p
     assert (home / "runs" / "img" / "raw").stat().st_uid == 1000  # written as the non-root user
     print(f"\nbuilt base + data in {built:.0f} s; image size "
           f"{int(info['Size']) / 2**30:.2f} GiB; collect in the image: {manifest.get('metrics', {})}", file=sys.stderr)
+
+
+def _make_images(families: str, log: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`make images` of llmpipe-base + FAMILIES FROM the bootstrapped Debian (podman caches the base's layers: the
+    second family's build reuses them), the build's output in LOG."""
+    subprocess.run([str(ROOT / "docker" / "bootstrap-debian.sh"), BASE], check=True, timeout=1800)
+    flags, args = _build_flags()
+    make = ["make", "images", "ENGINE=podman", f"REGISTRY={REGISTRY}", f"IMAGE_TAG={TAG}", f"IMAGE_FAMILIES={families}",
+            "SERVER_IMAGES=", f"BASE_IMAGE={BASE}", f"IMAGE_BUILD_FLAGS={flags}", *args, *extra]
+    with log.open("w") as fh:
+        return subprocess.run(make, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=5000, check=False)
+
+
+def _ran_or_cached(text: str, step: str, lines: list[str]) -> None:
+    """LINES are in the build log, or the RUN STEP was a cached layer (podman caches only a step that succeeded,
+    so an earlier build printed them)."""
+    missing = [line for line in lines if line not in text]
+    if missing:
+        at = text.find(step)
+        assert at >= 0, f"{step!r} is not in the build log"
+        end = text.find("STEP ", at)
+        assert "Using cache" in text[at:end if end > 0 else None], f"{missing} not in the build log and {step!r} not cached"
+
+
+COMPILERS = ["cc", "c++", "gcc", "g++", "x86_64-linux-gnu-gcc", "x86_64-linux-gnu-g++", "clang", "nvcc"]
+
+
+@pytest.mark.timeout(5400)
+def test_train_image_builds_its_ops_portable_and_prebuilt_on_the_cpu_base(tmp_path):
+    """llmpipe-train (docker/train.Dockerfile) on the CPU base: the builder stage `ops` is the same bootstrapped
+    Debian (+ g++, as make images passes BUILDER_IMAGE=BASE_IMAGE with TORCH_SPEC); DeepSpeed's cpu_adam is compiled
+    through docker/portable-cxx.sh (no AVX-512 code, although this host has it), smoke.py train passes in the build
+    and again as uid 1000 in the image, which has no compiler, so cpu_adam cannot have been JIT-compiled. flash-attn,
+    liger-kernel and the CUDA ops are GPU-only: the CPU build says it skipped them."""
+    _need_tools()
+    t0 = time.time()
+    log = tmp_path / "build.log"
+    build = _make_images("train", log)
+    assert build.returncode == 0, log.read_text()[-5000:]
+    built = time.time() - t0
+    text = log.read_text()
+    assert f"FROM {BASE} AS ops" in text  # the CPU base's builder is the base itself (make images: BUILDER_IMAGE)
+    _ran_or_cached(text, "RUN set -eu;", ["train ops: profile cpu, DS_BUILD_CPU_ADAM=1",
+                                         "train ops: portable: deepspeed/ops/adam/cpu_adam_op",
+                                         "-D__AVX256__ -march=x86-64-v3", "AVX-512 instructions: 0",
+                                         "flash-attn and liger-kernel skipped (GPU-only)"])
+    _ran_or_cached(text, "RUN python /opt/llmpipe/smoke.py train", [
+        "smoke: train: DeepSpeed op cpu_adam loads prebuilt (cpu_adam_op",
+        "smoke: train: DeepSpeedCPUAdam steps",
+        "GPU-only checks skipped (CUDA version, flash-attn, liger-kernel)",
+        "smoke: train: "])
+
+    image = f"{REGISTRY}/llmpipe-train:{TAG}"
+    info = json.loads(subprocess.run(["podman", "image", "inspect", image], capture_output=True, text=True, check=True).stdout)[0]
+    cfg = info["Config"]
+    assert cfg["User"] == "1000:1000"
+    assert cfg["Entrypoint"] == ["dumb-init", "--", "llmpipe"] and cfg["Cmd"] == ["--help"]
+    assert cfg["Labels"]["org.opencontainers.image.title"] == "llmpipe-train"
+    assert "LLMPIPE_IMAGE_FAMILY=train" in cfg["Env"]
+
+    rootfs = Path(subprocess.run(["podman", "image", "mount", image], capture_output=True, text=True, check=True).stdout.strip())
+    try:
+        # the builder's compiler and wrapper stayed in the builder
+        path = next(e for e in cfg["Env"] if e.startswith("PATH=")).split("=", 1)[1].split(":")
+        found = [f"{d}/{c}" for d in path for c in COMPILERS if (rootfs / d.lstrip("/") / c).exists()]
+        assert found == [], f"a compiler in the image: {found}"
+        assert not (rootfs / "opt" / "portable-cxx").exists()
+        sos = list((rootfs / "opt" / "llmpipe" / "venv").glob("lib/python3*/site-packages/deepspeed/ops/adam/cpu_adam_op*.so"))
+        assert len(sos) == 1, sos
+        if shutil.which("objdump"):  # the ops' code runs on any x86-64-v3 node: no AVX-512 instruction
+            dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(sos[0])], capture_output=True, text=True, check=True).stdout
+            assert "ymm" in dis and "%zmm" not in dis
+    finally:
+        subprocess.run(["podman", "image", "unmount", image], capture_output=True, check=False)
+
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+    # 1. the image's own ENTRYPOINT + CMD, as its USER
+    out = _run_in_image(image, cfg["Entrypoint"] + cfg["Cmd"], home)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "usage: llmpipe" in out.stdout
+    # 2. no compiler as the user either (so nothing below can be a JIT build)
+    cc = _run_in_image(image, ["/bin/sh", "-c", "for c in " + " ".join(COMPILERS) + "; do command -v $c; done; id -u"], home)
+    assert cc.stdout.split() == ["1000"], cc.stdout + cc.stderr
+    # 3. the train checks again as uid 1000: cpu_adam loads from the deepspeed package, DeepSpeedCPUAdam steps
+    smoke = _run_in_image(image, ["python", "/opt/llmpipe/smoke.py", "train"], home)
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert "smoke: train: DeepSpeed op cpu_adam loads prebuilt" in smoke.stdout
+    assert "smoke: train: DeepSpeedCPUAdam steps" in smoke.stdout
+    assert "GPU-only checks skipped (CUDA version, flash-attn, liger-kernel)" in smoke.stdout
+    assert not (home / ".cache" / "torch_extensions").exists()  # where a JIT build would have gone
+    print(f"\nbuilt base + train in {built:.0f} s; image size {int(info['Size']) / 2**30:.2f} GiB", file=sys.stderr)
 
 
 CHECK_SERVER = r"""
