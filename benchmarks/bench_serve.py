@@ -21,25 +21,19 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.localserver import ServerDidNotStart, free_port, stop, wait_http  # noqa: E402
+
 PROMPTS = ["Қазақстанның астанасы қай қала?", "Абай Құнанбайұлы кім болған?", "Какая столица Казахстана?",
            "Расскажи о степи.", "What is the capital of Kazakhstan?", "Tell me about the steppe."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -139,25 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                              "--port", str(port)], stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT,
                             env=env)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"llmpipe serve did not start:\n{(work / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        try:
+            wait_http(url + "/ready", proc, timeout=300, what="llmpipe serve", log=work / "serve.log")
+        except ServerDidNotStart as exc:
+            raise SystemExit(str(exc)) from None
         base = baseline(folder, args.requests, args.max_tokens, args.threads)
         results = {"baseline": base}
         for clients in [int(x) for x in args.levels.split(",")]:
             level(url, name, clients, min(clients, 4), args.max_tokens)  # warm-up
             results[f"clients_{clients}"] = level(url, name, clients, args.requests, args.max_tokens)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     print(f"\nmodel {source} (eos unset), {args.requests} requests per level, {args.max_tokens} new tokens each, "
           f"{os.cpu_count()} CPU cores, {args.threads} torch thread(s) per side, loopback")
     print(f"{'':<22}{'tokens/s':>10}{'x base':>8}{'p50 s':>9}{'x base':>8}{'p95 s':>9}{'x base':>8}")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from pipeline.localserver import ServerDidNotStart, free_port, stop, wait_http
 
 
 def main() -> int:
@@ -22,28 +21,18 @@ def main() -> int:
         print(f"no registry/ in {args.root}: nothing to serve", file=sys.stderr)
         return 1
     name = json.loads(manifest.read_text())["metrics"]["name"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = Path(args.root, ".serve-cache", "demo-serve.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--root", args.root, "--port", str(port)],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                    if r.status == 200:
-                        ready = json.loads(r.read())
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                print(f"llmpipe serve did not become ready; its log: {log}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        try:
+            ready = json.loads(wait_http(url + "/ready", proc, timeout=300, what="llmpipe serve"))
+        except ServerDidNotStart as exc:
+            print(f"{exc}; its log: {log}", file=sys.stderr)
+            return 1
         from openai import OpenAI
 
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -53,8 +42,7 @@ def main() -> int:
         print(f"  user:      {question}")
         print(f"  assistant: {r.choices[0].message.content!r}  ({r.usage.completion_tokens} tokens; a tiny demo model)")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     print(f"""
 To serve it yourself (stops with Ctrl-C):
   .venv/bin/llmpipe serve --root {args.root}            # http://127.0.0.1:8000/v1

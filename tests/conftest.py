@@ -25,10 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LLMPIPE_TRACKING", "off")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.localserver import free_port as _free_port  # noqa: E402
+from pipeline.localserver import stop, wait_http  # noqa: E402
 
 
 @pytest.fixture
@@ -42,7 +40,6 @@ def run_root(template_root, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on loopback: SQLite backend, proxied artefact store."""
-    import urllib.request
 
     base = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
@@ -53,24 +50,11 @@ def mlflow_server(tmp_path_factory):
         stdout=open(base / "server.log", "wb"), stderr=subprocess.STDOUT, cwd=base,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(base / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        wait_http(url + "/health", proc, timeout=120, what="mlflow server", log=base / "server.log")
+        yield url
+    finally:
+        stop(proc, timeout=20)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@ are written) and :mod:`.common` (precision, DeepSpeed, TrainingArguments, export
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+
+from pipeline.localserver import free_port  # noqa: F401  (re-exported: the launchers' rendezvous port)
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 
@@ -18,8 +19,3 @@ def deepspeed_config_path(stage: int, offload: bool = False) -> Path:
     return DEEPSPEED_DIR / f"zero{stage}{'-offload' if offload else ''}.json"
 
 
-def free_port() -> int:
-    """A free TCP port on localhost (for a process group of this machine only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.localserver import free_port
 from tests.conftest import CORPUS, write_configs
 from tests.helm.chart import REPO, helm, one, pod_templates, render
 from tests.k8s import operator
@@ -47,12 +47,6 @@ SITE = {"runRoot": RUN_ROOT, "extraEnv": [{"name": "CORPUS_DIR", "value": "/data
                                           {"name": "OMP_NUM_THREADS", "value": "1"},
                                           {"name": "LLMPIPE_TRACKING", "value": "off"}]}
 CLEAR = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "JOB_COMPLETION_INDEX", "LLMPIPE_ROOT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Pod:

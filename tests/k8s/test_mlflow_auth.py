@@ -18,11 +18,9 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -69,10 +67,8 @@ def _env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.localserver import free_port as _free_port  # noqa: E402
+from pipeline.localserver import wait_http  # noqa: E402
 
 
 def _pg_bin() -> Path | None:
@@ -171,18 +167,11 @@ def server(postgres, tmp_path_factory):
     proc = subprocess.Popen([str(exe), *args], env=full_env, cwd=base, stdout=open(base / "server.log", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(base / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.3)
+    try:
+        wait_http(url + "/health", proc, timeout=120, what="mlflow server --app-name basic-auth", log=base / "server.log")
+    except RuntimeError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     yield {"url": url, "proc": proc, "secrets": secrets, "postgres": postgres}
     os.killpg(proc.pid, signal.SIGTERM)  # the CLI, its uvicorn workers and job runner (its own session)
     try:
