@@ -385,7 +385,7 @@ def _tracking_client(args: argparse.Namespace) -> Any:
         raise PipelineError(why)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri)
+    return MlflowClient(uri, registry_uri=uri)  # promote / models: this store's registry, whatever the process set before
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

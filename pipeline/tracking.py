@@ -173,7 +173,7 @@ class Tracker:
                 os.makedirs(os.path.dirname(sqlite_path(self.uri)), exist_ok=True)  # type: ignore[arg-type]
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             self.experiment_id = experiment_id(self._client, self.uri)
             all_tags = {"mlflow.runName": name, **(tags or {})}
             if parent:

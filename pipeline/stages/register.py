@@ -127,7 +127,7 @@ class RegisterStage(Stage):
         from mlflow.tracking import MlflowClient
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        client = MlflowClient(tracker.uri)
+        client = MlflowClient(tracker.uri, registry_uri=tracker.uri)  # not a registry URI set earlier in this process
         with tempfile.TemporaryDirectory() as tmp:
             folder = model_art.download(os.path.join(tmp, "model"))
             try:
@@ -140,6 +140,7 @@ class RegisterStage(Stage):
                 json.dump({"model": cfg.model, "run_root": ctx.storage.uri, "chain": chain}, fh, indent=2, ensure_ascii=False)
             ctx.log(f"register: logging {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) to {tracker.uri}")
             mlflow.set_tracking_uri(tracker.uri)
+            mlflow.set_registry_uri(tracker.uri)
             with mlflow.start_run(run_id=tracker.run_id):
                 mlflow.log_artifact(lineage_path)
                 info = mlflow.transformers.log_model(

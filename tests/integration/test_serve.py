@@ -8,13 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
+from pipeline.localserver import stop, wait_http
 from tests.conftest import _free_port
 
 NAME = "tiny-chat"
@@ -28,35 +28,41 @@ def register(tracking_uri: str, folder: Path, name: str = NAME, alias: str = "ch
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    # set_tracking_uri / set_registry_uri change process-wide state and os.environ (MLFLOW_TRACKING_URI, ...):
+    # put all of it back afterwards, so later tests' clients and monkeypatched environments are their own
+    import mlflow.tracking._model_registry.utils as registry_state
+    import mlflow.tracking._tracking_service.utils as tracking_state
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = tracking_state._tracking_uri, registry_state._registry_uri, {k: os.environ.get(k) for k in env_keys}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    with mlflow.start_run() as run:
-        info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="model",
-                                             task="text-generation", pip_requirements=["transformers"])
-    client = MlflowClient(tracking_uri)
     try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
-    mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, model_id=getattr(info, "model_id", None))
-    client.set_registered_model_alias(name, alias, mv.version)
+        with mlflow.start_run() as run:
+            info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="model",
+                                                 task="text-generation", pip_requirements=["transformers"])
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name)
+        mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id,
+                                         model_id=getattr(info, "model_id", None))
+        client.set_registered_model_alias(name, alias, mv.version)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+        for key, value in before[2].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return int(mv.version)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llmpipe serve exited {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("llmpipe serve did not become ready")
+    wait_http(url + "/ready", proc, timeout=timeout, what="llmpipe serve")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +89,7 @@ def server(model_folder, mlflow_server, tmp_path_factory):
         wait_ready(url, proc)
         yield {"url": url, "version": version, "log": base / "serve.log", "cache": base / "cache", "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

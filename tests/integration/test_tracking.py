@@ -21,7 +21,7 @@ from tests.conftest import write_configs
 def _client(url):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(url)
+    return MlflowClient(url, registry_uri=url)
 
 
 def _commit_eval(root: str, label: str, **metrics: float) -> None:
