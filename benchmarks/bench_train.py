@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                   "torch_threads": torch.get_num_threads(), "data": data, "sides": table,
                   "runs": {s: [r.summary() for r in rs] for s, rs in runs.items()}}
         print()
-        print(f"| side | steps/s best | steps/s median | tokens/s best | tokens/s median | ours/plain best | median |")
+        print("| side | steps/s best | steps/s median | tokens/s best | tokens/s median | ours/plain best | median |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         ratios = {}
         for s in sides:

@@ -383,7 +383,7 @@ def _short_path(p: str) -> str:
 
 def _is_hub_id(value: Any) -> bool:
     s = str(value or "")
-    return bool(_HUB_ID.match(s)) and not os.path.splitext(s)[1] in (".json", ".jsonl", ".parquet", ".txt", ".gz") \
+    return bool(_HUB_ID.match(s)) and os.path.splitext(s)[1] not in (".json", ".jsonl", ".parquet", ".txt", ".gz") \
         and not os.path.exists(s)
 
 

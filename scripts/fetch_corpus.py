@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import glob
 import gettext
 import hashlib
 import html
@@ -229,7 +228,7 @@ def _keep_paths(pkg: str, tree: Path) -> list[Path]:
     """Only the text we read is kept from each package (the rest of a .deb is dropped)."""
     files = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
     if pkg.startswith("fortunes"):
-        return [p for p in files if "/games/fortunes/" in str(p) and not p.suffix in (".dat", ".u8")]
+        return [p for p in files if "/games/fortunes/" in str(p) and p.suffix not in (".dat", ".u8")]
     if pkg in KK_LANGPACKS:
         return [p for p in files if p.suffix in (".mo", ".xpi")]
     return [p for p in files if p.suffix == ".mo" and ("/kk/" in str(p) or "/kk_KZ/" in str(p))]
