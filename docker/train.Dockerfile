@@ -50,6 +50,8 @@ RUN chmod 755 /opt/portable-cxx/portable-cxx && mkdir /opt/portable-cxx/bin \
 # DeepSpeed again, from the lock's version, with the ops of deepspeed_ops compiled in (DS_BUILD_<OP>=1) for the
 # accelerator of this torch (DS_ACCELERATOR: a build host has no GPU, so DeepSpeed would otherwise pick `cpu`, and a
 # GPU node would then find no op for `cuda` and compile it just in time: without a compiler, it cannot)
+# (podman and buildah ignore SHELL in their default OCI format: the RUN below is plain POSIX sh, set -u safe, and
+# checks what a pipe would hide)
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # $ops: DS_BUILD_<OP>=1 words, split on purpose
 # hadolint ignore=SC2086
@@ -75,7 +77,8 @@ RUN set -eu; \
         sos=$(find "$overlay/deepspeed" -name '*.so'); \
         [ -n "$sos" ] || { echo "train ops: no compiled op in $overlay/deepspeed" >&2; exit 1; }; \
         for so in $sos; do \
-            zmm=$(objdump -d --no-show-raw-insn "$so" | grep -c '%zmm' || true); \
+            objdump -d --no-show-raw-insn "$so" >/tmp/op.dis; \
+            zmm=$(grep -c '%zmm' /tmp/op.dis || true); \
             echo "train ops: portable: ${so#"$overlay"/} built with $flags($(wc -l <"$PORTABLE_CXX_LOG") compiles rewritten), AVX-512 instructions: $zmm"; \
             [ "$zmm" = 0 ] || { echo "train ops: $so has AVX-512 code: not every x86_64 node runs it" >&2; exit 1; }; \
         done; \
