@@ -140,7 +140,7 @@ class RegisterStage(Stage):
                 json.dump({"model": cfg.model, "run_root": ctx.storage.uri, "chain": chain}, fh, indent=2, ensure_ascii=False)
             ctx.log(f"register: logging {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) to {tracker.uri}")
             mlflow.set_tracking_uri(tracker.uri)
-            mlflow.set_registry_uri(tracker.uri)
+            mlflow.set_registry_uri(tracker.uri)  # MLflow's model-version calls read the process-wide one too
             with mlflow.start_run(run_id=tracker.run_id):
                 mlflow.log_artifact(lineage_path)
                 info = mlflow.transformers.log_model(

@@ -100,7 +100,7 @@ def test_the_whole_pipeline_ends_with_a_promoted_model(demo_run, capsys):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db")
+    client = MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db", registry_uri=f"sqlite:///{root}/mlflow/mlflow.db")
     champ = client.get_model_version_by_alias("llm-pipeline-demo", "champion")
     assert str(champ.version) == "1"
     # trained on both data phases: the tag names each phase's shards

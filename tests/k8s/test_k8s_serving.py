@@ -39,7 +39,7 @@ def registry_template(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient
 
     folder = tmp_path_factory.mktemp("registry")
-    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db", registry_uri=f"sqlite:///{folder}/mlflow.db")
     client.create_registered_model(MODEL)
     for v in (1, 2, 3):
         client.create_model_version(MODEL, f"file://{folder}/model-{v}", tags={"metric.val_perplexity": str(20 - v)})
@@ -58,8 +58,8 @@ def registry(registry_template, tmp_path, monkeypatch, fake):
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("LLMPIPE_TRACKING", raising=False)  # (tests/conftest.py turns tracking off by default)
-    client = MlflowClient(uri)
-    fake.serving.resolve = lambda name, alias: int(MlflowClient(uri).get_model_version_by_alias(name, alias).version)
+    client = MlflowClient(uri, registry_uri=uri)
+    fake.serving.resolve = lambda name, alias: int(MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(name, alias).version)
     fake.serving.load_ticks = 3
     return client
 
@@ -296,7 +296,7 @@ def test_no_cluster_configured_means_no_look(registry_template, tmp_path, monkey
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["promote", "--name", MODEL]) == 0
     assert "rollout" not in capsys.readouterr().out
-    assert str(MlflowClient(f"sqlite:///{db}").get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert str(MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}").get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert main(["promote", "--name", MODEL, "--rollout"]) == 1
     assert "no kubeconfig" in capsys.readouterr().err
 
