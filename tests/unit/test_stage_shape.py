@@ -80,7 +80,8 @@ def test_an_execution_only_field_does_not_change_the_hash_but_another_does():
 
 CORE = {"pipeline", "pipeline.errors", "pipeline.config", "pipeline.storage", "pipeline.stage"}
 # entry points: they may import anything (they run stages); nothing below imports them
-ENTRY = {"pipeline.runner", "pipeline.cli", "pipeline.summary", "pipeline.k8s.cli", "pipeline.training.launcher"}
+ENTRY = {"pipeline.runner", "pipeline.cli", "pipeline.summary", "pipeline.k8s.cli", "pipeline.training.launcher",
+         "pipeline.fabric"}  # llmpipe fabric-check: launches torchrun like a training stage, runs no stage
 
 
 def _module_name(path: Path) -> str:
