@@ -53,11 +53,11 @@ def _pins(lock: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def light_path(tmp_path_factory) -> Path:
-    """A folder with the files of exactly the k8s lock's distributions (symlinks into this virtualenv)."""
+    """A folder with the files of exactly the k8s lock's distributions (symlinks into this virtualenv), at the
+    versions this virtualenv has: the lock's under `make test`, the floors' under `make test-floors`."""
     root = tmp_path_factory.mktemp("k8s-extra")
-    for name, version in _pins(K8S_LOCK).items():
+    for name in _pins(K8S_LOCK):
         dist = md.distribution(name)
-        assert dist.version == version, f"{name}: the test virtualenv has {dist.version}, requirements-k8s.lock {version}"
         for f in dist.files or []:
             src = Path(dist.locate_file(f)).resolve()
             if f.parts[0] in ("..", "bin") or not src.is_file():
