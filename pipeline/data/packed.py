@@ -184,6 +184,16 @@ class PackedDataset(Dataset):
 # ----------------------------------------------------------------------------------- sampler
 
 
+def _to_length(order: np.ndarray, length: int) -> np.ndarray:
+    """One epoch's order cut to ``length`` samples, or wrapped around its start to reach it."""
+    n = len(order)
+    if length < n:
+        return order[:length]
+    if length > n:
+        return np.concatenate([order, order[: length - n]])
+    return order
+
+
 class ResumableDistributedSampler(Sampler[int]):
     """Deterministic, resumable, data-parallel order over ``num_samples`` blocks.
 
@@ -250,10 +260,7 @@ class ResumableDistributedSampler(Sampler[int]):
             np.random.default_rng((self.seed + epoch) % 2**63).shuffle(order)
         else:
             order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-        if self.epoch_length < n:
-            order = order[: self.epoch_length]
-        elif self.epoch_length > n:
-            order = np.concatenate([order, order[: self.epoch_length - n]])
+        order = _to_length(order, self.epoch_length)
         self._perm = (epoch, order)
         return order
 
@@ -407,11 +414,7 @@ class MixtureSampler(ResumableDistributedSampler):
         for s, c in enumerate(self.per_pass.tolist()):
             if c:
                 order[labels == s] = self._stream_slice(s, epoch * c, (epoch + 1) * c)
-        n = self.num_samples
-        if self.epoch_length < n:
-            order = order[: self.epoch_length]
-        elif self.epoch_length > n:
-            order = np.concatenate([order, order[: self.epoch_length - n]])
+        order = _to_length(order, self.epoch_length)
         self._perm = (epoch, order)
         return order
 
