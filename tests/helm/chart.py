@@ -35,6 +35,14 @@ def find_helm() -> str | None:
     return None
 
 
+def kubectl() -> str:
+    """kubectl ($KUBECTL, .cache/bin/kubectl from `make tools`, or PATH); skips the test without one."""
+    for cand in (os.environ.get("KUBECTL"), str(REPO / ".cache" / "bin" / "kubectl"), shutil.which("kubectl")):
+        if cand and Path(cand).is_file():
+            return cand
+    pytest.skip("kubectl not found ($KUBECTL, .cache/bin/kubectl or PATH)")
+
+
 def helm() -> str:
     path = find_helm()
     if path is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, find_helm
+from tests.helm.chart import CHART, find_helm, kubectl
 from tests.k8s.conftest import REPO
 
 MLFLOW = REPO / "k8s" / "mlflow"
@@ -307,16 +307,9 @@ def test_postgres_password_with_uri_special_characters_works(server):
 
 # ------------------------------------------------------------------------------ the manifests, offline
 
-def _kubectl() -> str:
-    for cand in (os.environ.get("KUBECTL"), str(REPO / ".cache" / "bin" / "kubectl"), shutil.which("kubectl")):
-        if cand and Path(cand).is_file():
-            return cand
-    pytest.skip("kubectl not found")
-
-
 @pytest.fixture(scope="module")
 def bundle() -> list[dict]:
-    out = subprocess.run([_kubectl(), "kustomize", str(REPO / "k8s")], capture_output=True, text=True)
+    out = subprocess.run([kubectl(), "kustomize", str(REPO / "k8s")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 

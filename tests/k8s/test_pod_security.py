@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from tests.helm.chart import CHART, K8S_VERSION, REPO, SHARDED, SINGLE, TRAINING, helm, helm_run, render, template_args
+from tests.helm.chart import kubectl as find_kubectl
 from tests.k8s import operator as op
 from tests.k8s import podsecurity as ps
 
@@ -519,15 +520,8 @@ def test_job_pods_pass(stage, variant):
 # ------------------------------------------------------------------ 3. k8s/training-operator/
 
 
-def _kubectl() -> str:
-    for cand in (os.environ.get("KUBECTL"), str(REPO / ".cache" / "bin" / "kubectl"), shutil.which("kubectl")):
-        if cand and Path(cand).is_file():
-            return cand
-    pytest.skip("kubectl not found ($KUBECTL, .cache/bin/kubectl or PATH)")
-
-
 def kubectl(*args: str, cwd: Path | None = None) -> str:
-    out = subprocess.run([_kubectl(), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    out = subprocess.run([find_kubectl(), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

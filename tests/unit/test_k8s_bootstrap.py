@@ -4,14 +4,14 @@ grants least privilege and passes Pod Security "restricted"."""
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helm.chart import kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -19,16 +19,9 @@ K8S_VERSION = "1.33.0"  # the namespace pins Pod Security to v1.33 too
 NAMESPACE = "llm-pipeline"
 
 
-def _kubectl() -> str:
-    for cand in (os.environ.get("KUBECTL"), str(ROOT / ".cache" / "bin" / "kubectl"), shutil.which("kubectl")):
-        if cand and Path(cand).is_file():
-            return cand
-    pytest.skip("kubectl not found ($KUBECTL, .cache/bin/kubectl or PATH)")
-
-
 @pytest.fixture(scope="module")
 def bundle() -> list[dict]:
-    out = subprocess.run([_kubectl(), "kustomize", str(K8S)], capture_output=True, text=True)
+    out = subprocess.run([kubectl(), "kustomize", str(K8S)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
