@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helm.chart import CHART, REPO, SCHEMAS, helm_run, one, pod_templates, render, render_error, validate, workloads
+from tests.helm.chart import CHART, REPO, SCHEMAS, helm_run, kubectl, one, pod_templates, render, render_error, validate, workloads
 
 CLUSTER = REPO / "jobs" / "cluster"
 PROFILES = CLUSTER / "values" / "profiles"
@@ -377,9 +377,7 @@ def test_volcano_queue_manifest():
 # ------------------------------------------------------------------ gang scheduling: Kueue
 
 def kueue_objects() -> list[dict]:
-    from tests.unit.test_k8s_bootstrap import _kubectl
-
-    out = subprocess.run([_kubectl(), "kustomize", str(K8S / "kueue")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "kueue")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
